@@ -1,0 +1,241 @@
+//! The event contract: schemas parse, every event round-trips through the wire format, ids are
+//! stable, and the schemas stay compatible with every released version.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use apache_avro::Schema;
+use callisto_avro::codec::{CodecError, schema_id};
+use callisto_avro::compat::{check_against_released, check_full};
+use callisto_avro::events::*;
+use callisto_avro::{Codec, EmbeddedRegistry, EventKind, SchemaRegistry};
+use chrono::{NaiveDate, TimeZone, Utc};
+use uuid::Uuid;
+
+fn codec(dir: &Path) -> Codec {
+    let registry = Arc::new(EmbeddedRegistry::open(&dir.join("schemas.redb")).unwrap());
+    Codec::new(registry, "persons").unwrap()
+}
+
+fn sample_events() -> Vec<PersonEvent> {
+    let person_id = Uuid::new_v4();
+    let at = Utc.with_ymd_and_hms(2026, 11, 23, 10, 30, 0).unwrap() + chrono::Duration::microseconds(123_456);
+    let meta = || (Uuid::new_v4(), person_id, at, "corr-1".to_string());
+    let address = Address {
+        line1: "1 Ring Road".into(),
+        line2: Some("Flat 3".into()),
+        city: "Jovia".into(),
+        postcode: "J1 4AB".into(),
+        country: "GB".into(),
+    };
+    let (e1, p1, a1, c1) = meta();
+    let (e2, p2, a2, c2) = meta();
+    let (e3, p3, a3, c3) = meta();
+    let (e4, p4, a4, c4) = meta();
+    let (e5, p5, a5, c5) = meta();
+    let (e6, p6, a6, c6) = meta();
+    let (e7, p7, a7, c7) = meta();
+    let (e8, p8, a8, c8) = meta();
+    vec![
+        PersonEvent::Registered(PersonRegistered {
+            event_id: e1,
+            person_id: p1,
+            occurred_at: a1,
+            correlation_id: c1,
+            given_name: "Ada".into(),
+            family_name: "Lovelace".into(),
+            email: Some("ada@example.org".into()),
+            phone: None,
+            date_of_birth: Some(NaiveDate::from_ymd_opt(1815, 12, 10).unwrap()),
+            address: Some(address.clone()),
+            tags: vec!["vip".into(), "math".into()],
+        }),
+        PersonEvent::Renamed(PersonRenamed {
+            event_id: e2,
+            person_id: p2,
+            occurred_at: a2,
+            correlation_id: c2,
+            given_name: "Augusta Ada".into(),
+            family_name: "King".into(),
+        }),
+        PersonEvent::ContactChanged(ContactDetailsChanged {
+            event_id: e3,
+            person_id: p3,
+            occurred_at: a3,
+            correlation_id: c3,
+            email: None,
+            phone: Some("+44 20 7946 0000".into()),
+        }),
+        PersonEvent::AddressChanged(AddressChanged {
+            event_id: e4,
+            person_id: p4,
+            occurred_at: a4,
+            correlation_id: c4,
+            address,
+        }),
+        PersonEvent::NoteAdded(NoteAdded {
+            event_id: e5,
+            person_id: p5,
+            occurred_at: a5,
+            correlation_id: c5,
+            note_id: Uuid::new_v4(),
+            text: "Wrote the first program — ünïcödé too.".into(),
+        }),
+        PersonEvent::Tagged(TagChanged {
+            event_id: e6,
+            person_id: p6,
+            occurred_at: a6,
+            correlation_id: c6,
+            tag: "analyst".into(),
+        }),
+        PersonEvent::Untagged(TagChanged {
+            event_id: e7,
+            person_id: p7,
+            occurred_at: a7,
+            correlation_id: c7,
+            tag: "vip".into(),
+        }),
+        PersonEvent::Archived(PersonArchived {
+            event_id: e8,
+            person_id: p8,
+            occurred_at: a8,
+            correlation_id: c8,
+            reason: None,
+        }),
+    ]
+}
+
+#[test]
+fn every_schema_parses_and_names_its_kind() {
+    for kind in EventKind::ALL {
+        let schema = Schema::parse_str(kind.schema_text()).unwrap_or_else(|e| panic!("{}: {e}", kind.name()));
+        let Schema::Record(record) = schema else { panic!("{} is not a record", kind.name()) };
+        assert_eq!(record.name.fullname(None), kind.full_name());
+        for field in ["event_id", "person_id", "occurred_at", "correlation_id"] {
+            assert!(record.lookup.contains_key(field), "{} lacks {field}", kind.name());
+        }
+    }
+}
+
+#[test]
+fn every_event_round_trips_through_the_wire_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let codec = codec(dir.path());
+    let events = sample_events();
+    let kinds: std::collections::BTreeSet<_> = events.iter().map(PersonEvent::kind).collect();
+    assert_eq!(kinds.len(), EventKind::ALL.len(), "samples cover every kind");
+    for event in events {
+        let bytes = codec.encode(&event).unwrap();
+        assert_eq!(bytes[0], 0, "magic byte");
+        assert_eq!(schema_id(&bytes).unwrap(), codec.writer_id(event.kind()));
+        let back = codec.decode(&bytes).unwrap();
+        assert_eq!(back, event);
+    }
+}
+
+#[test]
+fn body_is_plain_avro_readable_with_the_schema_alone() {
+    // A consumer that knows nothing of Callisto strips 5 bytes and reads Avro with the schema.
+    let dir = tempfile::tempdir().unwrap();
+    let codec = codec(dir.path());
+    let event = &sample_events()[5];
+    let bytes = codec.encode(event).unwrap();
+    let value = apache_avro::from_avro_datum(EventKind::PersonTagged.schema(), &mut &bytes[5..], None).unwrap();
+    let apache_avro::types::Value::Record(fields) = value else { panic!("not a record") };
+    let tag = fields.iter().find(|(name, _)| name == "tag").unwrap();
+    assert_eq!(tag.1, apache_avro::types::Value::String("analyst".into()));
+}
+
+#[test]
+fn corrupt_payloads_are_errors_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let codec = codec(dir.path());
+    let good = codec.encode(&sample_events()[0]).unwrap();
+    assert!(matches!(codec.decode(&good[..3]), Err(CodecError::TooShort(3))));
+    let mut bad_magic = good.clone();
+    bad_magic[0] = 7;
+    assert!(matches!(codec.decode(&bad_magic), Err(CodecError::BadMagic(7))));
+    let mut unknown_id = good.clone();
+    unknown_id[1..5].copy_from_slice(&999u32.to_be_bytes());
+    assert!(matches!(codec.decode(&unknown_id), Err(CodecError::Registry(_))));
+    let mut trailing = good.clone();
+    trailing.push(0);
+    assert!(matches!(codec.decode(&trailing), Err(CodecError::TrailingBytes(1))));
+    for cut in 5..good.len() {
+        assert!(codec.decode(&good[..cut]).is_err(), "truncated at {cut} must fail");
+    }
+}
+
+#[test]
+fn embedded_registry_ids_are_stable_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let first: Vec<u32> = {
+        let c = codec(dir.path());
+        EventKind::ALL.iter().map(|k| c.writer_id(*k)).collect()
+    };
+    let distinct: std::collections::BTreeSet<_> = first.iter().collect();
+    assert_eq!(distinct.len(), first.len(), "one id per schema");
+    let second: Vec<u32> = {
+        let c = codec(dir.path());
+        EventKind::ALL.iter().map(|k| c.writer_id(*k)).collect()
+    };
+    assert_eq!(first, second);
+
+    let registry = EmbeddedRegistry::open(&dir.path().join("schemas.redb")).unwrap();
+    let versions = registry.versions(&EventKind::NoteAdded.subject("persons")).unwrap();
+    assert_eq!(versions.len(), 1, "re-registering adds no version");
+    let schema = registry.schema_by_id(versions[0].1).unwrap();
+    assert_eq!(schema.canonical_form(), EventKind::NoteAdded.schema().canonical_form());
+}
+
+#[test]
+fn registry_adds_a_version_when_a_subject_evolves() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = EmbeddedRegistry::open(&dir.path().join("r.redb")).unwrap();
+    let v1 = EventKind::PersonArchived.schema();
+    let v2 = Schema::parse_str(&EventKind::PersonArchived.schema_text().replace(
+        r#"{"name": "reason", "type": ["null", "string"], "default": null}"#,
+        r#"{"name": "reason", "type": ["null", "string"], "default": null},
+    {"name": "archived_by", "type": ["null", "string"], "default": null}"#,
+    ))
+    .unwrap();
+    let id1 = registry.register("persons-x", v1).unwrap();
+    let id2 = registry.register("persons-x", &v2).unwrap();
+    assert_ne!(id1, id2);
+    assert_eq!(registry.versions("persons-x").unwrap(), vec![(1, id1), (2, id2)]);
+    // A record written with v2 decodes with today's (v1) reader through resolution.
+    assert!(check_full(v1, &v2).is_ok());
+}
+
+fn released_root() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/released")
+}
+
+/// The gate: `make test` fails here when a schema under `schemas/` stops being fully compatible
+/// with a released copy under `schemas/released/`.
+#[test]
+fn current_schemas_are_compatible_with_every_released_version() {
+    let current_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
+    let checked = check_against_released(&released_root(), |kind| {
+        let text =
+            std::fs::read_to_string(current_dir.join(format!("{}.avsc", kind.name()))).map_err(|e| e.to_string())?;
+        Schema::parse_str(&text).map_err(|e| e.to_string())
+    })
+    .unwrap_or_else(|problems| panic!("incompatible schema changes:\n{}", problems.join("\n")));
+    assert!(checked >= EventKind::ALL.len());
+}
+
+#[test]
+fn the_evolution_check_rejects_a_new_required_field() {
+    let incompatible = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/PersonTagged.incompatible.avsc"),
+    )
+    .unwrap();
+    let result = check_against_released(&released_root(), |kind| {
+        let text = if kind == EventKind::PersonTagged { incompatible.as_str() } else { kind.schema_text() };
+        Schema::parse_str(text).map_err(|e| e.to_string())
+    });
+    let problems = result.expect_err("a required field without default must be rejected");
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].contains("PersonTagged"), "{problems:?}");
+}

@@ -1,0 +1,200 @@
+//! Layered settings: built-in defaults, then an optional TOML file, then `CALLISTO__SECTION__KEY`
+//! environment variables, then command-line flags. Unknown keys anywhere are an error, so a typo
+//! never silently falls back to a default.
+//!
+//! Every environment variable Callisto reads is listed in [`ENVIRONMENT`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Every setting as its environment variable, with what it does. The README's configuration
+/// reference is generated from the same names.
+pub const ENVIRONMENT: &[(&str, &str)] = &[
+    ("CALLISTO__HTTP__LISTEN", "address the HTTP server binds, e.g. 127.0.0.1:8080"),
+    ("CALLISTO__HTTP__BODY_LIMIT_BYTES", "largest request body accepted; larger ones get 413"),
+    ("CALLISTO__STORAGE__DATA_DIR", "directory holding embedded state (log, registry)"),
+    ("CALLISTO__LOG__TOPIC", "topic person events are appended to"),
+    ("CALLISTO__LOG__PARTITIONS", "partition count used when the topic is created"),
+    ("CALLISTO__LOG__APPEND_TIMEOUT_MS", "how long a command waits for a durable append before 503"),
+    ("CALLISTO__LOG__QUEUE_CAPACITY", "appends queued for group commit before new ones get 503"),
+    ("CALLISTO__LOG__MAX_BATCH", "most appends committed in one group commit"),
+    ("CALLISTO__SCHEMA_REGISTRY__URL", "Confluent-compatible registry; unset uses the embedded one"),
+    ("CALLISTO__TELEMETRY__LOG_FORMAT", "json (default) or text"),
+    ("CALLISTO__TELEMETRY__LOG_LEVEL", "tracing filter, e.g. info or callisto_core=debug"),
+];
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub http: HttpSettings,
+    pub storage: StorageSettings,
+    pub log: LogSettings,
+    pub schema_registry: SchemaRegistrySettings,
+    pub telemetry: TelemetrySettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    pub listen: String,
+    pub body_limit_bytes: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:8080".into(), body_limit_bytes: 256 * 1024 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSettings {
+    pub data_dir: PathBuf,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        Self { data_dir: PathBuf::from("./data") }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    pub topic: String,
+    pub partitions: u32,
+    pub append_timeout_ms: u64,
+    pub queue_capacity: usize,
+    pub max_batch: usize,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            topic: "persons".into(),
+            partitions: 12,
+            append_timeout_ms: 5_000,
+            queue_capacity: 8192,
+            max_batch: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchemaRegistrySettings {
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySettings {
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self { log_format: LogFormat::Json, log_level: "info".into() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+impl Settings {
+    /// Builds settings from the layers. `overrides` are (dotted key, value) pairs from flags,
+    /// applied last.
+    pub fn load(file: Option<&Path>, overrides: &[(&str, String)]) -> anyhow::Result<Self> {
+        Self::load_from(file, overrides, config::Environment::with_prefix("CALLISTO"))
+    }
+
+    fn load_from(file: Option<&Path>, overrides: &[(&str, String)], env: config::Environment) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let mut builder = config::Config::builder();
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml).required(true));
+        }
+        builder = builder.add_source(env.prefix_separator("__").separator("__").try_parsing(true));
+        for (key, value) in overrides {
+            builder = builder.set_override(*key, value.as_str())?;
+        }
+        let settings: Settings =
+            builder.build().context("reading configuration")?.try_deserialize().context("invalid configuration")?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.http.listen.parse::<SocketAddr>().is_ok(),
+            "http.listen {:?} is not an address like 127.0.0.1:8080",
+            self.http.listen
+        );
+        anyhow::ensure!(self.http.body_limit_bytes >= 1024, "http.body_limit_bytes must be at least 1024");
+        anyhow::ensure!(
+            !self.log.topic.is_empty() && self.log.topic.len() <= 249,
+            "log.topic must be 1 to 249 characters"
+        );
+        anyhow::ensure!(
+            self.log.topic.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)),
+            "log.topic may hold only ASCII letters, digits, '.', '_' and '-'"
+        );
+        anyhow::ensure!(self.log.partitions >= 1, "log.partitions must be at least 1");
+        anyhow::ensure!(self.log.append_timeout_ms >= 1, "log.append_timeout_ms must be at least 1");
+        anyhow::ensure!(self.log.queue_capacity >= 1 && self.log.max_batch >= 1, "log queue sizes must be at least 1");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(vars: &[(&str, &str)]) -> config::Environment {
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        config::Environment::with_prefix("CALLISTO").source(Some(map))
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("callisto.toml");
+        std::fs::write(&file, "[log]\ntopic = \"from-file\"\npartitions = 6\n[http]\nlisten = \"127.0.0.1:9000\"\n")
+            .unwrap();
+        let settings = Settings::load_from(
+            Some(&file),
+            &[("http.listen", "127.0.0.1:9100".into())],
+            env(&[("CALLISTO__LOG__PARTITIONS", "24")]),
+        )
+        .unwrap();
+        assert_eq!(settings.log.topic, "from-file");
+        assert_eq!(settings.log.partitions, 24, "environment beats file");
+        assert_eq!(settings.http.listen, "127.0.0.1:9100", "flags beat everything");
+        assert_eq!(settings.log.append_timeout_ms, LogSettings::default().append_timeout_ms);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = Settings::load_from(None, &[], env(&[("CALLISTO__LOG__PARTITONS", "3")])).unwrap_err();
+        assert!(format!("{err:#}").contains("partitons"), "{err:#}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[htp]\nlisten = \"x\"\n").unwrap();
+        assert!(Settings::load_from(Some(&file), &[], env(&[])).is_err());
+    }
+
+    #[test]
+    fn invalid_values_are_rejected() {
+        assert!(Settings::load_from(None, &[("log.partitions", "0".into())], env(&[])).is_err());
+        assert!(Settings::load_from(None, &[("http.listen", "nowhere".into())], env(&[])).is_err());
+        assert!(Settings::load_from(None, &[("log.topic", "bad topic".into())], env(&[])).is_err());
+    }
+}

@@ -1,0 +1,16 @@
+//! # callisto-core — ports, adapters and the plumbing every service shares
+//!
+//! ## Layout
+//! - [`log`]: the [`EventLog`](log::EventLog) port and its embedded, redb-backed adapter.
+//! - [`partition`]: Kafka's murmur2 key → partition function.
+//! - [`config`]: layered settings (defaults, file, `CALLISTO__…` environment).
+//! - [`telemetry`]: JSON logs and the Prometheus recorder, set up in one place.
+//! - [`http`]: `application/problem+json` errors and the JSON/query extractors that produce them.
+//! - [`token`]: consistency tokens, `partition:offset`, handed to clients for read-your-writes.
+
+pub mod config;
+pub mod http;
+pub mod log;
+pub mod partition;
+pub mod telemetry;
+pub mod token;

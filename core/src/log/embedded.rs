@@ -1,0 +1,406 @@
+//! The embedded event log: every partition of every topic in one redb file.
+//!
+//! ## Group commit
+//! redb has one writer at a time and every commit pays an fsync. Appenders therefore do not
+//! write themselves: they queue their record on a bounded channel, and one writer thread drains
+//! whatever is queued into a single write transaction with immediate durability, then answers
+//! every waiter. Under load, hundreds of appends share one fsync; when idle, a lone append is
+//! committed at once. The bounded queue is the backpressure: when it is full, appends fail fast
+//! with [`LogError::Unavailable`] rather than pile up memory.
+//!
+//! ## Tables
+//! - `topics`: topic → partition count, fixed at creation.
+//! - `records`: (topic, partition, offset) → postcard-encoded [`StoredRecord`].
+//! - `ends`: (topic, partition) → (next offset, last timestamp).
+//! - `time_index`: (topic, partition, timestamp) → first offset with that timestamp.
+//! - `group_offsets`: (group, topic, partition) → next offset to read.
+//! - `idempotency`: (topic, key) → (partition, offset, request fingerprint).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{AppendRequest, Appended, EventLog, LogError, Record};
+use crate::partition::partition_for;
+
+const TOPICS: TableDefinition<&str, u32> = TableDefinition::new("topics");
+const RECORDS: TableDefinition<(&str, u32, u64), &[u8]> = TableDefinition::new("records");
+const ENDS: TableDefinition<(&str, u32), (u64, i64)> = TableDefinition::new("ends");
+const TIME_INDEX: TableDefinition<(&str, u32, i64), u64> = TableDefinition::new("time_index");
+const GROUP_OFFSETS: TableDefinition<(&str, &str, u32), u64> = TableDefinition::new("group_offsets");
+const IDEMPOTENCY: TableDefinition<(&str, &str), (u32, u64, [u8; 32])> = TableDefinition::new("idempotency");
+
+/// The on-disk form of one record; position is in the table key.
+#[derive(Serialize, Deserialize)]
+struct StoredRecord {
+    timestamp_ms: i64,
+    #[serde(with = "serde_bytes")]
+    key: Vec<u8>,
+    headers: Vec<(String, serde_bytes::ByteBuf)>,
+    #[serde(with = "serde_bytes")]
+    payload: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EmbeddedLogOptions {
+    /// Appends waiting for the writer thread before new ones are refused.
+    pub queue_capacity: usize,
+    /// Most appends committed in one transaction.
+    pub max_batch: usize,
+}
+
+impl Default for EmbeddedLogOptions {
+    fn default() -> Self {
+        Self { queue_capacity: 8192, max_batch: 1024 }
+    }
+}
+
+struct PendingAppend {
+    request: AppendRequest,
+    reply: oneshot::Sender<Result<Appended, LogError>>,
+}
+
+pub struct EmbeddedLog {
+    db: Arc<Database>,
+    queue: Option<mpsc::Sender<PendingAppend>>,
+    writer: Option<JoinHandle<()>>,
+    /// Bumped after every commit, so long-polling readers wake on new data instead of polling.
+    commits: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for EmbeddedLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedLog").finish_non_exhaustive()
+    }
+}
+
+fn unavailable<E: std::fmt::Display>(e: E) -> LogError {
+    LogError::Unavailable(e.to_string())
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl EmbeddedLog {
+    /// Opens (or creates) the log file at `path` and starts its writer thread.
+    pub fn open(path: &Path, options: EmbeddedLogOptions) -> Result<Self, LogError> {
+        let db = Database::create(path).map_err(unavailable)?;
+        {
+            let txn = db.begin_write().map_err(unavailable)?;
+            txn.open_table(TOPICS).map_err(unavailable)?;
+            txn.open_table(RECORDS).map_err(unavailable)?;
+            txn.open_table(ENDS).map_err(unavailable)?;
+            txn.open_table(TIME_INDEX).map_err(unavailable)?;
+            txn.open_table(GROUP_OFFSETS).map_err(unavailable)?;
+            txn.open_table(IDEMPOTENCY).map_err(unavailable)?;
+            txn.commit().map_err(unavailable)?;
+        }
+        let db = Arc::new(db);
+        let (queue, rx) = mpsc::channel(options.queue_capacity.max(1));
+        let (commits, _) = watch::channel(0);
+        let writer = {
+            let db = db.clone();
+            let commits = commits.clone();
+            let max_batch = options.max_batch.max(1);
+            std::thread::Builder::new()
+                .name("callisto-log-writer".into())
+                .spawn(move || writer_loop(&db, rx, max_batch, &commits))
+                .map_err(unavailable)?
+        };
+        Ok(Self { db, queue: Some(queue), writer: Some(writer), commits })
+    }
+
+    /// How many write transactions the group-commit writer has committed since open.
+    pub fn commit_count(&self) -> u64 {
+        *self.commits.borrow()
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, LogError> + Send + 'static,
+    ) -> Result<T, LogError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db)).await.map_err(unavailable)?
+    }
+}
+
+impl Drop for EmbeddedLog {
+    fn drop(&mut self) {
+        // Closing the queue lets the writer finish what is queued and exit; joining it means the
+        // file is released when `drop` returns, so the same process can reopen it.
+        self.queue.take();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+fn writer_loop(db: &Database, mut rx: mpsc::Receiver<PendingAppend>, max_batch: usize, commits: &watch::Sender<u64>) {
+    let mut batch = Vec::with_capacity(max_batch);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let started = std::time::Instant::now();
+        let outcome = db.begin_write().map_err(unavailable).and_then(|txn| {
+            let results = batch.iter().map(|p| append_in(&txn, &p.request)).collect::<Result<Vec<_>, _>>()?;
+            txn.commit().map_err(unavailable)?;
+            Ok(results)
+        });
+        metrics::histogram!("callisto_log_group_commit_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("callisto_log_group_commit_size").record(batch.len() as f64);
+        match outcome {
+            Ok(results) => {
+                commits.send_modify(|n| *n += 1);
+                for (pending, result) in batch.drain(..).zip(results) {
+                    let _ = pending.reply.send(result);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, appends = batch.len(), "group commit failed");
+                for pending in batch.drain(..) {
+                    let _ = pending.reply.send(Err(LogError::Unavailable(e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+/// Appends one request inside the group's transaction. The outer `Result` is a storage failure
+/// that aborts the whole group; the inner one belongs to this request alone.
+#[allow(clippy::type_complexity)]
+fn append_in(txn: &WriteTransaction, req: &AppendRequest) -> Result<Result<Appended, LogError>, LogError> {
+    let topic = req.topic.as_str();
+    let Some(partitions) =
+        txn.open_table(TOPICS).map_err(unavailable)?.get(topic).map_err(unavailable)?.map(|g| g.value())
+    else {
+        return Ok(Err(LogError::UnknownTopic(req.topic.clone())));
+    };
+    if let Some(idem) = &req.idempotency {
+        let table = txn.open_table(IDEMPOTENCY).map_err(unavailable)?;
+        if let Some(seen) = table.get((topic, idem.key.as_str())).map_err(unavailable)? {
+            let (partition, offset, fingerprint) = seen.value();
+            if fingerprint != idem.fingerprint {
+                return Ok(Err(LogError::IdempotencyConflict(idem.key.clone())));
+            }
+            let records = txn.open_table(RECORDS).map_err(unavailable)?;
+            let timestamp_ms = records
+                .get((topic, partition, offset))
+                .map_err(unavailable)?
+                .and_then(|g| postcard::from_bytes::<StoredRecord>(g.value()).ok())
+                .map_or(0, |r| r.timestamp_ms);
+            return Ok(Ok(Appended { partition, offset, timestamp_ms, replayed: true }));
+        }
+    }
+    let partition = partition_for(&req.key, partitions);
+    let mut ends = txn.open_table(ENDS).map_err(unavailable)?;
+    let (offset, last_ts) = ends.get((topic, partition)).map_err(unavailable)?.map_or((0, i64::MIN), |g| g.value());
+    let timestamp_ms = now_ms().max(last_ts);
+    let stored = StoredRecord {
+        timestamp_ms,
+        key: req.key.clone(),
+        headers: req.headers.iter().map(|(k, v)| (k.clone(), serde_bytes::ByteBuf::from(v.clone()))).collect(),
+        payload: req.payload.clone(),
+    };
+    let bytes = postcard::to_allocvec(&stored).map_err(unavailable)?;
+    txn.open_table(RECORDS)
+        .map_err(unavailable)?
+        .insert((topic, partition, offset), bytes.as_slice())
+        .map_err(unavailable)?;
+    ends.insert((topic, partition), (offset + 1, timestamp_ms)).map_err(unavailable)?;
+    if timestamp_ms != last_ts {
+        txn.open_table(TIME_INDEX)
+            .map_err(unavailable)?
+            .insert((topic, partition, timestamp_ms), offset)
+            .map_err(unavailable)?;
+    }
+    if let Some(idem) = &req.idempotency {
+        txn.open_table(IDEMPOTENCY)
+            .map_err(unavailable)?
+            .insert((topic, idem.key.as_str()), (partition, offset, idem.fingerprint))
+            .map_err(unavailable)?;
+    }
+    Ok(Ok(Appended { partition, offset, timestamp_ms, replayed: false }))
+}
+
+fn topic_partitions(db: &Database, topic: &str) -> Result<u32, LogError> {
+    let txn = db.begin_read().map_err(unavailable)?;
+    let table = txn.open_table(TOPICS).map_err(unavailable)?;
+    table.get(topic).map_err(unavailable)?.map(|g| g.value()).ok_or_else(|| LogError::UnknownTopic(topic.to_owned()))
+}
+
+fn read_records(db: &Database, topic: &str, partition: u32, from: u64, max: usize) -> Result<Vec<Record>, LogError> {
+    let partitions = topic_partitions(db, topic)?;
+    if partition >= partitions {
+        return Err(LogError::UnknownPartition { topic: topic.to_owned(), partition });
+    }
+    let txn = db.begin_read().map_err(unavailable)?;
+    let table = txn.open_table(RECORDS).map_err(unavailable)?;
+    let mut out = Vec::new();
+    for entry in table.range((topic, partition, from)..=(topic, partition, u64::MAX)).map_err(unavailable)?.take(max) {
+        let (k, v) = entry.map_err(unavailable)?;
+        let stored: StoredRecord = postcard::from_bytes(v.value()).map_err(unavailable)?;
+        out.push(Record {
+            topic: topic.to_owned(),
+            partition,
+            offset: k.value().2,
+            timestamp_ms: stored.timestamp_ms,
+            key: stored.key,
+            headers: stored.headers.into_iter().map(|(k, v)| (k, v.into_vec())).collect(),
+            payload: stored.payload,
+        });
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl EventLog for EmbeddedLog {
+    async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), LogError> {
+        if partitions == 0 {
+            return Err(LogError::PartitionCountMismatch { topic: topic.to_owned(), actual: 0, requested: 0 });
+        }
+        let topic = topic.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut table = txn.open_table(TOPICS).map_err(unavailable)?;
+                let existing = table.get(topic.as_str()).map_err(unavailable)?.map(|g| g.value());
+                match existing {
+                    Some(actual) if actual != partitions => {
+                        return Err(LogError::PartitionCountMismatch { topic, actual, requested: partitions });
+                    }
+                    Some(_) => {}
+                    None => {
+                        table.insert(topic.as_str(), partitions).map_err(unavailable)?;
+                    }
+                }
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn partitions(&self, topic: &str) -> Result<u32, LogError> {
+        let topic = topic.to_owned();
+        self.blocking(move |db| topic_partitions(db, &topic)).await
+    }
+
+    async fn append(&self, request: AppendRequest) -> Result<Appended, LogError> {
+        let queue = self.queue.as_ref().ok_or_else(|| LogError::Unavailable("log is closed".into()))?;
+        let (reply, answer) = oneshot::channel();
+        queue.try_send(PendingAppend { request, reply }).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => LogError::Unavailable("append queue is full".into()),
+            mpsc::error::TrySendError::Closed(_) => LogError::Unavailable("log writer has stopped".into()),
+        })?;
+        answer.await.map_err(|_| LogError::Unavailable("log writer has stopped".into()))?
+    }
+
+    async fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max_records: usize,
+        max_wait: Duration,
+    ) -> Result<Vec<Record>, LogError> {
+        let deadline = tokio::time::Instant::now() + max_wait;
+        let mut commits = self.commits.subscribe();
+        loop {
+            commits.mark_unchanged();
+            let topic_name = topic.to_owned();
+            let records = self.blocking(move |db| read_records(db, &topic_name, partition, from, max_records)).await?;
+            if !records.is_empty() {
+                return Ok(records);
+            }
+            match tokio::time::timeout_at(deadline, commits.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) | Err(_) => return Ok(records),
+            }
+        }
+    }
+
+    async fn end_offsets(&self, topic: &str) -> Result<Vec<u64>, LogError> {
+        let topic = topic.to_owned();
+        self.blocking(move |db| {
+            let partitions = topic_partitions(db, &topic)?;
+            let txn = db.begin_read().map_err(unavailable)?;
+            let ends = txn.open_table(ENDS).map_err(unavailable)?;
+            (0..partitions)
+                .map(|p| Ok(ends.get((topic.as_str(), p)).map_err(unavailable)?.map_or(0, |g| g.value().0)))
+                .collect()
+        })
+        .await
+    }
+
+    async fn offsets_for_timestamp(&self, topic: &str, timestamp_ms: i64) -> Result<Vec<Option<u64>>, LogError> {
+        let topic = topic.to_owned();
+        self.blocking(move |db| {
+            let partitions = topic_partitions(db, &topic)?;
+            let txn = db.begin_read().map_err(unavailable)?;
+            let index = txn.open_table(TIME_INDEX).map_err(unavailable)?;
+            (0..partitions)
+                .map(|p| {
+                    let mut range = index
+                        .range((topic.as_str(), p, timestamp_ms)..=(topic.as_str(), p, i64::MAX))
+                        .map_err(unavailable)?;
+                    match range.next() {
+                        Some(entry) => Ok(Some(entry.map_err(unavailable)?.1.value())),
+                        None => Ok(None),
+                    }
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn commit_offsets(&self, group: &str, topic: &str, offsets: &[(u32, u64)]) -> Result<(), LogError> {
+        let (group, topic, offsets) = (group.to_owned(), topic.to_owned(), offsets.to_vec());
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut table = txn.open_table(GROUP_OFFSETS).map_err(unavailable)?;
+                for (partition, offset) in offsets {
+                    table.insert((group.as_str(), topic.as_str(), partition), offset).map_err(unavailable)?;
+                }
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn committed_offsets(&self, group: &str, topic: &str) -> Result<Vec<(u32, u64)>, LogError> {
+        let (group, topic) = (group.to_owned(), topic.to_owned());
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(GROUP_OFFSETS).map_err(unavailable)?;
+            let range = table
+                .range((group.as_str(), topic.as_str(), 0)..=(group.as_str(), topic.as_str(), u32::MAX))
+                .map_err(unavailable)?;
+            range
+                .map(|entry| {
+                    let (k, v) = entry.map_err(unavailable)?;
+                    Ok((k.value().2, v.value()))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn health(&self) -> Result<(), LogError> {
+        match (&self.queue, &self.writer) {
+            (Some(queue), Some(writer)) if !queue.is_closed() && !writer.is_finished() => Ok(()),
+            _ => Err(LogError::Unavailable("log writer has stopped".into())),
+        }
+    }
+}

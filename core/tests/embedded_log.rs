@@ -1,0 +1,220 @@
+//! The embedded event log against the `EventLog` contract: positions, durability across
+//! reopen, time lookup, consumer offsets, idempotency and concurrent appenders.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use callisto_core::log::{AppendRequest, EmbeddedLog, EmbeddedLogOptions, EventLog, IdempotencyKey, LogError};
+use callisto_core::partition::partition_for;
+
+const TOPIC: &str = "persons";
+
+fn open(dir: &std::path::Path) -> EmbeddedLog {
+    EmbeddedLog::open(&dir.join("log.redb"), EmbeddedLogOptions::default()).unwrap()
+}
+
+fn request(key: &str, payload: &str) -> AppendRequest {
+    AppendRequest {
+        topic: TOPIC.into(),
+        key: key.as_bytes().to_vec(),
+        payload: payload.as_bytes().to_vec(),
+        headers: vec![("event_type".into(), b"Test".to_vec())],
+        idempotency: None,
+    }
+}
+
+#[tokio::test]
+async fn appends_land_on_the_murmur2_partition_with_dense_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    log.ensure_topic(TOPIC, 12).await.unwrap();
+    let mut next: HashMap<u32, u64> = HashMap::new();
+    for i in 0..60 {
+        let key = format!("person-{}", i % 7);
+        let at = log.append(request(&key, &format!("e{i}"))).await.unwrap();
+        assert_eq!(at.partition, partition_for(key.as_bytes(), 12));
+        let expected = next.entry(at.partition).or_default();
+        assert_eq!(at.offset, *expected, "offsets are dense per partition");
+        *expected += 1;
+        assert!(!at.replayed);
+    }
+    let ends = log.end_offsets(TOPIC).await.unwrap();
+    assert_eq!(ends.len(), 12);
+    for (p, end) in ends.iter().enumerate() {
+        assert_eq!(*end, next.get(&(p as u32)).copied().unwrap_or(0));
+    }
+    let (&p, &count) = next.iter().max_by_key(|(_, n)| **n).unwrap();
+    assert!(count >= 2);
+    let records = log.read(TOPIC, p, 0, 1000, Duration::ZERO).await.unwrap();
+    assert_eq!(records.len() as u64, count);
+    assert!(records.windows(2).all(|w| w[0].offset + 1 == w[1].offset && w[0].timestamp_ms <= w[1].timestamp_ms));
+    assert_eq!(records[0].header("event_type"), Some(&b"Test"[..]));
+    let from_one = log.read(TOPIC, p, 1, 1, Duration::ZERO).await.unwrap();
+    assert_eq!(from_one.len(), 1, "max_records is honoured");
+    assert_eq!(from_one[0], records[1]);
+}
+
+#[tokio::test]
+async fn unknown_topics_partitions_and_count_changes_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    assert!(matches!(log.append(request("k", "v")).await, Err(LogError::UnknownTopic(_))));
+    log.ensure_topic(TOPIC, 3).await.unwrap();
+    log.ensure_topic(TOPIC, 3).await.unwrap();
+    assert!(matches!(log.ensure_topic(TOPIC, 4).await, Err(LogError::PartitionCountMismatch { actual: 3, .. })));
+    assert!(matches!(log.read(TOPIC, 3, 0, 1, Duration::ZERO).await, Err(LogError::UnknownPartition { .. })));
+    assert_eq!(log.partitions(TOPIC).await.unwrap(), 3);
+}
+
+#[tokio::test]
+async fn everything_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut written = Vec::new();
+    {
+        let log = open(dir.path());
+        log.ensure_topic(TOPIC, 4).await.unwrap();
+        for i in 0..25 {
+            let at = log.append(request(&format!("k{}", i % 5), &format!("payload-{i}"))).await.unwrap();
+            written.push((at, format!("payload-{i}")));
+        }
+        log.commit_offsets("projector", TOPIC, &[(0, 3), (2, 1)]).await.unwrap();
+    }
+    let log = open(dir.path());
+    for (at, payload) in &written {
+        let got = log.read(TOPIC, at.partition, at.offset, 1, Duration::ZERO).await.unwrap();
+        assert_eq!(got[0].offset, at.offset);
+        assert_eq!(got[0].payload, payload.as_bytes());
+        assert_eq!(got[0].timestamp_ms, at.timestamp_ms);
+    }
+    assert_eq!(log.committed_offsets("projector", TOPIC).await.unwrap(), vec![(0, 3), (2, 1)]);
+    assert!(log.committed_offsets("other", TOPIC).await.unwrap().is_empty());
+    // Appends continue where they stopped.
+    let at = log.append(request("k0", "after")).await.unwrap();
+    let before = written.iter().filter(|(a, _)| a.partition == at.partition).count() as u64;
+    assert_eq!(at.offset, before);
+}
+
+#[tokio::test]
+async fn offsets_for_timestamp_finds_the_first_record_at_or_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    log.ensure_topic(TOPIC, 1).await.unwrap();
+    let mut stamps = Vec::new();
+    for i in 0..5 {
+        stamps.push(log.append(request("k", &format!("{i}"))).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    for at in &stamps {
+        let found = log.offsets_for_timestamp(TOPIC, at.timestamp_ms).await.unwrap();
+        let first_with_stamp = stamps.iter().find(|s| s.timestamp_ms == at.timestamp_ms).unwrap().offset;
+        assert_eq!(found, vec![Some(first_with_stamp)]);
+    }
+    assert_eq!(log.offsets_for_timestamp(TOPIC, 0).await.unwrap(), vec![Some(0)]);
+    let future = stamps.last().unwrap().timestamp_ms + 1;
+    assert_eq!(log.offsets_for_timestamp(TOPIC, future).await.unwrap(), vec![None]);
+}
+
+#[tokio::test]
+async fn idempotency_keys_deduplicate_and_detect_conflicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    log.ensure_topic(TOPIC, 2).await.unwrap();
+    let keyed = |fp: u8| AppendRequest {
+        idempotency: Some(IdempotencyKey { key: "retry-1".into(), fingerprint: [fp; 32] }),
+        ..request("k", "v")
+    };
+    let first = log.append(keyed(1)).await.unwrap();
+    let again = log.append(keyed(1)).await.unwrap();
+    assert!(again.replayed);
+    assert_eq!((again.partition, again.offset), (first.partition, first.offset));
+    assert!(matches!(log.append(keyed(2)).await, Err(LogError::IdempotencyConflict(_))));
+    assert_eq!(log.end_offsets(TOPIC).await.unwrap().iter().sum::<u64>(), 1, "nothing appended twice");
+}
+
+#[tokio::test]
+async fn a_long_poll_read_wakes_on_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(open(dir.path()));
+    log.ensure_topic(TOPIC, 1).await.unwrap();
+    let reader = {
+        let log = log.clone();
+        tokio::spawn(async move { log.read(TOPIC, 0, 0, 10, Duration::from_secs(10)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    log.append(request("k", "wake")).await.unwrap();
+    let records = tokio::time::timeout(Duration::from_secs(5), reader).await.unwrap().unwrap().unwrap();
+    assert_eq!(records.len(), 1);
+    let empty = log.read(TOPIC, 0, 1, 10, Duration::from_millis(20)).await.unwrap();
+    assert!(empty.is_empty(), "times out empty");
+}
+
+/// Many concurrent appenders: no offset lost or given twice, and each key's events keep the
+/// order in which their appender issued them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_appenders_lose_nothing_and_keep_per_key_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(open(dir.path()));
+    log.ensure_topic(TOPIC, 12).await.unwrap();
+    const APPENDERS: usize = 32;
+    const PER_APPENDER: usize = 50;
+    let tasks: Vec<_> = (0..APPENDERS)
+        .map(|a| {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let key = format!("person-{a}");
+                let mut positions = Vec::new();
+                for seq in 0..PER_APPENDER {
+                    let at = log.append(request(&key, &format!("{a}:{seq}"))).await.unwrap();
+                    positions.push(at);
+                }
+                (key, positions)
+            })
+        })
+        .collect();
+    let mut acked = HashSet::new();
+    for task in tasks {
+        let (key, positions) = task.await.unwrap();
+        let p = partition_for(key.as_bytes(), 12);
+        assert!(positions.iter().all(|at| at.partition == p));
+        assert!(positions.windows(2).all(|w| w[0].offset < w[1].offset), "per-key order");
+        for at in positions {
+            assert!(acked.insert((at.partition, at.offset)), "offset handed out twice");
+        }
+    }
+    assert_eq!(acked.len(), APPENDERS * PER_APPENDER);
+    let ends = log.end_offsets(TOPIC).await.unwrap();
+    assert_eq!(ends.iter().sum::<u64>() as usize, APPENDERS * PER_APPENDER, "nothing extra written");
+    let mut seen_per_key: BTreeMap<String, usize> = BTreeMap::new();
+    for (p, end) in ends.iter().enumerate() {
+        let records = log.read(TOPIC, p as u32, 0, usize::MAX, Duration::ZERO).await.unwrap();
+        assert_eq!(records.len() as u64, *end, "dense offsets in partition {p}");
+        for record in records {
+            let text = String::from_utf8(record.payload).unwrap();
+            let (appender, seq) = text.split_once(':').unwrap();
+            let expected = seen_per_key.entry(format!("person-{appender}")).or_default();
+            assert_eq!(seq.parse::<usize>().unwrap(), *expected, "log order is issue order per key");
+            *expected += 1;
+        }
+    }
+}
+
+/// Group commit: with many appenders waiting, commits carry more than one append each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_appends_share_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(open(dir.path()));
+    log.ensure_topic(TOPIC, 4).await.unwrap();
+    let commits_before = log.commit_count();
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let log = log.clone();
+            tokio::spawn(async move { log.append(request(&format!("k{i}"), "x")).await.unwrap() })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let commits = log.commit_count() - commits_before;
+    assert!(commits < 200, "200 concurrent appends took {commits} commits; group commit is not grouping");
+}

@@ -1,0 +1,566 @@
+//! HTTP handlers: one per command. Each validates its body, builds the event, and appends it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, post, put};
+use callisto_avro::events::*;
+use callisto_avro::{Codec, EventKind, PersonEvent};
+use callisto_core::http::{ApiJson, ApiJsonOrEmpty, ApiPath, Problem};
+use callisto_core::log::{AppendRequest, Appended, EventLog, IdempotencyKey, LogError};
+use callisto_core::token::{self, ConsistencyToken};
+use chrono::Utc;
+use failsafe::futures::CircuitBreaker as _;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::commands::*;
+
+/// Trips after this many consecutive failed appends; then appends fail fast until a probe
+/// succeeds after the (jittered, growing) back-off.
+const BREAKER_FAILURES: u32 = 5;
+const BREAKER_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BREAKER_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// What a 503 tells clients to wait before retrying.
+const RETRY_AFTER_SECS: u64 = 1;
+const MAX_IDEMPOTENCY_KEY_CHARS: usize = 255;
+const MAX_CORRELATION_ID_CHARS: usize = 128;
+
+type Breaker =
+    failsafe::StateMachine<failsafe::failure_policy::ConsecutiveFailures<failsafe::backoff::EqualJittered>, ()>;
+
+/// Everything a command handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct WriterState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    log: Arc<dyn EventLog>,
+    codec: Arc<Codec>,
+    topic: String,
+    append_timeout: Duration,
+    breaker: Breaker,
+}
+
+impl WriterState {
+    pub fn new(log: Arc<dyn EventLog>, codec: Arc<Codec>, topic: String, append_timeout: Duration) -> Self {
+        let backoff = failsafe::backoff::equal_jittered(BREAKER_BACKOFF_MIN, BREAKER_BACKOFF_MAX);
+        let policy = failsafe::failure_policy::consecutive_failures(BREAKER_FAILURES, backoff);
+        let breaker = failsafe::Config::new().failure_policy(policy).build();
+        Self { inner: Arc::new(Inner { log, codec, topic, append_timeout, breaker }) }
+    }
+
+    pub fn log(&self) -> &Arc<dyn EventLog> {
+        &self.inner.log
+    }
+}
+
+/// The answer to every accepted command.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Accepted {
+    pub person_id: Uuid,
+    pub event_id: Uuid,
+    pub partition: u32,
+    pub offset: u64,
+    /// `partition:offset`; pass it to reads to see this command's effect.
+    pub consistency_token: String,
+}
+
+pub fn routes(state: WriterState) -> Router {
+    Router::new()
+        .route("/v1/persons", post(register))
+        .route("/v1/persons/{id}/name", put(rename))
+        .route("/v1/persons/{id}/contact", put(change_contact))
+        .route("/v1/persons/{id}/address", put(change_address))
+        .route("/v1/persons/{id}/notes", post(add_note))
+        .route("/v1/persons/{id}/tags", post(tag))
+        .route("/v1/persons/{id}/tags/{tag}", delete(untag))
+        .route("/v1/persons/{id}/archive", post(archive))
+        .with_state(state)
+}
+
+/// The four fields every event carries, fixed before the event body is built.
+struct Envelope {
+    event_id: Uuid,
+    person_id: Uuid,
+    occurred_at: chrono::DateTime<Utc>,
+    correlation_id: String,
+}
+
+/// A validated command on its way to the log.
+struct Submission<'a> {
+    headers: &'a HeaderMap,
+    /// The path plus the body: what an idempotency key is bound to.
+    request_fingerprint: Vec<u8>,
+    person_id: Uuid,
+    kind: EventKind,
+}
+
+impl<'a> Submission<'a> {
+    fn new(headers: &'a HeaderMap, uri: &Uri, body: &[u8], person_id: Uuid, kind: EventKind) -> Self {
+        // The method is implied by the path: every command route takes exactly one method.
+        Self { headers, request_fingerprint: fingerprint(uri.path(), body), person_id, kind }
+    }
+}
+
+fn person_id(raw: &str) -> Result<Uuid, Problem> {
+    Uuid::parse_str(raw).map_err(|e| {
+        Problem::malformed(format!("path segment {raw:?} is not a person id: {e}")).with_field("id", "must be a UUID")
+    })
+}
+
+fn fingerprint(path: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(path.len() + body.len() + 1);
+    out.extend_from_slice(path.as_bytes());
+    out.push(b'\n');
+    out.extend_from_slice(body);
+    out
+}
+
+fn header_text<'h>(headers: &'h HeaderMap, name: &str, max: usize) -> Result<Option<&'h str>, Problem> {
+    let Some(value) = headers.get(name) else {
+        return Ok(None);
+    };
+    let text =
+        value.to_str().ok().filter(|t| !t.is_empty() && t.len() <= max && t.bytes().all(|b| b.is_ascii_graphic()));
+    text.map(Some).ok_or_else(|| {
+        Problem::malformed(format!("header {name} must be 1–{max} visible ASCII characters"))
+            .with_field(name, "invalid header value")
+    })
+}
+
+fn reject<T>(kind: EventKind, result: Result<T, Vec<callisto_core::http::FieldError>>) -> Result<T, Problem> {
+    result.map_err(|errors| {
+        metrics::counter!("callisto_commands_total", "command" => kind.name(), "outcome" => "rejected").increment(1);
+        Problem::invalid_fields(errors)
+    })
+}
+
+impl WriterState {
+    /// Appends the event `build` makes and answers 202, or the problem that stopped it.
+    async fn submit(
+        &self,
+        submission: Submission<'_>,
+        build: impl FnOnce(Envelope) -> PersonEvent,
+    ) -> Result<Response, Problem> {
+        let Submission { headers, request_fingerprint, person_id, kind } = submission;
+        let outcome = |outcome: &'static str| {
+            metrics::counter!("callisto_commands_total", "command" => kind.name(), "outcome" => outcome).increment(1);
+        };
+        let idempotency = header_text(headers, "Idempotency-Key", MAX_IDEMPOTENCY_KEY_CHARS)
+            .inspect_err(|_| outcome("rejected"))?
+            .map(|key| IdempotencyKey {
+                key: key.to_owned(),
+                fingerprint: Sha256::digest(&request_fingerprint).into(),
+            });
+        let correlation_id = match header_text(headers, "X-Correlation-Id", MAX_CORRELATION_ID_CHARS) {
+            Ok(Some(id)) => id.to_owned(),
+            Ok(None) => Uuid::new_v4().to_string(),
+            Err(problem) => {
+                outcome("rejected");
+                return Err(problem);
+            }
+        };
+        let envelope = Envelope { event_id: Uuid::new_v4(), person_id, occurred_at: Utc::now(), correlation_id };
+        let event = build(envelope);
+        let meta = event.meta();
+        let payload = self.inner.codec.encode(&event).map_err(|e| {
+            tracing::error!(error = %e, "encoding a validated command failed");
+            Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error", "event could not be encoded")
+        })?;
+        let request = AppendRequest {
+            topic: self.inner.topic.clone(),
+            key: person_id.to_string().into_bytes(),
+            payload,
+            headers: vec![
+                ("event_id".into(), meta.event_id.to_string().into_bytes()),
+                ("event_type".into(), kind.name().as_bytes().to_vec()),
+                ("correlation_id".into(), meta.correlation_id.as_bytes().to_vec()),
+                ("traceparent".into(), traceparent().into_bytes()),
+            ],
+            idempotency,
+        };
+        let (event_id, correlation_id) = (meta.event_id, meta.correlation_id.to_owned());
+
+        let started = Instant::now();
+        let appended = self.append_guarded(request).await;
+        metrics::histogram!("callisto_append_seconds").record(started.elapsed().as_secs_f64());
+        let appended = match appended {
+            Ok(appended) => appended,
+            Err(problem) => {
+                outcome(if problem.status == 503 { "unavailable" } else { "rejected" });
+                return Err(problem);
+            }
+        };
+        let (person_id, event_id) =
+            if appended.replayed { self.original_ids(&appended).await? } else { (person_id, event_id) };
+        outcome(if appended.replayed { "replayed" } else { "accepted" });
+        Ok(accepted_response(kind, person_id, event_id, &appended, &correlation_id))
+    }
+
+    /// One append behind the timeout and the circuit breaker.
+    async fn append_guarded(&self, request: AppendRequest) -> Result<Appended, Problem> {
+        let timeout = self.inner.append_timeout;
+        let log = self.inner.log.clone();
+        let attempt = async move {
+            match tokio::time::timeout(timeout, log.append(request)).await {
+                Ok(result) => result,
+                Err(_) => Err(LogError::Timeout(timeout)),
+            }
+        };
+        let is_failure = |e: &LogError| e.is_transient();
+        match self.inner.breaker.call_with(is_failure, attempt).await {
+            Ok(appended) => Ok(appended),
+            Err(failsafe::Error::Rejected) => Err(Problem::unavailable(
+                "the event log is failing; commands are refused until it recovers",
+                RETRY_AFTER_SECS,
+            )),
+            Err(failsafe::Error::Inner(LogError::IdempotencyConflict(key))) => Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency-key-reused",
+                "Idempotency key reused",
+                format!("Idempotency-Key {key:?} was already used with a different request"),
+            )
+            .with_field("Idempotency-Key", "already used with a different request")),
+            Err(failsafe::Error::Inner(e @ LogError::Timeout(_))) => Err(Problem::unavailable(
+                format!("{e}; the command may or may not have been stored, retry with the same Idempotency-Key"),
+                RETRY_AFTER_SECS,
+            )),
+            Err(failsafe::Error::Inner(e)) => {
+                tracing::warn!(error = %e, "append failed");
+                Err(Problem::unavailable(e.to_string(), RETRY_AFTER_SECS))
+            }
+        }
+    }
+
+    /// The ids of the event an idempotent retry points at, read back from the log.
+    async fn original_ids(&self, appended: &Appended) -> Result<(Uuid, Uuid), Problem> {
+        let records = self
+            .inner
+            .log
+            .read(&self.inner.topic, appended.partition, appended.offset, 1, Duration::ZERO)
+            .await
+            .map_err(|e| Problem::unavailable(e.to_string(), RETRY_AFTER_SECS))?;
+        let record = records.into_iter().find(|r| r.offset == appended.offset);
+        let ids = record.and_then(|r| {
+            let person = Uuid::parse_str(std::str::from_utf8(&r.key).ok()?).ok()?;
+            let event = Uuid::parse_str(std::str::from_utf8(r.header("event_id")?).ok()?).ok()?;
+            Some((person, event))
+        });
+        ids.ok_or_else(|| {
+            Problem::unavailable("the original event of this idempotency key is unreadable", RETRY_AFTER_SECS)
+        })
+    }
+}
+
+/// A fresh W3C trace context for the event, so consumers can join its trace.
+fn traceparent() -> String {
+    let trace = Uuid::new_v4().simple().to_string();
+    let span = &Uuid::new_v4().simple().to_string()[..16];
+    format!("00-{trace}-{span}-01")
+}
+
+fn accepted_response(
+    kind: EventKind,
+    person_id: Uuid,
+    event_id: Uuid,
+    at: &Appended,
+    correlation_id: &str,
+) -> Response {
+    let token = ConsistencyToken { partition: at.partition, offset: at.offset }.to_string();
+    let body =
+        Accepted { person_id, event_id, partition: at.partition, offset: at.offset, consistency_token: token.clone() };
+    let mut response = (StatusCode::ACCEPTED, axum::Json(body)).into_response();
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&token) {
+        headers.insert(token::HEADER, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(correlation_id) {
+        headers.insert("x-correlation-id", value);
+    }
+    if at.replayed {
+        headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    if kind == EventKind::PersonRegistered
+        && let Ok(value) = HeaderValue::from_str(&format!("/v1/persons/{person_id}"))
+    {
+        headers.insert(header::LOCATION, value);
+    }
+    response
+}
+
+const PROBLEM: &str = "application/problem+json";
+
+/// The optional `Idempotency-Key` header every command takes.
+#[derive(Debug, utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct IdempotencyKeyHeader {
+    /// Retries with the same key get the same answer and append nothing (1–255 visible ASCII).
+    #[param(rename = "Idempotency-Key")]
+    pub idempotency_key: Option<String>,
+}
+
+#[utoipa::path(post, path = "/v1/persons", tag = "commands", request_body = RegisterPerson,
+    params(IdempotencyKeyHeader),
+    responses((status = 202, body = Accepted), (status = "4XX", body = Problem, content_type = PROBLEM),
+        (status = 503, body = Problem, content_type = PROBLEM)))]
+pub async fn register(
+    State(state): State<WriterState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: ApiJson<RegisterPerson>,
+) -> Result<Response, Problem> {
+    let kind = EventKind::PersonRegistered;
+    let cmd = body.value;
+    let mut c = Checker::default();
+    let given_name = c.text("given_name", &cmd.given_name, MAX_NAME_CHARS, false);
+    let family_name = c.text("family_name", &cmd.family_name, MAX_NAME_CHARS, false);
+    let email = c.email("email", cmd.email.as_deref());
+    let phone = c.phone("phone", cmd.phone.as_deref());
+    let date_of_birth = c.date_of_birth("date_of_birth", cmd.date_of_birth.as_deref());
+    let address = cmd.address.as_ref().map(|a| c.address("address", a));
+    let tags = c.tags("tags", &cmd.tags);
+    reject(kind, c.finish(()))?;
+    let person_id = cmd.person_id.unwrap_or_else(Uuid::new_v4);
+    state
+        .submit(Submission::new(&headers, &uri, &body.raw, person_id, kind), |e| {
+            PersonEvent::Registered(PersonRegistered {
+                event_id: e.event_id,
+                person_id: e.person_id,
+                occurred_at: e.occurred_at,
+                correlation_id: e.correlation_id,
+                given_name,
+                family_name,
+                email,
+                phone,
+                date_of_birth,
+                address,
+                tags,
+            })
+        })
+        .await
+}
+
+#[utoipa::path(put, path = "/v1/persons/{id}/name", tag = "commands", request_body = RenamePerson,
+    params(("id" = Uuid, Path, description = "the person's id"), IdempotencyKeyHeader),
+    responses((status = 202, body = Accepted), (status = "4XX", body = Problem, content_type = PROBLEM),
+        (status = 503, body = Problem, content_type = PROBLEM)))]
+pub async fn rename(
+    State(state): State<WriterState>,
+    ApiPath(id): ApiPath<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: ApiJson<RenamePerson>,
+) -> Result<Response, Problem> {
+    let kind = EventKind::PersonRenamed;
+    let person_id = person_id(&id)?;
+    let mut c = Checker::default();
+    let given_name = c.text("given_name", &body.value.given_name, MAX_NAME_CHARS, false);
+    let family_name = c.text("family_name", &body.value.family_name, MAX_NAME_CHARS, false);
+    reject(kind, c.finish(()))?;
+    state
+        .submit(Submission::new(&headers, &uri, &body.raw, person_id, kind), |e| {
+            PersonEvent::Renamed(PersonRenamed {
+                event_id: e.event_id,
+                person_id: e.person_id,
+                occurred_at: e.occurred_at,
+                correlation_id: e.correlation_id,
+                given_name,
+                family_name,
+            })
+        })
+        .await
+}
+
+#[utoipa::path(put, path = "/v1/persons/{id}/contact", tag = "commands", request_body = ChangeContact,
+    params(("id" = Uuid, Path, description = "the person's id"), IdempotencyKeyHeader),
+    responses((status = 202, body = Accepted), (status = "4XX", body = Problem, content_type = PROBLEM),
+        (status = 503, body = Problem, content_type = PROBLEM)))]
+pub async fn change_contact(
+    State(state): State<WriterState>,
+    ApiPath(id): ApiPath<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: ApiJson<ChangeContact>,
+) -> Result<Response, Problem> {
+    let kind = EventKind::ContactDetailsChanged;
+    let person_id = person_id(&id)?;
+    let mut c = Checker::default();
+    if body.value.email.is_none() && body.value.phone.is_none() {
+        reject(
+            kind,
+            Err(vec![callisto_core::http::FieldError {
+                field: "body".into(),
+                message: "give email, phone or both".into(),
+            }]),
+        )?;
+    }
+    let email = c.email("email", body.value.email.as_deref());
+    let phone = c.phone("phone", body.value.phone.as_deref());
+    reject(kind, c.finish(()))?;
+    state
+        .submit(Submission::new(&headers, &uri, &body.raw, person_id, kind), |e| {
+            PersonEvent::ContactChanged(ContactDetailsChanged {
+                event_id: e.event_id,
+                person_id: e.person_id,
+                occurred_at: e.occurred_at,
+                correlation_id: e.correlation_id,
+                email,
+                phone,
+            })
+        })
+        .await
+}
+
+#[utoipa::path(put, path = "/v1/persons/{id}/address", tag = "commands", request_body = AddressBody,
+    params(("id" = Uuid, Path, description = "the person's id"), IdempotencyKeyHeader),
+    responses((status = 202, body = Accepted), (status = "4XX", body = Problem, content_type = PROBLEM),
+        (status = 503, body = Problem, content_type = PROBLEM)))]
+pub async fn change_address(
+    State(state): State<WriterState>,
+    ApiPath(id): ApiPath<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: ApiJson<AddressBody>,
+) -> Result<Response, Problem> {
+    let kind = EventKind::AddressChanged;
+    let person_id = person_id(&id)?;
+    let mut c = Checker::default();
+    let address = c.address("address", &body.value);
+    reject(kind, c.finish(()))?;
+    state
+        .submit(Submission::new(&headers, &uri, &body.raw, person_id, kind), |e| {
+            PersonEvent::AddressChanged(AddressChanged {
+                event_id: e.event_id,
+                person_id: e.person_id,
+                occurred_at: e.occurred_at,
+                correlation_id: e.correlation_id,
+                address,
+            })
+        })
+        .await
+}
+
+#[utoipa::path(post, path = "/v1/persons/{id}/notes", tag = "commands", request_body = AddNote,
+    params(("id" = Uuid, Path, description = "the person's id"), IdempotencyKeyHeader),
+    responses((status = 202, body = Accepted), (status = "4XX", body = Problem, content_type = PROBLEM),
+        (status = 503, body = Problem, content_type = PROBLEM)))]
+pub async fn add_note(
+    State(state): State<WriterState>,
+    ApiPath(id): ApiPath<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: ApiJson<AddNote>,
+) -> Result<Response, Problem> {
+    let kind = EventKind::NoteAdded;
+    let person_id = person_id(&id)?;
+    let mut c = Checker::default();
+    let text = c.text("text", &body.value.text, MAX_NOTE_CHARS, true);
+    reject(kind, c.finish(()))?;
+    state
+        .submit(Submission::new(&headers, &uri, &body.raw, person_id, kind), |e| {
+            PersonEvent::NoteAdded(NoteAdded {
+                event_id: e.event_id,
+                person_id: e.person_id,
+                occurred_at: e.occurred_at,
+                correlation_id: e.correlation_id,
+                note_id: Uuid::new_v4(),
+                text,
+            })
+        })
+        .await
+}
+
+#[utoipa::path(post, path = "/v1/persons/{id}/tags", tag = "commands", request_body = TagBody,
+    params(("id" = Uuid, Path, description = "the person's id"), IdempotencyKeyHeader),
+    responses((status = 202, body = Accepted), (status = "4XX", body = Problem, content_type = PROBLEM),
+        (status = 503, body = Problem, content_type = PROBLEM)))]
+pub async fn tag(
+    State(state): State<WriterState>,
+    ApiPath(id): ApiPath<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: ApiJson<TagBody>,
+) -> Result<Response, Problem> {
+    let kind = EventKind::PersonTagged;
+    let person_id = person_id(&id)?;
+    let mut c = Checker::default();
+    let tag = c.tag("tag", &body.value.tag);
+    reject(kind, c.finish(()))?;
+    state
+        .submit(Submission::new(&headers, &uri, &body.raw, person_id, kind), |e| {
+            PersonEvent::Tagged(TagChanged {
+                event_id: e.event_id,
+                person_id: e.person_id,
+                occurred_at: e.occurred_at,
+                correlation_id: e.correlation_id,
+                tag,
+            })
+        })
+        .await
+}
+
+#[utoipa::path(post, path = "/v1/persons/{id}/archive", tag = "commands", request_body = ArchivePerson,
+    params(("id" = Uuid, Path, description = "the person's id"), IdempotencyKeyHeader),
+    responses((status = 202, body = Accepted), (status = "4XX", body = Problem, content_type = PROBLEM),
+        (status = 503, body = Problem, content_type = PROBLEM)))]
+pub async fn archive(
+    State(state): State<WriterState>,
+    ApiPath(id): ApiPath<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: ApiJsonOrEmpty<ArchivePerson>,
+) -> Result<Response, Problem> {
+    let kind = EventKind::PersonArchived;
+    let person_id = person_id(&id)?;
+    let mut c = Checker::default();
+    let reason = c.optional_text("reason", body.value.reason.as_deref(), MAX_REASON_CHARS);
+    reject(kind, c.finish(()))?;
+    state
+        .submit(Submission::new(&headers, &uri, &body.raw, person_id, kind), |e| {
+            PersonEvent::Archived(PersonArchived {
+                event_id: e.event_id,
+                person_id: e.person_id,
+                occurred_at: e.occurred_at,
+                correlation_id: e.correlation_id,
+                reason,
+            })
+        })
+        .await
+}
+
+#[utoipa::path(delete, path = "/v1/persons/{id}/tags/{tag}", tag = "commands",
+    params(("id" = Uuid, Path, description = "the person's id"), ("tag" = String, Path, description = "the tag to remove"),
+        IdempotencyKeyHeader),
+    responses((status = 202, body = Accepted), (status = "4XX", body = Problem, content_type = PROBLEM),
+        (status = 503, body = Problem, content_type = PROBLEM)))]
+pub async fn untag(
+    State(state): State<WriterState>,
+    ApiPath((id, tag)): ApiPath<(String, String)>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let kind = EventKind::PersonUntagged;
+    let person_id = person_id(&id)?;
+    let mut c = Checker::default();
+    let tag = c.tag("tag", &tag);
+    reject(kind, c.finish(()))?;
+    state
+        .submit(Submission::new(&headers, &uri, &[], person_id, kind), |e| {
+            PersonEvent::Untagged(TagChanged {
+                event_id: e.event_id,
+                person_id: e.person_id,
+                occurred_at: e.occurred_at,
+                correlation_id: e.correlation_id,
+                tag,
+            })
+        })
+        .await
+}

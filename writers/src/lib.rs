@@ -1,0 +1,43 @@
+//! # callisto-writers — the command API
+//!
+//! Takes person commands over HTTP, validates them, and appends each as one Avro event to the
+//! person topic, keyed by person id. A command is answered `202 Accepted` only once its event
+//! is durable in the log, with a consistency token naming where it landed.
+//!
+//! ## Layout
+//! - [`commands`]: request bodies, their limits and validation.
+//! - [`api`]: the handlers, idempotency keys, and the guarded (timeout + circuit breaker) append.
+//! - [`openapi`]: the OpenAPI document generated from the handlers and types.
+//!
+//! [`build`] assembles the whole service; tests and the `callisto writer` binary both use it.
+
+pub mod api;
+pub mod commands;
+pub mod openapi;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use callisto_avro::Codec;
+use callisto_core::config::Settings;
+use callisto_core::http::{ReadinessCheck, service_router};
+use callisto_core::log::EventLog;
+
+pub use api::WriterState;
+
+/// The writer's state for `settings`, over an already-open log and codec. Creates the topic
+/// with the configured partition count, or checks the count of an existing one.
+pub async fn state(settings: &Settings, log: Arc<dyn EventLog>, codec: Arc<Codec>) -> anyhow::Result<WriterState> {
+    log.ensure_topic(&settings.log.topic, settings.log.partitions).await?;
+    Ok(WriterState::new(log, codec, settings.log.topic.clone(), Duration::from_millis(settings.log.append_timeout_ms)))
+}
+
+/// The complete writer service: command routes plus health, readiness, metrics and OpenAPI.
+pub fn build(settings: &Settings, state: WriterState) -> axum::Router {
+    let log = state.log().clone();
+    let readiness: ReadinessCheck = Arc::new(move || {
+        let log = log.clone();
+        Box::pin(async move { log.health().await.map_err(|e| e.to_string()) })
+    });
+    service_router(api::routes(state), openapi::document(), readiness, settings.http.body_limit_bytes)
+}

@@ -1,0 +1,29 @@
+//! The writer's OpenAPI document, generated from the handler annotations and body types.
+
+use utoipa::OpenApi;
+
+use crate::api;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Callisto command API",
+        description = "Person commands, appended as Avro events to the person topic."
+    ),
+    paths(
+        api::register,
+        api::rename,
+        api::change_contact,
+        api::change_address,
+        api::add_note,
+        api::tag,
+        api::untag,
+        api::archive
+    ),
+    components(schemas(callisto_core::http::Problem, callisto_core::http::FieldError, api::Accepted))
+)]
+struct WriterApi;
+
+pub fn document() -> utoipa::openapi::OpenApi {
+    WriterApi::openapi()
+}
