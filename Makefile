@@ -7,7 +7,7 @@ DATA_DIR ?= ./data
 
 ## Run Callisto on this machine with embedded stand-ins (no servers needed).
 run:
-	$(CARGO) run --release --locked -p callisto -- writer --listen $(LISTEN) --data-dir $(DATA_DIR)
+	$(CARGO) run --release --locked -p callisto -- dev --listen $(LISTEN) --data-dir $(DATA_DIR)
 
 ## Run every test (unit, contract, HTTP, process crash tests, schema evolution check).
 test:

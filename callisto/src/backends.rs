@@ -1,5 +1,10 @@
-//! Opens the embedded stand-ins under `storage.data_dir`: the event log (`log.redb`) and the
-//! schema registry (`schemas.redb`). Each file is locked by the process that opens it.
+//! Opens the embedded stand-ins under `storage.data_dir`:
+//! - `log.redb`: the event log;
+//! - `schemas.redb`: the schema registry;
+//! - `readmodel.redb`: person documents, timelines and their checkpoints;
+//! - `search/`: the tantivy index, its checkpoint in its commit payload.
+//!
+//! Each is locked by the process that opens it: one Callisto process per data dir.
 
 use std::sync::Arc;
 
@@ -7,28 +12,41 @@ use anyhow::Context;
 use callisto_avro::{Codec, EmbeddedRegistry};
 use callisto_core::config::Settings;
 use callisto_core::log::{EmbeddedLog, EmbeddedLogOptions, EventLog};
+use callisto_core::readmodel::embedded::EmbeddedReadStore;
+use callisto_core::readmodel::search::TantivySearchIndex;
 
-pub struct Embedded {
+pub struct EmbeddedLogSide {
     pub log: Arc<dyn EventLog>,
     pub codec: Arc<Codec>,
 }
 
-impl Embedded {
-    pub fn open(settings: &Settings) -> anyhow::Result<Self> {
-        let dir = &settings.storage.data_dir;
-        std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
-        anyhow::ensure!(
-            settings.schema_registry.url.is_none(),
-            "schema_registry.url is set, but this build only has the embedded registry"
-        );
-        let registry = EmbeddedRegistry::open(&dir.join("schemas.redb")).with_context(|| {
-            format!("opening the schema registry in {} (is another callisto using it?)", dir.display())
-        })?;
-        let codec = Codec::new(Arc::new(registry), &settings.log.topic).context("registering event schemas")?;
-        let options =
-            EmbeddedLogOptions { queue_capacity: settings.log.queue_capacity, max_batch: settings.log.max_batch };
-        let log = EmbeddedLog::open(&dir.join("log.redb"), options)
-            .with_context(|| format!("opening the event log in {} (is another callisto using it?)", dir.display()))?;
-        Ok(Self { log: Arc::new(log), codec: Arc::new(codec) })
-    }
+pub struct EmbeddedReadSide {
+    pub store: Arc<EmbeddedReadStore>,
+    pub search: Arc<TantivySearchIndex>,
+}
+
+fn in_use(what: &str, dir: &std::path::Path) -> String {
+    format!("opening the {what} in {} (is another callisto process using this data dir?)", dir.display())
+}
+
+pub fn open_log(settings: &Settings) -> anyhow::Result<EmbeddedLogSide> {
+    let dir = &settings.storage.data_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+    anyhow::ensure!(
+        settings.schema_registry.url.is_none(),
+        "schema_registry.url is set, but this build only has the embedded registry"
+    );
+    let registry = EmbeddedRegistry::open(&dir.join("schemas.redb")).with_context(|| in_use("schema registry", dir))?;
+    let codec = Codec::new(Arc::new(registry), &settings.log.topic).context("registering event schemas")?;
+    let options = EmbeddedLogOptions { queue_capacity: settings.log.queue_capacity, max_batch: settings.log.max_batch };
+    let log = EmbeddedLog::open(&dir.join("log.redb"), options).with_context(|| in_use("event log", dir))?;
+    Ok(EmbeddedLogSide { log: Arc::new(log), codec: Arc::new(codec) })
+}
+
+pub fn open_read_models(settings: &Settings) -> anyhow::Result<EmbeddedReadSide> {
+    let dir = &settings.storage.data_dir;
+    let store =
+        EmbeddedReadStore::open(&dir.join("readmodel.redb")).with_context(|| in_use("read model store", dir))?;
+    let search = TantivySearchIndex::open(&dir.join("search")).with_context(|| in_use("search index", dir))?;
+    Ok(EmbeddedReadSide { store: Arc::new(store), search: Arc::new(search) })
 }

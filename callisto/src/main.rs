@@ -1,13 +1,5 @@
-//! # callisto — the one binary
-//!
-//! A thin CLI over the service crates: it layers configuration, opens the backends, and runs a
-//! service until SIGINT or SIGTERM.
-//!
-//! ## Layout
-//! - `main.rs`: the command line and the per-subcommand wiring.
-//! - [`backends`]: opens the embedded stand-ins (log, schema registry) under the data dir.
-
-mod backends;
+//! The `callisto` command line: parses flags, layers configuration, and hands over to
+//! [`callisto::services`].
 
 use std::path::PathBuf;
 
@@ -27,6 +19,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the whole backbone in one process: writer, projectors and query API on one port,
+    /// with embedded stand-ins for Kafka, MongoDB and Elasticsearch.
+    Dev(ServeArgs),
     /// Run the command API: validate person commands and append them to the event log.
     Writer(ServeArgs),
 }
@@ -58,53 +53,13 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
+        let (Command::Dev(args) | Command::Writer(args)) = &cli.command;
+        let settings = Settings::load(cli.config.as_deref(), &args.overrides())?;
+        callisto_core::telemetry::init_tracing(&settings.telemetry);
+        let shutdown = callisto::services::shutdown_signal();
         match cli.command {
-            Command::Writer(args) => {
-                let settings = Settings::load(cli.config.as_deref(), &args.overrides())?;
-                callisto_core::telemetry::init_tracing(&settings.telemetry);
-                run_writer(settings).await
-            }
+            Command::Dev(_) => callisto::services::run_dev(settings, shutdown).await,
+            Command::Writer(_) => callisto::services::run_writer(settings, shutdown).await,
         }
     })
-}
-
-async fn run_writer(settings: Settings) -> anyhow::Result<()> {
-    let embedded = backends::Embedded::open(&settings)?;
-    let state = callisto_writers::state(&settings, embedded.log.clone(), embedded.codec.clone()).await?;
-    let app = callisto_writers::build(&settings, state);
-    serve(&settings, app, "writer").await
-}
-
-async fn serve(settings: &Settings, app: callisto_core::http::Router, service: &str) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(&settings.http.listen)
-        .await
-        .with_context(|| format!("binding {}", settings.http.listen))?;
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, service, data_dir = %settings.storage.data_dir.display(), "listening");
-    // A fixed, parseable line for scripts and tests that start with port 0.
-    println!("callisto {service} listening on http://{addr}");
-    callisto_core::http::serve(listener, app, shutdown_signal()).await?;
-    tracing::info!(service, "stopped");
-    Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
 }

@@ -20,6 +20,7 @@ pub const ENVIRONMENT: &[(&str, &str)] = &[
     ("CALLISTO__LOG__APPEND_TIMEOUT_MS", "how long a command waits for a durable append before 503"),
     ("CALLISTO__LOG__QUEUE_CAPACITY", "appends queued for group commit before new ones get 503"),
     ("CALLISTO__LOG__MAX_BATCH", "most appends committed in one group commit"),
+    ("CALLISTO__QUERY__CONSISTENCY_WAIT_MS", "longest wait of a read for its consistency token"),
     ("CALLISTO__SCHEMA_REGISTRY__URL", "Confluent-compatible registry; unset uses the embedded one"),
     ("CALLISTO__TELEMETRY__LOG_FORMAT", "json (default) or text"),
     ("CALLISTO__TELEMETRY__LOG_LEVEL", "tracing filter, e.g. info or callisto_core=debug"),
@@ -32,7 +33,21 @@ pub struct Settings {
     pub storage: StorageSettings,
     pub log: LogSettings,
     pub schema_registry: SchemaRegistrySettings,
+    pub query: QuerySettings,
     pub telemetry: TelemetrySettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuerySettings {
+    /// How long a read carrying a consistency token waits for the projections to reach it.
+    pub consistency_wait_ms: u64,
+}
+
+impl Default for QuerySettings {
+    fn default() -> Self {
+        Self { consistency_wait_ms: 5_000 }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -3,6 +3,8 @@
 //! ## Layout
 //! - [`log`]: the [`EventLog`](log::EventLog) port and its embedded, redb-backed adapter.
 //! - [`partition`]: Kafka's murmur2 key → partition function.
+//! - [`readmodel`]: person documents, timelines and search; the `Projection`, `ReadStore` and
+//!   `SearchIndex` ports with their embedded adapters (redb, tantivy).
 //! - [`config`]: layered settings (defaults, file, `CALLISTO__…` environment).
 //! - [`telemetry`]: JSON logs and the Prometheus recorder, set up in one place.
 //! - [`http`]: `application/problem+json` errors and the JSON/query extractors that produce them.
@@ -12,5 +14,6 @@ pub mod config;
 pub mod http;
 pub mod log;
 pub mod partition;
+pub mod readmodel;
 pub mod telemetry;
 pub mod token;

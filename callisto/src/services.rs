@@ -1,0 +1,143 @@
+//! Runs each service: opens its backends, builds its router, serves until shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use callisto_core::config::Settings;
+use callisto_core::http::{ReadinessCheck, Router, service_router};
+use callisto_core::log::EventLog;
+use callisto_core::readmodel::Projection;
+use callisto_core::readmodel::embedded::EmbeddedReadStore;
+use callisto_core::readmodel::search::TantivySearchIndex;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::backends;
+
+/// `callisto writer`: the command API alone.
+pub async fn run_writer(settings: Settings, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let embedded = backends::open_log(&settings)?;
+    let state = callisto_writers::state(&settings, embedded.log.clone(), embedded.codec.clone()).await?;
+    let app = callisto_writers::build(&settings, state);
+    let listener = bind(&settings, "writer").await?;
+    callisto_core::http::serve(listener, app, shutdown).await?;
+    tracing::info!(service = "writer", "stopped");
+    Ok(())
+}
+
+/// `callisto dev`: everything in one process until `shutdown`.
+pub async fn run_dev(settings: Settings, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let listener = bind(&settings, "dev").await?;
+    let dev = Dev::start(&settings, listener).await?;
+    shutdown.await;
+    dev.stop().await
+}
+
+/// The whole backbone in one process: writer, projectors and query API on one port, over the
+/// embedded stand-ins.
+pub struct Dev {
+    pub addr: SocketAddr,
+    pub log: Arc<dyn EventLog>,
+    pub codec: Arc<callisto_avro::Codec>,
+    pub store: Arc<EmbeddedReadStore>,
+    pub search: Arc<TantivySearchIndex>,
+    shutdown: CancellationToken,
+    server: JoinHandle<std::io::Result<()>>,
+    projector: JoinHandle<()>,
+}
+
+impl Dev {
+    pub async fn start(settings: &Settings, listener: TcpListener) -> anyhow::Result<Self> {
+        let log_side = backends::open_log(settings)?;
+        let read_side = backends::open_read_models(settings)?;
+        let (log, codec) = (log_side.log, log_side.codec);
+        let writer = callisto_writers::state(settings, log.clone(), codec.clone()).await?;
+        let partitions = log.partitions(&settings.log.topic).await?;
+
+        let shutdown = CancellationToken::new();
+        let projections: Vec<Arc<dyn Projection>> = vec![read_side.store.clone(), read_side.search.clone()];
+        let projector_settings = callisto_projectors::ProjectorSettings::new(&settings.log.topic);
+        let projector =
+            callisto_projectors::Projector::new(log.clone(), codec.clone(), projections, projector_settings)
+                .start(shutdown.clone())
+                .await?;
+
+        let query = callisto_query_api::QueryState {
+            store: read_side.store.clone(),
+            search: read_side.search.clone(),
+            partitions,
+            consistency_wait: Duration::from_millis(settings.query.consistency_wait_ms),
+        };
+        let app = dev_router(settings, writer, query, log.clone(), read_side.store.clone());
+        let addr = listener.local_addr()?;
+        let server = tokio::spawn(callisto_core::http::serve(listener, app, shutdown.clone().cancelled_owned()));
+        Ok(Self { addr, log, codec, store: read_side.store, search: read_side.search, shutdown, server, projector })
+    }
+
+    /// Stops serving (draining in-flight requests), then stops the projectors after their
+    /// current batch.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        let served = self.server.await.context("http server task")?;
+        self.projector.await.context("projector task")?;
+        tracing::info!(service = "dev", "stopped");
+        Ok(served?)
+    }
+}
+
+fn dev_router(
+    settings: &Settings,
+    writer: callisto_writers::WriterState,
+    query: callisto_query_api::QueryState,
+    log: Arc<dyn EventLog>,
+    store: Arc<EmbeddedReadStore>,
+) -> Router {
+    let routes = callisto_writers::api::routes(writer).merge(callisto_query_api::routes(query));
+    let mut openapi = callisto_writers::openapi::document();
+    openapi.merge(callisto_query_api::openapi::document());
+    openapi.info.title = "Callisto".into();
+    let readiness: ReadinessCheck = Arc::new(move || {
+        let (log, store) = (log.clone(), store.clone());
+        Box::pin(async move {
+            log.health().await.map_err(|e| e.to_string())?;
+            store.checkpoints().await.map(|_| ()).map_err(|e| e.to_string())
+        })
+    });
+    service_router(routes, openapi, readiness, settings.http.body_limit_bytes)
+}
+
+async fn bind(settings: &Settings, service: &str) -> anyhow::Result<TcpListener> {
+    let listener =
+        TcpListener::bind(&settings.http.listen).await.with_context(|| format!("binding {}", settings.http.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, service, data_dir = %settings.storage.data_dir.display(), "listening");
+    // A fixed, parseable line for scripts and tests that start with port 0.
+    println!("callisto {service} listening on http://{addr}");
+    Ok(listener)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

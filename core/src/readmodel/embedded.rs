@@ -1,0 +1,273 @@
+//! The embedded [`ReadStore`]: documents, secondary indexes, timelines and checkpoints in one
+//! redb file, each batch and its checkpoint in one write transaction.
+//!
+//! ## Tables
+//! - `persons`: person id → JSON [`PersonDoc`].
+//! - `persons_by_tag`: (tag, person id) and `persons_by_status`: (status, person id), so a
+//!   filtered listing is a range scan from the cursor.
+//! - `timeline`: (person id, offset) → JSON [`TimelineEntry`].
+//! - `checkpoints`: partition → last applied offset.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use super::{
+    Checkpoints, ListFilter, Page, PersonDoc, ProjectedEvent, Projection, ReadStore, StoreError, TimelineEntry, fold,
+    timeline_entry,
+};
+
+const PERSONS: TableDefinition<&str, &[u8]> = TableDefinition::new("persons");
+const BY_TAG: TableDefinition<(&str, &str), ()> = TableDefinition::new("persons_by_tag");
+const BY_STATUS: TableDefinition<(&str, &str), ()> = TableDefinition::new("persons_by_status");
+const TIMELINE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("timeline");
+const CHECKPOINTS: TableDefinition<u32, u64> = TableDefinition::new("checkpoints");
+
+fn unavailable<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+pub struct EmbeddedReadStore {
+    db: Arc<Database>,
+    progress: watch::Sender<Checkpoints>,
+}
+
+impl std::fmt::Debug for EmbeddedReadStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedReadStore").finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedReadStore {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(unavailable)?;
+        let txn = db.begin_write().map_err(unavailable)?;
+        txn.open_table(PERSONS).map_err(unavailable)?;
+        txn.open_table(BY_TAG).map_err(unavailable)?;
+        txn.open_table(BY_STATUS).map_err(unavailable)?;
+        txn.open_table(TIMELINE).map_err(unavailable)?;
+        txn.open_table(CHECKPOINTS).map_err(unavailable)?;
+        txn.commit().map_err(unavailable)?;
+        let checkpoints = read_checkpoints(&db)?;
+        let (progress, _) = watch::channel(checkpoints);
+        Ok(Self { db: Arc::new(db), progress })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db)).await.map_err(unavailable)?
+    }
+}
+
+fn read_checkpoints(db: &Database) -> Result<Checkpoints, StoreError> {
+    let txn = db.begin_read().map_err(unavailable)?;
+    let table = txn.open_table(CHECKPOINTS).map_err(unavailable)?;
+    table
+        .iter()
+        .map_err(unavailable)?
+        .map(|entry| {
+            let (k, v) = entry.map_err(unavailable)?;
+            Ok((k.value(), v.value()))
+        })
+        .collect()
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Unavailable(format!("stored document is corrupt: {e}")))
+}
+
+fn load_doc(txn: &WriteTransaction, id: &str) -> Result<Option<PersonDoc>, StoreError> {
+    let table = txn.open_table(PERSONS).map_err(unavailable)?;
+    let found = table.get(id).map_err(unavailable)?;
+    found.map(|g| decode(g.value())).transpose()
+}
+
+fn save_doc(txn: &WriteTransaction, before: Option<&PersonDoc>, after: &PersonDoc) -> Result<(), StoreError> {
+    let id = after.person_id.to_string();
+    let bytes = serde_json::to_vec(after).map_err(unavailable)?;
+    txn.open_table(PERSONS).map_err(unavailable)?.insert(id.as_str(), bytes.as_slice()).map_err(unavailable)?;
+    let mut by_tag = txn.open_table(BY_TAG).map_err(unavailable)?;
+    let old_tags = before.map(|d| d.tags.as_slice()).unwrap_or_default();
+    for tag in old_tags.iter().filter(|t| !after.tags.contains(t)) {
+        by_tag.remove((tag.as_str(), id.as_str())).map_err(unavailable)?;
+    }
+    for tag in after.tags.iter().filter(|t| !old_tags.contains(t)) {
+        by_tag.insert((tag.as_str(), id.as_str()), ()).map_err(unavailable)?;
+    }
+    let mut by_status = txn.open_table(BY_STATUS).map_err(unavailable)?;
+    if let Some(old) = before.map(|d| d.status).filter(|s| *s != after.status) {
+        by_status.remove((old.as_str(), id.as_str())).map_err(unavailable)?;
+    }
+    by_status.insert((after.status.as_str(), id.as_str()), ()).map_err(unavailable)?;
+    Ok(())
+}
+
+fn apply_in(txn: &WriteTransaction, events: &[ProjectedEvent]) -> Result<(), StoreError> {
+    for ev in events {
+        let id = ev.event.meta().person_id.to_string();
+        let entry = serde_json::to_vec(&timeline_entry(ev)).map_err(unavailable)?;
+        txn.open_table(TIMELINE)
+            .map_err(unavailable)?
+            .insert((id.as_str(), ev.offset), entry.as_slice())
+            .map_err(unavailable)?;
+        let before = load_doc(txn, &id)?;
+        // The version guard: an event at or below the stored position was applied already.
+        if before.as_ref().is_some_and(|d| d.version.partition == ev.partition && d.version.offset >= ev.offset) {
+            continue;
+        }
+        if let Some(after) = fold(before.clone(), ev) {
+            save_doc(txn, before.as_ref(), &after)?;
+        }
+    }
+    Ok(())
+}
+
+fn cursor_after<'a>(prefix: &'a str, cursor: &'a Option<String>) -> (&'a str, &'a str) {
+    (prefix, cursor.as_deref().unwrap_or(""))
+}
+
+#[async_trait]
+impl Projection for EmbeddedReadStore {
+    fn name(&self) -> &'static str {
+        "documents"
+    }
+
+    async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {
+        let events = events.to_vec();
+        let checkpoints = self
+            .blocking(move |db| {
+                let txn = db.begin_write().map_err(unavailable)?;
+                apply_in(&txn, &events)?;
+                {
+                    let mut table = txn.open_table(CHECKPOINTS).map_err(unavailable)?;
+                    let current = table.get(partition).map_err(unavailable)?.map(|g| g.value());
+                    if current.is_none_or(|c| c < through) {
+                        table.insert(partition, through).map_err(unavailable)?;
+                    }
+                }
+                txn.commit().map_err(unavailable)?;
+                read_checkpoints(db)
+            })
+            .await?;
+        self.progress.send_replace(checkpoints);
+        Ok(())
+    }
+
+    async fn checkpoints(&self) -> Result<Checkpoints, StoreError> {
+        self.blocking(read_checkpoints).await
+    }
+
+    fn progress(&self) -> watch::Receiver<Checkpoints> {
+        self.progress.subscribe()
+    }
+}
+
+#[async_trait]
+impl ReadStore for EmbeddedReadStore {
+    async fn get(&self, person_id: Uuid) -> Result<Option<PersonDoc>, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(PERSONS).map_err(unavailable)?;
+            let found = table.get(person_id.to_string().as_str()).map_err(unavailable)?;
+            found.map(|g| decode(g.value())).transpose()
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        filter: &ListFilter,
+        limit: usize,
+        cursor: Option<Uuid>,
+    ) -> Result<Page<PersonDoc>, StoreError> {
+        let filter = filter.clone();
+        let cursor = cursor.map(|c| c.to_string());
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let persons = txn.open_table(PERSONS).map_err(unavailable)?;
+            let mut items = Vec::with_capacity(limit + 1);
+            let mut push = |id: &str| -> Result<bool, StoreError> {
+                if cursor.as_deref().is_some_and(|c| id <= c) {
+                    return Ok(true);
+                }
+                let Some(found) = persons.get(id).map_err(unavailable)? else { return Ok(true) };
+                let doc: PersonDoc = decode(found.value())?;
+                let matches = filter.status.is_none_or(|s| s == doc.status)
+                    && filter.tag.as_ref().is_none_or(|t| doc.tags.contains(t));
+                if matches {
+                    items.push(doc);
+                }
+                Ok(items.len() <= limit)
+            };
+            // Scan the narrowest index; the doc check above applies the other filter.
+            if let Some(tag) = &filter.tag {
+                let index = txn.open_table(BY_TAG).map_err(unavailable)?;
+                let start = cursor_after(tag, &cursor);
+                for entry in index.range(start..=(tag.as_str(), "\u{10FFFF}")).map_err(unavailable)? {
+                    if !push(entry.map_err(unavailable)?.0.value().1)? {
+                        break;
+                    }
+                }
+            } else if let Some(status) = filter.status {
+                let index = txn.open_table(BY_STATUS).map_err(unavailable)?;
+                let start = cursor_after(status.as_str(), &cursor);
+                for entry in index.range(start..=(status.as_str(), "\u{10FFFF}")).map_err(unavailable)? {
+                    if !push(entry.map_err(unavailable)?.0.value().1)? {
+                        break;
+                    }
+                }
+            } else {
+                let start = cursor.clone().unwrap_or_default();
+                for entry in persons.range(start.as_str()..).map_err(unavailable)? {
+                    let (key, _) = entry.map_err(unavailable)?;
+                    if !push(key.value())? {
+                        break;
+                    }
+                }
+            }
+            let next_cursor = if items.len() > limit {
+                items.truncate(limit);
+                items.last().map(|d| d.person_id.to_string())
+            } else {
+                None
+            };
+            Ok(Page { items, next_cursor })
+        })
+        .await
+    }
+
+    async fn timeline(
+        &self,
+        person_id: Uuid,
+        limit: usize,
+        cursor: Option<u64>,
+    ) -> Result<Page<TimelineEntry>, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(TIMELINE).map_err(unavailable)?;
+            let id = person_id.to_string();
+            let start = cursor.map_or(0, |c| c.saturating_add(1));
+            let mut items: Vec<TimelineEntry> = Vec::with_capacity(limit + 1);
+            for entry in
+                table.range((id.as_str(), start)..=(id.as_str(), u64::MAX)).map_err(unavailable)?.take(limit + 1)
+            {
+                items.push(decode(entry.map_err(unavailable)?.1.value())?);
+            }
+            let next_cursor = if items.len() > limit {
+                items.truncate(limit);
+                items.last().map(|e| e.offset.to_string())
+            } else {
+                None
+            };
+            Ok(Page { items, next_cursor })
+        })
+        .await
+    }
+}

@@ -1,0 +1,354 @@
+//! Read models and their ports.
+//!
+//! - [`PersonDoc`] is the current state of one person; [`TimelineEntry`] one event of a
+//!   person's history. [`fold`] applies an event to a document — the one definition of what each
+//!   event means, shared by every store adapter.
+//! - [`Projection`] is what the projector runtime drives: apply a batch of one partition
+//!   together with its checkpoint, and publish progress so readers can wait for a token.
+//! - [`ReadStore`] (documents, lists, timelines) and [`SearchIndex`] (full text) are the two
+//!   projection ports the query API reads from.
+//!
+//! Every document stores the (partition, offset) that last changed it, and adapters refuse
+//! events at or below it, so redeliveries and replays are harmless.
+
+pub mod embedded;
+pub mod search;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use callisto_avro::PersonEvent;
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// A decoded event and where it sits in the log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProjectedEvent {
+    pub partition: u32,
+    pub offset: u64,
+    pub timestamp_ms: i64,
+    pub event: PersonEvent,
+}
+
+/// partition → last applied offset.
+pub type Checkpoints = BTreeMap<u32, u64>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+pub struct Version {
+    pub partition: u32,
+    pub offset: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Active,
+    Archived,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Active => "active",
+            Status::Archived => "archived",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Status> {
+        match s {
+            "active" => Some(Status::Active),
+            "archived" => Some(Status::Archived),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AddressDoc {
+    pub line1: String,
+    pub line2: Option<String>,
+    pub city: String,
+    pub postcode: String,
+    pub country: String,
+}
+
+impl From<&callisto_avro::Address> for AddressDoc {
+    fn from(a: &callisto_avro::Address) -> Self {
+        Self {
+            line1: a.line1.clone(),
+            line2: a.line2.clone(),
+            city: a.city.clone(),
+            postcode: a.postcode.clone(),
+            country: a.country.clone(),
+        }
+    }
+}
+
+impl AddressDoc {
+    /// One line for full-text indexing.
+    pub fn one_line(&self) -> String {
+        [Some(self.line1.as_str()), self.line2.as_deref(), Some(&self.city), Some(&self.postcode), Some(&self.country)]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// The current state of one person.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PersonDoc {
+    pub person_id: Uuid,
+    pub given_name: String,
+    pub family_name: String,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub date_of_birth: Option<NaiveDate>,
+    pub address: Option<AddressDoc>,
+    /// Sorted, without duplicates.
+    pub tags: Vec<String>,
+    pub status: Status,
+    pub archive_reason: Option<String>,
+    pub note_count: u64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// The log position of the last event applied to this document.
+    pub version: Version,
+}
+
+/// One event in a person's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TimelineEntry {
+    pub person_id: Uuid,
+    pub partition: u32,
+    pub offset: u64,
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub occurred_at: DateTime<Utc>,
+    pub correlation_id: String,
+    /// The event's own fields (names, text, tag …), as JSON.
+    #[schema(value_type = Object)]
+    pub data: serde_json::Value,
+}
+
+/// Applies `event` to the current document. Returns `None` when the person is unknown and the
+/// event does not register them: such events stay on the timeline but make no document.
+/// The caller has already checked the version guard.
+pub fn fold(doc: Option<PersonDoc>, ev: &ProjectedEvent) -> Option<PersonDoc> {
+    let meta = ev.event.meta();
+    let version = Version { partition: ev.partition, offset: ev.offset };
+    let mut doc = match (&ev.event, doc) {
+        (PersonEvent::Registered(e), existing) => {
+            let mut tags = e.tags.clone();
+            tags.sort();
+            tags.dedup();
+            PersonDoc {
+                person_id: e.person_id,
+                given_name: e.given_name.clone(),
+                family_name: e.family_name.clone(),
+                email: e.email.clone(),
+                phone: e.phone.clone(),
+                date_of_birth: e.date_of_birth,
+                address: e.address.as_ref().map(AddressDoc::from),
+                tags,
+                status: Status::Active,
+                archive_reason: None,
+                note_count: existing.as_ref().map_or(0, |d| d.note_count),
+                created_at: existing.as_ref().map_or(meta.occurred_at, |d| d.created_at),
+                updated_at: meta.occurred_at,
+                version,
+            }
+        }
+        (_, None) => return None,
+        (PersonEvent::Renamed(e), Some(mut d)) => {
+            d.given_name = e.given_name.clone();
+            d.family_name = e.family_name.clone();
+            d
+        }
+        (PersonEvent::ContactChanged(e), Some(mut d)) => {
+            if let Some(email) = &e.email {
+                d.email = Some(email.clone());
+            }
+            if let Some(phone) = &e.phone {
+                d.phone = Some(phone.clone());
+            }
+            d
+        }
+        (PersonEvent::AddressChanged(e), Some(mut d)) => {
+            d.address = Some(AddressDoc::from(&e.address));
+            d
+        }
+        (PersonEvent::NoteAdded(_), Some(mut d)) => {
+            d.note_count += 1;
+            d
+        }
+        (PersonEvent::Tagged(e), Some(mut d)) => {
+            if let Err(at) = d.tags.binary_search(&e.tag) {
+                d.tags.insert(at, e.tag.clone());
+            }
+            d
+        }
+        (PersonEvent::Untagged(e), Some(mut d)) => {
+            d.tags.retain(|t| t != &e.tag);
+            d
+        }
+        (PersonEvent::Archived(e), Some(mut d)) => {
+            d.status = Status::Archived;
+            d.archive_reason = e.reason.clone();
+            d
+        }
+    };
+    doc.updated_at = doc.updated_at.max(meta.occurred_at);
+    doc.version = version;
+    Some(doc)
+}
+
+/// The timeline entry for one event.
+pub fn timeline_entry(ev: &ProjectedEvent) -> TimelineEntry {
+    use serde_json::json;
+    let meta = ev.event.meta();
+    let data = match &ev.event {
+        PersonEvent::Registered(e) => json!({
+            "given_name": e.given_name, "family_name": e.family_name, "email": e.email, "phone": e.phone,
+            "date_of_birth": e.date_of_birth, "address": e.address.as_ref().map(AddressDoc::from), "tags": e.tags,
+        }),
+        PersonEvent::Renamed(e) => json!({"given_name": e.given_name, "family_name": e.family_name}),
+        PersonEvent::ContactChanged(e) => json!({"email": e.email, "phone": e.phone}),
+        PersonEvent::AddressChanged(e) => json!({"address": AddressDoc::from(&e.address)}),
+        PersonEvent::NoteAdded(e) => json!({"note_id": e.note_id, "text": e.text}),
+        PersonEvent::Tagged(e) | PersonEvent::Untagged(e) => json!({"tag": e.tag}),
+        PersonEvent::Archived(e) => json!({"reason": e.reason}),
+    };
+    TimelineEntry {
+        person_id: meta.person_id,
+        partition: ev.partition,
+        offset: ev.offset,
+        event_id: meta.event_id,
+        event_type: ev.event.kind().name().to_owned(),
+        occurred_at: meta.occurred_at,
+        correlation_id: meta.correlation_id.to_owned(),
+        data,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot serve now; retry later (503).
+    #[error("read model store unavailable: {0}")]
+    Unavailable(String),
+    /// The request itself is wrong, e.g. a query that does not parse (400).
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The store refuses the content of a batch (a mapping or validation error): retrying the
+    /// same events will not help, so the projector isolates and dead-letters the culprit.
+    #[error("store rejected the batch: {0}")]
+    Rejected(String),
+}
+
+/// One page of a listing, with the cursor of the next page (`None` on the last).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListFilter {
+    pub tag: Option<String>,
+    pub status: Option<Status>,
+}
+
+/// What the projector runtime drives.
+#[async_trait]
+pub trait Projection: Send + Sync + 'static {
+    /// A short, stable name: checkpoints, metrics and dead letters carry it.
+    fn name(&self) -> &'static str;
+
+    /// Applies `events` (all of `partition`, in offset order) and records `through` as the
+    /// partition's checkpoint, atomically or, where the store cannot, checkpoint after data.
+    /// `through` may be past the last event when trailing events were dead-lettered.
+    async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError>;
+
+    /// The stored checkpoints: partition → last applied offset.
+    async fn checkpoints(&self) -> Result<Checkpoints, StoreError>;
+
+    /// Checkpoints as they advance; readers wait on it for consistency tokens.
+    fn progress(&self) -> watch::Receiver<Checkpoints>;
+}
+
+/// Documents and timelines.
+#[async_trait]
+pub trait ReadStore: Projection {
+    async fn get(&self, person_id: Uuid) -> Result<Option<PersonDoc>, StoreError>;
+
+    /// Persons in `person_id` order after `cursor`. Ordering by an immutable key is what keeps
+    /// pages from skipping or repeating anyone while writes go on.
+    async fn list(
+        &self,
+        filter: &ListFilter,
+        limit: usize,
+        cursor: Option<Uuid>,
+    ) -> Result<Page<PersonDoc>, StoreError>;
+
+    /// A person's events in log order after offset `cursor`.
+    async fn timeline(
+        &self,
+        person_id: Uuid,
+        limit: usize,
+        cursor: Option<u64>,
+    ) -> Result<Page<TimelineEntry>, StoreError>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SearchRequest {
+    /// Query-string syntax; empty matches everything.
+    pub query: String,
+    pub tag: Option<String>,
+    pub status: Option<Status>,
+    pub limit: usize,
+    /// Hits to skip (from the cursor).
+    pub offset: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HitKind {
+    Person,
+    Note,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SearchHit {
+    pub kind: HitKind,
+    pub person_id: Uuid,
+    pub note_id: Option<Uuid>,
+    pub score: f32,
+    /// The person's display name.
+    pub name: String,
+    /// The note's text, for note hits.
+    pub text: Option<String>,
+    /// field → HTML fragment with matches in `<b>`.
+    pub highlights: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Facets {
+    pub tags: BTreeMap<String, u64>,
+    pub status: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchResults {
+    pub total: usize,
+    pub hits: Vec<SearchHit>,
+    pub facets: Facets,
+}
+
+/// Full-text search over persons and their notes.
+#[async_trait]
+pub trait SearchIndex: Projection {
+    async fn search(&self, request: &SearchRequest) -> Result<SearchResults, StoreError>;
+}

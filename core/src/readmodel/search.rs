@@ -1,0 +1,555 @@
+//! The embedded [`SearchIndex`] on tantivy.
+//!
+//! Two kinds of documents share one index: one per person (names, email, address, tags) and one
+//! per note (its text, tied to its person by `person_id`), so analysts find notes one by one.
+//! Both carry the person's tags and status as facets, for filters and facet counts; when those
+//! change, the person's notes are re-indexed with the new facets.
+//!
+//! The projection checkpoint travels in the commit payload, so the index and its checkpoint move
+//! together atomically: a crash leaves both at the last commit.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use callisto_avro::PersonEvent;
+use serde::{Deserialize, Serialize};
+use tantivy::collector::{Count, DocSetCollector, FacetCollector, TopDocs};
+use tantivy::query::{AllQuery, BooleanQuery, Occur, Query, QueryParser, TermQuery};
+use tantivy::schema::{
+    FAST, Facet, FacetOptions, Field, INDEXED, IndexRecordOption, STORED, STRING, Schema, TextFieldIndexing,
+    TextOptions, Value,
+};
+use tantivy::snippet::SnippetGenerator;
+use tantivy::tokenizer::{AsciiFoldingFilter, LowerCaser, RemoveLongFilter, SimpleTokenizer, TextAnalyzer};
+use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term, doc};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use super::{
+    Checkpoints, Facets, HitKind, PersonDoc, ProjectedEvent, Projection, SearchHit, SearchIndex, SearchRequest,
+    SearchResults, StoreError, fold,
+};
+
+/// Lower-cases and folds accents (`Zoë` finds `zoe`), as analysts expect of names.
+const FOLDED: &str = "callisto_folded";
+const WRITER_HEAP_BYTES: usize = 50_000_000;
+const SNIPPET_CHARS: usize = 200;
+
+fn unavailable<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+#[derive(Clone, Copy)]
+struct Fields {
+    doc_id: Field,
+    kind: Field,
+    person_id: Field,
+    note_owner: Field,
+    note_id: Field,
+    name: Field,
+    email: Field,
+    address: Field,
+    tag: Field,
+    status: Field,
+    text: Field,
+    facets: Field,
+    version: Field,
+    /// The whole person document as JSON, so a later event can be folded onto it.
+    person: Field,
+}
+
+fn schema() -> (Schema, Fields) {
+    let mut b = Schema::builder();
+    let text = TextOptions::default()
+        .set_indexing_options(
+            TextFieldIndexing::default()
+                .set_tokenizer(FOLDED)
+                .set_index_option(IndexRecordOption::WithFreqsAndPositions),
+        )
+        .set_stored();
+    let fields = Fields {
+        doc_id: b.add_text_field("doc_id", STRING | STORED),
+        kind: b.add_text_field("kind", STRING | STORED),
+        person_id: b.add_text_field("person_id", STRING | STORED),
+        note_owner: b.add_text_field("note_owner", STRING),
+        note_id: b.add_text_field("note_id", STRING | STORED),
+        name: b.add_text_field("name", text.clone()),
+        email: b.add_text_field("email", text.clone()),
+        address: b.add_text_field("address", text.clone()),
+        tag: b.add_text_field("tag", text.clone()),
+        status: b.add_text_field("status", STRING | STORED),
+        text: b.add_text_field("text", text),
+        facets: b.add_facet_field("facets", FacetOptions::default()),
+        version: b.add_u64_field("version", INDEXED | STORED | FAST),
+        person: b.add_text_field("person", STORED),
+    };
+    (b.build(), fields)
+}
+
+/// A note as stored, enough to re-index it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct NoteDoc {
+    note_id: Uuid,
+    text: String,
+}
+
+struct Inner {
+    index: Index,
+    reader: IndexReader,
+    writer: Mutex<IndexWriter>,
+    fields: Fields,
+    checkpoints: Mutex<Checkpoints>,
+}
+
+pub struct TantivySearchIndex {
+    inner: Arc<Inner>,
+    progress: watch::Sender<Checkpoints>,
+}
+
+impl std::fmt::Debug for TantivySearchIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TantivySearchIndex").finish_non_exhaustive()
+    }
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct CommitPayload {
+    checkpoints: Checkpoints,
+}
+
+impl TantivySearchIndex {
+    /// Opens (or creates) the index in directory `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(unavailable)?;
+        let (schema, fields) = schema();
+        let directory = tantivy::directory::MmapDirectory::open(dir).map_err(unavailable)?;
+        let index = Index::open_or_create(directory, schema).map_err(unavailable)?;
+        index.tokenizers().register(
+            FOLDED,
+            TextAnalyzer::builder(SimpleTokenizer::default())
+                .filter(RemoveLongFilter::limit(64))
+                .filter(LowerCaser)
+                .filter(AsciiFoldingFilter)
+                .build(),
+        );
+        let writer = index.writer_with_num_threads(1, WRITER_HEAP_BYTES).map_err(unavailable)?;
+        let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into().map_err(unavailable)?;
+        let payload = index.load_metas().map_err(unavailable)?.payload;
+        let checkpoints = match payload {
+            Some(text) => serde_json::from_str::<CommitPayload>(&text).map_err(unavailable)?.checkpoints,
+            None => Checkpoints::new(),
+        };
+        let (progress, _) = watch::channel(checkpoints.clone());
+        let inner = Inner { index, reader, writer: Mutex::new(writer), fields, checkpoints: Mutex::new(checkpoints) };
+        Ok(Self { inner: Arc::new(inner), progress })
+    }
+}
+
+impl Inner {
+    fn person_term(&self, id: Uuid) -> Term {
+        Term::from_field_text(self.fields.doc_id, &format!("person:{id}"))
+    }
+
+    fn load_person(&self, searcher: &tantivy::Searcher, id: Uuid) -> Result<Option<PersonDoc>, StoreError> {
+        let query = TermQuery::new(self.person_term(id), IndexRecordOption::Basic);
+        let top = searcher.search(&query, &TopDocs::with_limit(1)).map_err(unavailable)?;
+        let Some((_, address)) = top.first() else { return Ok(None) };
+        let doc: TantivyDocument = searcher.doc(*address).map_err(unavailable)?;
+        let json = doc.get_first(self.fields.person).and_then(|v| v.as_str()).unwrap_or("null");
+        serde_json::from_str(json).map_err(unavailable)
+    }
+
+    fn load_notes(&self, searcher: &tantivy::Searcher, id: Uuid) -> Result<Vec<NoteDoc>, StoreError> {
+        let term = Term::from_field_text(self.fields.note_owner, &id.to_string());
+        let found =
+            searcher.search(&TermQuery::new(term, IndexRecordOption::Basic), &DocSetCollector).map_err(unavailable)?;
+        found
+            .into_iter()
+            .map(|address| {
+                let doc: TantivyDocument = searcher.doc(address).map_err(unavailable)?;
+                let text_of = |f: Field| doc.get_first(f).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+                let note_id = Uuid::parse_str(&text_of(self.fields.note_id)).map_err(unavailable)?;
+                Ok(NoteDoc { note_id, text: text_of(self.fields.text) })
+            })
+            .collect()
+    }
+
+    fn facet_values(&self, doc: &mut TantivyDocument, person: &PersonDoc) {
+        for tag in &person.tags {
+            doc.add_facet(self.fields.facets, Facet::from_path(["tag", tag.as_str()]));
+        }
+        doc.add_facet(self.fields.facets, Facet::from_path(["status", person.status.as_str()]));
+        doc.add_text(self.fields.status, person.status.as_str());
+    }
+
+    fn person_document(&self, person: &PersonDoc) -> Result<TantivyDocument, StoreError> {
+        let f = self.fields;
+        let mut doc = doc!(
+            f.doc_id => format!("person:{}", person.person_id),
+            f.kind => "person",
+            f.person_id => person.person_id.to_string(),
+            f.name => display_name(person),
+            f.version => person.version.offset,
+            f.person => serde_json::to_string(person).map_err(unavailable)?,
+        );
+        if let Some(email) = &person.email {
+            doc.add_text(f.email, email);
+        }
+        if let Some(address) = &person.address {
+            doc.add_text(f.address, address.one_line());
+        }
+        for tag in &person.tags {
+            doc.add_text(f.tag, tag);
+        }
+        self.facet_values(&mut doc, person);
+        Ok(doc)
+    }
+
+    fn note_document(&self, person: &PersonDoc, note: &NoteDoc) -> TantivyDocument {
+        let f = self.fields;
+        let mut doc = doc!(
+            f.doc_id => format!("note:{}", note.note_id),
+            f.kind => "note",
+            f.person_id => person.person_id.to_string(),
+            f.note_owner => person.person_id.to_string(),
+            f.note_id => note.note_id.to_string(),
+            f.text => note.text.clone(),
+            f.person => display_name(person),
+        );
+        self.facet_values(&mut doc, person);
+        doc
+    }
+
+    /// Applies one partition's batch and commits it with the merged checkpoints.
+    fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<Checkpoints, StoreError> {
+        let mut writer = self.writer.lock().map_err(unavailable)?;
+        let searcher = self.reader.searcher();
+        // person → (as committed, as after this batch), and the notes this batch adds.
+        let mut persons: HashMap<Uuid, (Option<PersonDoc>, Option<PersonDoc>)> = HashMap::new();
+        let mut new_notes: HashMap<Uuid, Vec<NoteDoc>> = HashMap::new();
+        for ev in events {
+            let id = ev.event.meta().person_id;
+            let (_, current) = match persons.entry(id) {
+                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::hash_map::Entry::Vacant(entry) => {
+                    let committed = self.load_person(&searcher, id)?;
+                    entry.insert((committed.clone(), committed))
+                }
+            };
+            if current.as_ref().is_some_and(|d| d.version.partition == ev.partition && d.version.offset >= ev.offset) {
+                continue;
+            }
+            *current = fold(current.take(), ev);
+            if let (PersonEvent::NoteAdded(e), Some(_)) = (&ev.event, current.as_ref()) {
+                new_notes.entry(id).or_default().push(NoteDoc { note_id: e.note_id, text: e.text.clone() });
+            }
+        }
+        for (id, (before, after)) in &persons {
+            let Some(after) = after else { continue };
+            if before.as_ref() == Some(after) {
+                continue;
+            }
+            writer.delete_term(self.person_term(*id));
+            writer.add_document(self.person_document(after)?).map_err(unavailable)?;
+            let facets_changed = before.as_ref().is_some_and(|b| {
+                b.tags != after.tags || b.status != after.status || display_name(b) != display_name(after)
+            });
+            if facets_changed {
+                let notes = self.load_notes(&searcher, *id)?;
+                writer.delete_term(Term::from_field_text(self.fields.note_owner, &id.to_string()));
+                for note in &notes {
+                    writer.add_document(self.note_document(after, note)).map_err(unavailable)?;
+                }
+            }
+            for note in new_notes.get(id).into_iter().flatten() {
+                writer.delete_term(Term::from_field_text(self.fields.doc_id, &format!("note:{}", note.note_id)));
+                writer.add_document(self.note_document(after, note)).map_err(unavailable)?;
+            }
+        }
+        let checkpoints = {
+            let mut checkpoints = self.checkpoints.lock().map_err(unavailable)?;
+            let entry = checkpoints.entry(partition).or_insert(through);
+            *entry = (*entry).max(through);
+            checkpoints.clone()
+        };
+        let payload =
+            serde_json::to_string(&CommitPayload { checkpoints: checkpoints.clone() }).map_err(unavailable)?;
+        let mut commit = writer.prepare_commit().map_err(unavailable)?;
+        commit.set_payload(&payload);
+        commit.commit().map_err(unavailable)?;
+        self.reader.reload().map_err(unavailable)?;
+        Ok(checkpoints)
+    }
+
+    /// Index terms starting with `stem` (analysed like indexed text) in `field`, or in every
+    /// default search field when none is named.
+    fn expand_prefix(&self, searcher: &tantivy::Searcher, field: Option<&str>, stem: &str) -> Vec<String> {
+        let f = self.fields;
+        let fields: Vec<Field> = match field {
+            Some(name) => self.index.schema().get_field(name).ok().into_iter().collect(),
+            None => vec![f.name, f.email, f.address, f.tag, f.text],
+        };
+        let Some(mut analyzer) = self.index.tokenizers().get(FOLDED) else { return Vec::new() };
+        let mut stream = analyzer.token_stream(stem);
+        let Some(stem) = stream.next().map(|t| t.text.clone()) else { return Vec::new() };
+        let mut terms = std::collections::BTreeSet::new();
+        'fields: for field in fields {
+            for segment in searcher.segment_readers() {
+                let Ok(index) = segment.inverted_index(field) else { continue };
+                let Ok(mut streamer) = index.terms().range().ge(stem.as_bytes()).into_stream() else { continue };
+                while streamer.advance() {
+                    let key = streamer.key();
+                    if !key.starts_with(stem.as_bytes()) {
+                        break;
+                    }
+                    if let Ok(term) = std::str::from_utf8(key) {
+                        terms.insert(term.to_owned());
+                    }
+                    if terms.len() >= MAX_PREFIX_EXPANSIONS {
+                        break 'fields;
+                    }
+                }
+            }
+        }
+        terms.into_iter().collect()
+    }
+
+    fn search(&self, request: &SearchRequest) -> Result<SearchResults, StoreError> {
+        let f = self.fields;
+        let searcher = self.reader.searcher();
+        let mut parser = QueryParser::for_index(&self.index, vec![f.name, f.email, f.address, f.tag, f.text]);
+        parser.set_field_boost(f.name, 2.0);
+        let user_query: Box<dyn Query> = if request.query.trim().is_empty() {
+            Box::new(AllQuery)
+        } else {
+            let expand = |field: Option<&str>, stem: &str| self.expand_prefix(&searcher, field, stem);
+            let query = normalize_query(&request.query, &expand);
+            parser.parse_query(&query).map_err(|e| StoreError::InvalidRequest(format!("query: {e}")))?
+        };
+        let mut clauses: Vec<(Occur, Box<dyn Query>)> = vec![(Occur::Must, user_query.box_clone())];
+        let facet_filter = |path: [&str; 2]| -> Box<dyn Query> {
+            Box::new(TermQuery::new(Term::from_facet(f.facets, &Facet::from_path(path)), IndexRecordOption::Basic))
+        };
+        if let Some(tag) = &request.tag {
+            clauses.push((Occur::Must, facet_filter(["tag", tag.as_str()])));
+        }
+        if let Some(status) = request.status {
+            clauses.push((Occur::Must, facet_filter(["status", status.as_str()])));
+        }
+        let query = BooleanQuery::new(clauses);
+        let mut facet_collector = FacetCollector::for_field("facets");
+        facet_collector.add_facet("/tag");
+        facet_collector.add_facet("/status");
+        let top = TopDocs::with_limit(request.limit.max(1)).and_offset(request.offset);
+        let (top, total, facet_counts) =
+            searcher.search(&query, &(top, Count, facet_collector)).map_err(unavailable)?;
+
+        let mut facets = Facets::default();
+        for (facet, count) in facet_counts.get("/tag") {
+            if let Some(tag) = facet.to_path().last() {
+                facets.tags.insert((*tag).to_owned(), count);
+            }
+        }
+        for (facet, count) in facet_counts.get("/status") {
+            if let Some(status) = facet.to_path().last() {
+                facets.status.insert((*status).to_owned(), count);
+            }
+        }
+
+        let snippets = |field: Field| -> Result<SnippetGenerator, StoreError> {
+            let mut generator = SnippetGenerator::create(&searcher, &*user_query, field).map_err(unavailable)?;
+            generator.set_max_num_chars(SNIPPET_CHARS);
+            Ok(generator)
+        };
+        let generators = [
+            ("name", snippets(f.name)?),
+            ("text", snippets(f.text)?),
+            ("email", snippets(f.email)?),
+            ("address", snippets(f.address)?),
+            ("tag", snippets(f.tag)?),
+        ];
+        let mut hits = Vec::with_capacity(top.len());
+        for (score, address) in top {
+            let doc: TantivyDocument = searcher.doc(address).map_err(unavailable)?;
+            let text_of = |field: Field| doc.get_first(field).and_then(|v| v.as_str()).map(str::to_owned);
+            let kind = if text_of(f.kind).as_deref() == Some("note") { HitKind::Note } else { HitKind::Person };
+            let person_id = text_of(f.person_id).and_then(|s| Uuid::parse_str(&s).ok()).unwrap_or_default();
+            let (name, note_id, text) = match kind {
+                HitKind::Person => {
+                    let person: Option<PersonDoc> = text_of(f.person).and_then(|j| serde_json::from_str(&j).ok());
+                    (person.as_ref().map(display_name).unwrap_or_default(), None, None)
+                }
+                HitKind::Note => (
+                    text_of(f.person).unwrap_or_default(),
+                    text_of(f.note_id).and_then(|s| Uuid::parse_str(&s).ok()),
+                    text_of(f.text),
+                ),
+            };
+            let mut highlights = BTreeMap::new();
+            for (label, generator) in &generators {
+                let snippet = generator.snippet_from_doc(&doc);
+                if !snippet.is_empty() && !snippet.highlighted().is_empty() {
+                    highlights.insert((*label).to_owned(), snippet.to_html());
+                }
+            }
+            hits.push(SearchHit { kind, person_id, note_id, score, name, text, highlights });
+        }
+        Ok(SearchResults { total, hits, facets })
+    }
+}
+
+/// Most index terms one `prefix*` expands to, as Elasticsearch's `max_expansions`.
+const MAX_PREFIX_EXPANSIONS: usize = 64;
+
+/// Bridges the Lucene query-string habits analysts have to tantivy's grammar:
+/// - `term*` (and `field:term*`) is rewritten, as Lucene rewrites a prefix query, into an OR of
+///   the index terms that start with it (`expand` lists them, given the field if one was named);
+/// - `a AND NOT b` becomes `a NOT b`, which tantivy reads as Lucene does (`+a -b`).
+///
+/// Quoted phrases (including tantivy's phrase prefix `"a b"*`) are left as they are.
+pub fn normalize_query(query: &str, expand: &dyn Fn(Option<&str>, &str) -> Vec<String>) -> String {
+    let mut out = String::with_capacity(query.len() + 8);
+    let mut token = String::new();
+    let mut in_quotes = false;
+    let mut pending_and = false;
+    let flush = |token: &mut String, out: &mut String, pending_and: &mut bool| {
+        if token.is_empty() {
+            return;
+        }
+        if token == "AND" {
+            *pending_and = true;
+            token.clear();
+            return;
+        }
+        if std::mem::take(pending_and) && token != "NOT" {
+            out.push_str("AND ");
+        }
+        out.push_str(&prefix_form(token, expand));
+        token.clear();
+    };
+    for c in query.chars() {
+        if in_quotes {
+            out.push(c);
+            in_quotes = c != '"';
+            continue;
+        }
+        match c {
+            '"' => {
+                flush(&mut token, &mut out, &mut pending_and);
+                if std::mem::take(&mut pending_and) {
+                    out.push_str("AND ");
+                }
+                in_quotes = true;
+                out.push(c);
+            }
+            '(' | ')' => {
+                flush(&mut token, &mut out, &mut pending_and);
+                if c == '(' && std::mem::take(&mut pending_and) {
+                    out.push_str("AND ");
+                }
+                out.push(c);
+            }
+            c if c.is_whitespace() => {
+                flush(&mut token, &mut out, &mut pending_and);
+                if !out.is_empty() && !out.ends_with(' ') {
+                    out.push(' ');
+                }
+            }
+            c => token.push(c),
+        }
+    }
+    flush(&mut token, &mut out, &mut pending_and);
+    if pending_and {
+        out.push_str("AND");
+    }
+    out.trim_end().to_owned()
+}
+
+/// `word*` → `(t1 OR t2 …)` over the terms `word` prefixes, keeping a leading `+`/`-` and a
+/// `field:`. With no such term it stays the bare stem, which matches nothing.
+fn prefix_form(token: &str, expand: &dyn Fn(Option<&str>, &str) -> Vec<String>) -> String {
+    let (sign, rest) = match token.chars().next() {
+        Some(c @ ('+' | '-')) => (c.to_string(), &token[1..]),
+        _ => (String::new(), token),
+    };
+    let (field, term) = match rest.split_once(':') {
+        Some((field, term)) if !field.is_empty() => (Some(field), term),
+        _ => (None, rest),
+    };
+    let Some(stem) = term.strip_suffix('*').filter(|s| !s.is_empty() && s.chars().all(char::is_alphanumeric)) else {
+        return token.to_owned();
+    };
+    let prefix = field.map(|f| format!("{f}:")).unwrap_or_default();
+    let terms = expand(field, stem);
+    if terms.is_empty() {
+        return format!("{sign}{prefix}{stem}");
+    }
+    let alternatives: Vec<String> = terms.iter().map(|t| format!("{prefix}{t}")).collect();
+    format!("{sign}({})", alternatives.join(" OR "))
+}
+
+fn display_name(person: &PersonDoc) -> String {
+    format!("{} {}", person.given_name, person.family_name)
+}
+
+#[async_trait]
+impl Projection for TantivySearchIndex {
+    fn name(&self) -> &'static str {
+        "search"
+    }
+
+    async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {
+        let inner = self.inner.clone();
+        let events = events.to_vec();
+        let checkpoints = tokio::task::spawn_blocking(move || inner.apply(partition, &events, through))
+            .await
+            .map_err(unavailable)??;
+        self.progress.send_replace(checkpoints);
+        Ok(())
+    }
+
+    async fn checkpoints(&self) -> Result<Checkpoints, StoreError> {
+        Ok(self.inner.checkpoints.lock().map_err(unavailable)?.clone())
+    }
+
+    fn progress(&self) -> watch::Receiver<Checkpoints> {
+        self.progress.subscribe()
+    }
+}
+
+#[async_trait]
+impl SearchIndex for TantivySearchIndex {
+    async fn search(&self, request: &SearchRequest) -> Result<SearchResults, StoreError> {
+        let inner = self.inner.clone();
+        let request = request.clone();
+        tokio::task::spawn_blocking(move || inner.search(&request)).await.map_err(unavailable)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_query;
+
+    fn expand(field: Option<&str>, stem: &str) -> Vec<String> {
+        match (field, stem) {
+            (None, "bern") => vec!["bernard".into(), "bernoulli".into()],
+            (Some("name"), "ada") => vec!["ada".into()],
+            _ => vec![],
+        }
+    }
+
+    #[test]
+    fn lucene_habits_become_tantivy_syntax() {
+        let n = |q: &str| normalize_query(q, &expand);
+        assert_eq!(n("bern*"), "(bernard OR bernoulli)");
+        assert_eq!(n("text:eng* -name:ada*"), "text:eng -(name:ada)");
+        assert_eq!(n("engine AND NOT foo"), "engine NOT foo");
+        assert_eq!(n("a AND b"), "a AND b");
+        assert_eq!(n(r#""exact phrase*" AND (x OR bern*)"#), r#""exact phrase*" AND (x OR (bernard OR bernoulli))"#);
+        assert_eq!(n(r#"name:"ada king" "a b"*"#), r#"name:"ada king" "a b"*"#);
+        assert_eq!(n("tag:*"), "tag:*");
+        assert_eq!(n("*"), "*");
+    }
+}

@@ -1,0 +1,212 @@
+//! One worker per (projection, partition): the ordered loop that keeps a read model current.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use callisto_avro::Codec;
+use callisto_core::log::{EventLog, Record};
+use callisto_core::readmodel::{ProjectedEvent, Projection, StoreError};
+use tokio_util::sync::CancellationToken;
+
+use crate::retry::{backoff, until_ok};
+use crate::{ProjectorSettings, dlq};
+
+pub struct Worker {
+    pub log: Arc<dyn EventLog>,
+    pub codec: Arc<Codec>,
+    pub projection: Arc<dyn Projection>,
+    pub settings: ProjectorSettings,
+    pub partition: u32,
+}
+
+/// Why a single event is being dead-lettered.
+enum Outcome {
+    Applied,
+    Stopped,
+}
+
+impl Worker {
+    pub async fn run(self, shutdown: CancellationToken) {
+        let name = self.projection.name();
+        let partition = self.partition;
+        let Some(checkpoints) = until_ok("reading checkpoints", &shutdown, || self.projection.checkpoints()).await
+        else {
+            return;
+        };
+        let mut next = checkpoints.get(&partition).map_or(0, |last| last + 1);
+        tracing::debug!(projection = name, partition, next, "projector worker starting");
+        let topic = self.settings.topic.clone();
+        while !shutdown.is_cancelled() {
+            let read = || self.log.read(&topic, partition, next, self.settings.batch_max, self.settings.poll_wait);
+            let records = tokio::select! {
+                () = shutdown.cancelled() => return,
+                records = until_ok("reading the log", &shutdown, read) => records,
+            };
+            let Some(records) = records else { return };
+            let Some(last) = records.last() else { continue };
+            let through = last.offset;
+            let started = Instant::now();
+            let mut batch = Vec::with_capacity(records.len());
+            for record in &records {
+                match self.decode(record, &shutdown).await {
+                    Some(Ok(event)) => batch.push((record, event)),
+                    Some(Err(error)) => {
+                        if !self.dead_letter(record, &error, &shutdown).await {
+                            return;
+                        }
+                    }
+                    None => return,
+                }
+            }
+            if let Outcome::Stopped = self.apply(&batch, through, &shutdown).await {
+                return;
+            }
+            metrics::counter!("callisto_projected_events_total", "projection" => name).increment(records.len() as u64);
+            metrics::histogram!("callisto_projection_batch_seconds", "projection" => name)
+                .record(started.elapsed().as_secs_f64());
+            next = through + 1;
+            // A lag signal for operators; the projection's own checkpoint is what we resume from.
+            let group = format!("{}.{name}", self.settings.group);
+            if let Err(e) = self.log.commit_offsets(&group, &topic, &[(partition, next)]).await {
+                tracing::debug!(error = %e, "committing consumer offsets failed");
+            }
+        }
+    }
+
+    /// Decodes with a few attempts (a registry may be briefly unreachable). `None` on shutdown.
+    async fn decode(&self, record: &Record, shutdown: &CancellationToken) -> Option<Result<ProjectedEvent, String>> {
+        let mut delays = backoff();
+        let mut attempt = 1;
+        loop {
+            match self.codec.decode(&record.payload) {
+                Ok(event) => {
+                    return Some(Ok(ProjectedEvent {
+                        partition: record.partition,
+                        offset: record.offset,
+                        timestamp_ms: record.timestamp_ms,
+                        event,
+                    }));
+                }
+                Err(e) if attempt >= self.settings.event_attempts => return Some(Err(format!("decode: {e}"))),
+                Err(_) => {
+                    attempt += 1;
+                    tokio::select! {
+                        () = shutdown.cancelled() => return None,
+                        () = tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies the batch with its checkpoint. A store that is down is retried until it is back;
+    /// a batch the store rejects is applied event by event to dead-letter only the culprit.
+    async fn apply(&self, batch: &[(&Record, ProjectedEvent)], through: u64, shutdown: &CancellationToken) -> Outcome {
+        let events: Vec<ProjectedEvent> = batch.iter().map(|(_, e)| e.clone()).collect();
+        match self.apply_retrying(&events, through, shutdown).await {
+            None => Outcome::Stopped,
+            Some(Ok(())) => Outcome::Applied,
+            Some(Err(rejection)) => {
+                tracing::warn!(projection = self.projection.name(), partition = self.partition, error = %rejection,
+                    "batch rejected; isolating the failing events");
+                for (record, event) in batch {
+                    match self.apply_retrying(std::slice::from_ref(event), event.offset, shutdown).await {
+                        None => return Outcome::Stopped,
+                        Some(Ok(())) => {}
+                        Some(Err(error)) => {
+                            if !self.dead_letter(record, &error, shutdown).await {
+                                return Outcome::Stopped;
+                            }
+                        }
+                    }
+                }
+                // Trailing records may all have been dead-lettered: still move the checkpoint.
+                match self.apply_retrying(&[], through, shutdown).await {
+                    None => Outcome::Stopped,
+                    Some(_) => Outcome::Applied,
+                }
+            }
+        }
+    }
+
+    /// `Some(Err)` is a rejection (after `event_attempts` tries); outages are retried forever.
+    async fn apply_retrying(
+        &self,
+        events: &[ProjectedEvent],
+        through: u64,
+        shutdown: &CancellationToken,
+    ) -> Option<Result<(), String>> {
+        let mut delays = backoff();
+        let mut rejections = 0;
+        let mut outages = 0u32;
+        loop {
+            let error = match self.projection.apply(self.partition, events, through).await {
+                Ok(()) => return Some(Ok(())),
+                Err(StoreError::Rejected(e) | StoreError::InvalidRequest(e)) => {
+                    rejections += 1;
+                    if rejections >= self.settings.event_attempts {
+                        return Some(Err(format!("apply: {e}")));
+                    }
+                    e
+                }
+                Err(StoreError::Unavailable(e)) => {
+                    outages += 1;
+                    if outages == 3 {
+                        tracing::warn!(projection = self.projection.name(), partition = self.partition, error = %e,
+                            "store unavailable; partition paused, retrying with back-off");
+                    }
+                    e
+                }
+            };
+            tracing::debug!(projection = self.projection.name(), partition = self.partition, %error, "apply failed");
+            tokio::select! {
+                () = shutdown.cancelled() => return None,
+                () = tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5))) => {}
+            }
+        }
+    }
+
+    /// Appends the dead letter, retrying until the log takes it. `false` on shutdown.
+    async fn dead_letter(&self, record: &Record, error: &str, shutdown: &CancellationToken) -> bool {
+        let name = self.projection.name();
+        tracing::warn!(
+            projection = name,
+            partition = record.partition,
+            offset = record.offset,
+            error,
+            "dead-lettering event"
+        );
+        let request = dlq::dead_letter(record, name, error);
+        let appended = until_ok("dead-lettering an event", shutdown, || self.log.append(request.clone())).await;
+        if appended.is_some() {
+            metrics::counter!("callisto_dead_letters_total", "projection" => name).increment(1);
+        }
+        appended.is_some()
+    }
+}
+
+/// Publishes `callisto_projection_lag{projection, partition}` once a second: records in the log
+/// that the projection has not applied yet.
+pub async fn report_lag(
+    log: Arc<dyn EventLog>,
+    projections: Vec<Arc<dyn Projection>>,
+    topic: String,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Ok(ends) = log.end_offsets(&topic).await else { continue };
+        for projection in &projections {
+            let checkpoints = projection.progress().borrow().clone();
+            for (partition, end) in ends.iter().enumerate() {
+                let applied = checkpoints.get(&(partition as u32)).map_or(0, |last| last + 1);
+                metrics::gauge!("callisto_projection_lag", "projection" => projection.name(), "partition" => partition.to_string())
+                    .set(end.saturating_sub(applied) as f64);
+            }
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! Query parameters. Each arrives as text and is parsed here, so a bad value is answered with a
+//! 400 problem naming the parameter rather than a generic deserialization error.
+
+use callisto_core::http::Problem;
+use callisto_core::readmodel::Status;
+use callisto_core::token::ConsistencyToken;
+use serde::Deserialize;
+use uuid::Uuid;
+
+pub const DEFAULT_LIMIT: usize = 20;
+pub const MAX_LIMIT: usize = 100;
+pub const MAX_QUERY_CHARS: usize = 1_000;
+/// Deepest hit reachable by paging a search, as Elasticsearch's `max_result_window`.
+pub const MAX_SEARCH_WINDOW: usize = 10_000;
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// Only persons with this tag.
+    pub tag: Option<String>,
+    /// `active` or `archived`.
+    pub status: Option<String>,
+    /// 1–100, default 20.
+    pub limit: Option<String>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// A consistency token; same as the `Callisto-Consistency-Token` header.
+    pub after: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct TimelineParams {
+    pub limit: Option<String>,
+    pub cursor: Option<String>,
+    pub after: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct SearchParams {
+    /// Query-string syntax: terms, "phrases", AND/OR/NOT, field:term (fields: name, email,
+    /// address, tag, text, status), prefix*. Empty matches everything.
+    pub q: Option<String>,
+    pub tag: Option<String>,
+    pub status: Option<String>,
+    pub limit: Option<String>,
+    pub cursor: Option<String>,
+    pub after: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct GetParams {
+    pub after: Option<String>,
+}
+
+fn bad(field: &str, message: impl Into<String>) -> Problem {
+    let message = message.into();
+    Problem::malformed(format!("{field}: {message}")).with_field(field, message)
+}
+
+pub fn limit(raw: Option<&str>) -> Result<usize, Problem> {
+    let Some(raw) = raw else { return Ok(DEFAULT_LIMIT) };
+    match raw.parse::<usize>() {
+        Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+        _ => Err(bad("limit", format!("must be an integer from 1 to {MAX_LIMIT}"))),
+    }
+}
+
+pub fn status(raw: Option<&str>) -> Result<Option<Status>, Problem> {
+    raw.map(|s| Status::parse(s).ok_or_else(|| bad("status", "must be active or archived"))).transpose()
+}
+
+/// Tags are stored lower-cased with the writer's character set; anything else cannot match.
+pub fn tag(raw: Option<&str>) -> Result<Option<String>, Problem> {
+    let Some(raw) = raw else { return Ok(None) };
+    let tag = raw.trim().to_lowercase();
+    let valid = !tag.is_empty()
+        && tag.chars().count() <= 64
+        && tag.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && tag.chars().all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c));
+    if valid { Ok(Some(tag)) } else { Err(bad("tag", "must be 1–64 letters, digits or _ . : -")) }
+}
+
+pub fn person_cursor(raw: Option<&str>) -> Result<Option<Uuid>, Problem> {
+    raw.map(|c| Uuid::parse_str(c).map_err(|_| bad("cursor", "is not a cursor this API returned"))).transpose()
+}
+
+pub fn offset_cursor(raw: Option<&str>) -> Result<Option<u64>, Problem> {
+    raw.map(|c| c.parse::<u64>().map_err(|_| bad("cursor", "is not a cursor this API returned"))).transpose()
+}
+
+pub fn search_cursor(raw: Option<&str>) -> Result<usize, Problem> {
+    match raw {
+        None => Ok(0),
+        Some(c) => match c.parse::<usize>() {
+            Ok(n) if n <= MAX_SEARCH_WINDOW => Ok(n),
+            Ok(_) => {
+                Err(bad("cursor", format!("searches page at most {MAX_SEARCH_WINDOW} hits deep; refine the query")))
+            }
+            Err(_) => Err(bad("cursor", "is not a cursor this API returned")),
+        },
+    }
+}
+
+pub fn query(raw: Option<&str>) -> Result<String, Problem> {
+    let q = raw.unwrap_or_default();
+    if q.chars().count() > MAX_QUERY_CHARS {
+        return Err(bad("q", format!("must be at most {MAX_QUERY_CHARS} characters")));
+    }
+    if q.chars().any(char::is_control) {
+        return Err(bad("q", "must not contain control characters"));
+    }
+    Ok(q.to_owned())
+}
+
+/// The token from the header or the `after` parameter; both given must agree.
+pub fn token(header: Option<&str>, after: Option<&str>, partitions: u32) -> Result<Option<ConsistencyToken>, Problem> {
+    let parse = |field: &str, raw: &str| -> Result<ConsistencyToken, Problem> {
+        let token: ConsistencyToken =
+            raw.parse().map_err(|e: callisto_core::token::BadToken| bad(field, e.to_string()))?;
+        if token.partition >= partitions {
+            return Err(bad(
+                field,
+                format!("partition {} does not exist (the topic has {partitions})", token.partition),
+            ));
+        }
+        Ok(token)
+    };
+    let from_header = header.map(|h| parse("Callisto-Consistency-Token", h)).transpose()?;
+    let from_query = after.map(|a| parse("after", a)).transpose()?;
+    match (from_header, from_query) {
+        (Some(h), Some(q)) if h != q => Err(bad("after", "differs from the Callisto-Consistency-Token header")),
+        (h, q) => Ok(h.or(q)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_and_cursors() {
+        assert_eq!(limit(None).unwrap(), DEFAULT_LIMIT);
+        assert_eq!(limit(Some("100")).unwrap(), 100);
+        for bad in ["0", "101", "-1", "ten", ""] {
+            assert!(limit(Some(bad)).is_err(), "{bad}");
+        }
+        assert!(person_cursor(Some("x")).is_err());
+        assert!(offset_cursor(Some("-3")).is_err());
+        assert!(search_cursor(Some("10001")).is_err());
+        assert_eq!(search_cursor(Some("40")).unwrap(), 40);
+    }
+
+    #[test]
+    fn tokens() {
+        assert_eq!(token(Some("3:9"), None, 12).unwrap(), Some(ConsistencyToken { partition: 3, offset: 9 }));
+        assert_eq!(token(None, Some("3:9"), 12).unwrap(), Some(ConsistencyToken { partition: 3, offset: 9 }));
+        assert!(token(Some("3:9"), Some("3:8"), 12).is_err());
+        assert!(token(Some("12:0"), None, 12).is_err(), "partition out of range");
+        assert!(token(None, Some("nope"), 12).is_err());
+        assert_eq!(token(None, None, 12).unwrap(), None);
+    }
+}
