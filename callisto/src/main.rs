@@ -24,6 +24,10 @@ enum Command {
     Dev(ServeArgs),
     /// Run the command API: validate person commands and append them to the event log.
     Writer(ServeArgs),
+    /// Run the projectors: build the read models and search index from the event log.
+    Projector(ServeArgs),
+    /// Run the query API: persons, timelines and search from the read models.
+    QueryApi(ServeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -53,13 +57,16 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
-        let (Command::Dev(args) | Command::Writer(args)) = &cli.command;
+        let (Command::Dev(args) | Command::Writer(args) | Command::Projector(args) | Command::QueryApi(args)) =
+            &cli.command;
         let settings = Settings::load(cli.config.as_deref(), &args.overrides())?;
         callisto_core::telemetry::init_tracing(&settings.telemetry);
         let shutdown = callisto::services::shutdown_signal();
         match cli.command {
             Command::Dev(_) => callisto::services::run_dev(settings, shutdown).await,
             Command::Writer(_) => callisto::services::run_writer(settings, shutdown).await,
+            Command::Projector(_) => callisto::services::run_projector(settings, shutdown).await,
+            Command::QueryApi(_) => callisto::services::run_query_api(settings, shutdown).await,
         }
     })
 }

@@ -29,6 +29,57 @@ pub async fn run_writer(settings: Settings, shutdown: impl Future<Output = ()> +
     Ok(())
 }
 
+/// `callisto projector`: the projectors alone, with health, readiness and metrics on the listen
+/// address. On embedded backends it must own the data dir (no writer or dev beside it).
+pub async fn run_projector(
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let log_side = backends::open_log(&settings)?;
+    let read_side = backends::open_read_models(&settings)?;
+    let stop = CancellationToken::new();
+    let projections: Vec<Arc<dyn Projection>> = vec![read_side.store.clone(), read_side.search.clone()];
+    let settings_for_projector = callisto_projectors::ProjectorSettings::new(&settings.log.topic);
+    let log = log_side.log.clone();
+    log.ensure_topic(&settings.log.topic, settings.log.partitions).await?;
+    let projector = callisto_projectors::Projector::new(log, log_side.codec, projections, settings_for_projector)
+        .start(stop.clone())
+        .await?;
+    let store = read_side.store.clone();
+    let readiness: ReadinessCheck = Arc::new(move || {
+        let store = store.clone();
+        Box::pin(async move { store.checkpoints().await.map(|_| ()).map_err(|e| e.to_string()) })
+    });
+    let openapi = utoipa::openapi::OpenApiBuilder::new().build();
+    let app = service_router(Router::new(), openapi, readiness, settings.http.body_limit_bytes);
+    let listener = bind(&settings, "projector").await?;
+    let served = callisto_core::http::serve(listener, app, shutdown).await;
+    stop.cancel();
+    projector.await.context("projector task")?;
+    tracing::info!(service = "projector", "stopped");
+    Ok(served?)
+}
+
+/// `callisto query-api`: reads alone. On embedded backends it serves the read models as they are
+/// in the data dir; with no projector in the process, tokens past them answer as stale.
+pub async fn run_query_api(
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let read_side = backends::open_read_models(&settings)?;
+    let state = callisto_query_api::QueryState {
+        store: read_side.store,
+        search: read_side.search,
+        partitions: settings.log.partitions,
+        consistency_wait: Duration::from_millis(settings.query.consistency_wait_ms),
+    };
+    let app = callisto_query_api::build(state, settings.http.body_limit_bytes);
+    let listener = bind(&settings, "query-api").await?;
+    callisto_core::http::serve(listener, app, shutdown).await?;
+    tracing::info!(service = "query-api", "stopped");
+    Ok(())
+}
+
 /// `callisto dev`: everything in one process until `shutdown`.
 pub async fn run_dev(settings: Settings, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let listener = bind(&settings, "dev").await?;
