@@ -60,6 +60,10 @@ impl Writer {
     }
 }
 
+async fn post_json(client: &reqwest::Client, url: String, body: Value) -> Value {
+    client.post(url).json(&body).send().await.unwrap().json().await.unwrap()
+}
+
 /// (partition, offset, event_id) of an acknowledged command.
 type Ack = (u32, u64, String);
 
@@ -200,15 +204,8 @@ async fn read_models_recover_exactly_once_after_a_kill_mid_batch() {
     // caught up past everything written before the crash.
     let dev = start("dev", dir.path());
     for id in &people {
-        let answer: Value = client
-            .post(format!("{}/v1/persons/{id}/notes", dev.base))
-            .json(&json!({"text": "after restart"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let url = format!("{}/v1/persons/{id}/notes", dev.base);
+        let answer = post_json(&client, url, json!({"text": "after restart"})).await;
         let token = answer["consistency_token"].as_str().unwrap();
         let read = client.get(format!("{}/v1/persons/{id}?after={token}", dev.base)).send().await.unwrap();
         assert!(read.headers().get("callisto-stale").is_none(), "projection caught up after restart");
@@ -248,15 +245,8 @@ async fn writer_projector_and_query_api_run_as_separate_processes() {
     let dir = tempfile::tempdir().unwrap();
     let client = reqwest::Client::new();
     let writer = start("writer", dir.path());
-    let person: Value = client
-        .post(format!("{}/v1/persons", writer.base))
-        .json(&json!({"given_name": "Split", "family_name": "Process", "tags": ["ops"]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = json!({"given_name": "Split", "family_name": "Process", "tags": ["ops"]});
+    let person = post_json(&client, format!("{}/v1/persons", writer.base), body).await;
     let id = person["person_id"].as_str().unwrap().to_owned();
     let note =
         client.post(format!("{}/v1/persons/{id}/notes", writer.base)).json(&json!({"text": "separate processes"}));

@@ -4,13 +4,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::extract::FromRequestParts;
 use axum::extract::State;
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, post, put};
 use callisto_avro::events::*;
 use callisto_avro::{Codec, EventKind, PersonEvent};
-use callisto_core::http::{ApiJson, ApiJsonOrEmpty, ApiPath, Problem};
+use callisto_core::http::{ApiJson, ApiJsonOrEmpty, ApiPath, FieldError, Problem};
 use callisto_core::log::{AppendRequest, Appended, EventLog, IdempotencyKey, LogError};
 use callisto_core::token::{self, ConsistencyToken};
 use chrono::Utc;
@@ -94,26 +96,50 @@ struct Envelope {
     correlation_id: String,
 }
 
-/// A validated command on its way to the log.
-struct Submission<'a> {
-    headers: &'a HeaderMap,
-    /// The path plus the body: what an idempotency key is bound to.
-    request_fingerprint: Vec<u8>,
-    person_id: Uuid,
-    kind: EventKind,
+/// The parts of a command request besides its body: where it was sent and its headers
+/// (`Idempotency-Key`, `X-Correlation-Id`).
+pub struct CommandContext {
+    uri: Uri,
+    headers: HeaderMap,
 }
 
-impl<'a> Submission<'a> {
-    fn new(headers: &'a HeaderMap, uri: &Uri, body: &[u8], person_id: Uuid, kind: EventKind) -> Self {
-        // The method is implied by the path: every command route takes exactly one method.
-        Self { headers, request_fingerprint: fingerprint(uri.path(), body), person_id, kind }
+impl<S: Send + Sync> FromRequestParts<S> for CommandContext {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self { uri: parts.uri.clone(), headers: parts.headers.clone() })
     }
 }
 
-fn person_id(raw: &str) -> Result<Uuid, Problem> {
-    Uuid::parse_str(raw).map_err(|e| {
-        Problem::malformed(format!("path segment {raw:?} is not a person id: {e}")).with_field("id", "must be a UUID")
-    })
+/// The `{id}` path segment as a person id; anything else is a 400 naming `id`.
+pub struct PersonPath(pub Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for PersonPath {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let ApiPath(params) =
+            ApiPath::<std::collections::HashMap<String, String>>::from_request_parts(parts, state).await?;
+        let raw = params.get("id").map(String::as_str).unwrap_or_default();
+        Uuid::parse_str(raw).map(Self).map_err(|e| {
+            Problem::malformed(format!("path segment {raw:?} is not a person id: {e}"))
+                .with_field("id", "must be a UUID")
+        })
+    }
+}
+
+/// Builds a `PersonEvent` variant from an [`Envelope`] and the event's own fields.
+macro_rules! event {
+    ($variant:ident($record:ident), $envelope:expr, { $($field:ident $(: $value:expr)?),* $(,)? }) => {{
+        let envelope: Envelope = $envelope;
+        PersonEvent::$variant($record {
+            event_id: envelope.event_id,
+            person_id: envelope.person_id,
+            occurred_at: envelope.occurred_at,
+            correlation_id: envelope.correlation_id,
+            $($field $(: $value)?),*
+        })
+    }};
 }
 
 fn fingerprint(path: &str, body: &[u8]) -> Vec<u8> {
@@ -136,7 +162,7 @@ fn header_text<'h>(headers: &'h HeaderMap, name: &str, max: usize) -> Result<Opt
     })
 }
 
-fn reject<T>(kind: EventKind, result: Result<T, Vec<callisto_core::http::FieldError>>) -> Result<T, Problem> {
+fn reject<T>(kind: EventKind, result: Result<T, Vec<FieldError>>) -> Result<T, Problem> {
     result.map_err(|errors| {
         metrics::counter!("callisto_commands_total", "command" => kind.name(), "outcome" => "rejected").increment(1);
         Problem::invalid_fields(errors)
@@ -144,13 +170,21 @@ fn reject<T>(kind: EventKind, result: Result<T, Vec<callisto_core::http::FieldEr
 }
 
 impl WriterState {
-    /// Appends the event `build` makes and answers 202, or the problem that stopped it.
-    async fn submit(
+    /// Answers the field errors `checked` collected with a 422; otherwise appends the event
+    /// `build` makes and answers 202, or the problem that stopped it.
+    async fn command(
         &self,
-        submission: Submission<'_>,
+        ctx: CommandContext,
+        person_id: Uuid,
+        kind: EventKind,
+        body: &[u8],
+        checked: Checker,
         build: impl FnOnce(Envelope) -> PersonEvent,
     ) -> Result<Response, Problem> {
-        let Submission { headers, request_fingerprint, person_id, kind } = submission;
+        reject(kind, checked.finish(()))?;
+        let headers = &ctx.headers;
+        // The method is implied by the path: every command route takes exactly one method.
+        let request_fingerprint = fingerprint(ctx.uri.path(), body);
         let outcome = |outcome: &'static str| {
             metrics::counter!("callisto_commands_total", "command" => kind.name(), "outcome" => outcome).increment(1);
         };
@@ -313,11 +347,9 @@ pub struct IdempotencyKeyHeader {
         (status = 503, body = Problem, content_type = PROBLEM)))]
 pub async fn register(
     State(state): State<WriterState>,
-    uri: Uri,
-    headers: HeaderMap,
+    ctx: CommandContext,
     body: ApiJson<RegisterPerson>,
 ) -> Result<Response, Problem> {
-    let kind = EventKind::PersonRegistered;
     let cmd = body.value;
     let mut c = Checker::default();
     let given_name = c.text("given_name", &cmd.given_name, MAX_NAME_CHARS, false);
@@ -327,22 +359,11 @@ pub async fn register(
     let date_of_birth = c.date_of_birth("date_of_birth", cmd.date_of_birth.as_deref());
     let address = cmd.address.as_ref().map(|a| c.address("address", a));
     let tags = c.tags("tags", &cmd.tags);
-    reject(kind, c.finish(()))?;
     let person_id = cmd.person_id.unwrap_or_else(Uuid::new_v4);
     state
-        .submit(Submission::new(&headers, &uri, &body.raw, person_id, kind), |e| {
-            PersonEvent::Registered(PersonRegistered {
-                event_id: e.event_id,
-                person_id: e.person_id,
-                occurred_at: e.occurred_at,
-                correlation_id: e.correlation_id,
-                given_name,
-                family_name,
-                email,
-                phone,
-                date_of_birth,
-                address,
-                tags,
+        .command(ctx, person_id, EventKind::PersonRegistered, &body.raw, c, |e| {
+            event!(Registered(PersonRegistered), e, {
+                given_name, family_name, email, phone, date_of_birth, address, tags
             })
         })
         .await
@@ -354,28 +375,22 @@ pub async fn register(
         (status = 503, body = Problem, content_type = PROBLEM)))]
 pub async fn rename(
     State(state): State<WriterState>,
-    ApiPath(id): ApiPath<String>,
-    uri: Uri,
-    headers: HeaderMap,
+    PersonPath(person_id): PersonPath,
+    ctx: CommandContext,
     body: ApiJson<RenamePerson>,
 ) -> Result<Response, Problem> {
-    let kind = EventKind::PersonRenamed;
-    let person_id = person_id(&id)?;
     let mut c = Checker::default();
     let given_name = c.text("given_name", &body.value.given_name, MAX_NAME_CHARS, false);
     let family_name = c.text("family_name", &body.value.family_name, MAX_NAME_CHARS, false);
-    reject(kind, c.finish(()))?;
     state
-        .submit(Submission::new(&headers, &uri, &body.raw, person_id, kind), |e| {
-            PersonEvent::Renamed(PersonRenamed {
-                event_id: e.event_id,
-                person_id: e.person_id,
-                occurred_at: e.occurred_at,
-                correlation_id: e.correlation_id,
-                given_name,
-                family_name,
-            })
-        })
+        .command(
+            ctx,
+            person_id,
+            EventKind::PersonRenamed,
+            &body.raw,
+            c,
+            |e| event!(Renamed(PersonRenamed), e, { given_name, family_name }),
+        )
         .await
 }
 
@@ -385,37 +400,25 @@ pub async fn rename(
         (status = 503, body = Problem, content_type = PROBLEM)))]
 pub async fn change_contact(
     State(state): State<WriterState>,
-    ApiPath(id): ApiPath<String>,
-    uri: Uri,
-    headers: HeaderMap,
+    PersonPath(person_id): PersonPath,
+    ctx: CommandContext,
     body: ApiJson<ChangeContact>,
 ) -> Result<Response, Problem> {
-    let kind = EventKind::ContactDetailsChanged;
-    let person_id = person_id(&id)?;
     let mut c = Checker::default();
     if body.value.email.is_none() && body.value.phone.is_none() {
-        reject(
-            kind,
-            Err(vec![callisto_core::http::FieldError {
-                field: "body".into(),
-                message: "give email, phone or both".into(),
-            }]),
-        )?;
+        c.errors.push(FieldError { field: "body".into(), message: "give email, phone or both".into() });
     }
     let email = c.email("email", body.value.email.as_deref());
     let phone = c.phone("phone", body.value.phone.as_deref());
-    reject(kind, c.finish(()))?;
     state
-        .submit(Submission::new(&headers, &uri, &body.raw, person_id, kind), |e| {
-            PersonEvent::ContactChanged(ContactDetailsChanged {
-                event_id: e.event_id,
-                person_id: e.person_id,
-                occurred_at: e.occurred_at,
-                correlation_id: e.correlation_id,
-                email,
-                phone,
-            })
-        })
+        .command(
+            ctx,
+            person_id,
+            EventKind::ContactDetailsChanged,
+            &body.raw,
+            c,
+            |e| event!(ContactChanged(ContactDetailsChanged), e, { email, phone }),
+        )
         .await
 }
 
@@ -425,25 +428,15 @@ pub async fn change_contact(
         (status = 503, body = Problem, content_type = PROBLEM)))]
 pub async fn change_address(
     State(state): State<WriterState>,
-    ApiPath(id): ApiPath<String>,
-    uri: Uri,
-    headers: HeaderMap,
+    PersonPath(person_id): PersonPath,
+    ctx: CommandContext,
     body: ApiJson<AddressBody>,
 ) -> Result<Response, Problem> {
-    let kind = EventKind::AddressChanged;
-    let person_id = person_id(&id)?;
     let mut c = Checker::default();
     let address = c.address("address", &body.value);
-    reject(kind, c.finish(()))?;
     state
-        .submit(Submission::new(&headers, &uri, &body.raw, person_id, kind), |e| {
-            PersonEvent::AddressChanged(AddressChanged {
-                event_id: e.event_id,
-                person_id: e.person_id,
-                occurred_at: e.occurred_at,
-                correlation_id: e.correlation_id,
-                address,
-            })
+        .command(ctx, person_id, EventKind::AddressChanged, &body.raw, c, |e| {
+            event!(AddressChanged(AddressChanged), e, { address })
         })
         .await
 }
@@ -454,27 +447,21 @@ pub async fn change_address(
         (status = 503, body = Problem, content_type = PROBLEM)))]
 pub async fn add_note(
     State(state): State<WriterState>,
-    ApiPath(id): ApiPath<String>,
-    uri: Uri,
-    headers: HeaderMap,
+    PersonPath(person_id): PersonPath,
+    ctx: CommandContext,
     body: ApiJson<AddNote>,
 ) -> Result<Response, Problem> {
-    let kind = EventKind::NoteAdded;
-    let person_id = person_id(&id)?;
     let mut c = Checker::default();
     let text = c.text("text", &body.value.text, MAX_NOTE_CHARS, true);
-    reject(kind, c.finish(()))?;
     state
-        .submit(Submission::new(&headers, &uri, &body.raw, person_id, kind), |e| {
-            PersonEvent::NoteAdded(NoteAdded {
-                event_id: e.event_id,
-                person_id: e.person_id,
-                occurred_at: e.occurred_at,
-                correlation_id: e.correlation_id,
-                note_id: Uuid::new_v4(),
-                text,
-            })
-        })
+        .command(
+            ctx,
+            person_id,
+            EventKind::NoteAdded,
+            &body.raw,
+            c,
+            |e| event!(NoteAdded(NoteAdded), e, { note_id: Uuid::new_v4(), text }),
+        )
         .await
 }
 
@@ -484,55 +471,14 @@ pub async fn add_note(
         (status = 503, body = Problem, content_type = PROBLEM)))]
 pub async fn tag(
     State(state): State<WriterState>,
-    ApiPath(id): ApiPath<String>,
-    uri: Uri,
-    headers: HeaderMap,
+    PersonPath(person_id): PersonPath,
+    ctx: CommandContext,
     body: ApiJson<TagBody>,
 ) -> Result<Response, Problem> {
-    let kind = EventKind::PersonTagged;
-    let person_id = person_id(&id)?;
     let mut c = Checker::default();
     let tag = c.tag("tag", &body.value.tag);
-    reject(kind, c.finish(()))?;
     state
-        .submit(Submission::new(&headers, &uri, &body.raw, person_id, kind), |e| {
-            PersonEvent::Tagged(TagChanged {
-                event_id: e.event_id,
-                person_id: e.person_id,
-                occurred_at: e.occurred_at,
-                correlation_id: e.correlation_id,
-                tag,
-            })
-        })
-        .await
-}
-
-#[utoipa::path(post, path = "/v1/persons/{id}/archive", tag = "commands", request_body = ArchivePerson,
-    params(("id" = Uuid, Path, description = "the person's id"), IdempotencyKeyHeader),
-    responses((status = 202, body = Accepted), (status = "4XX", body = Problem, content_type = PROBLEM),
-        (status = 503, body = Problem, content_type = PROBLEM)))]
-pub async fn archive(
-    State(state): State<WriterState>,
-    ApiPath(id): ApiPath<String>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: ApiJsonOrEmpty<ArchivePerson>,
-) -> Result<Response, Problem> {
-    let kind = EventKind::PersonArchived;
-    let person_id = person_id(&id)?;
-    let mut c = Checker::default();
-    let reason = c.optional_text("reason", body.value.reason.as_deref(), MAX_REASON_CHARS);
-    reject(kind, c.finish(()))?;
-    state
-        .submit(Submission::new(&headers, &uri, &body.raw, person_id, kind), |e| {
-            PersonEvent::Archived(PersonArchived {
-                event_id: e.event_id,
-                person_id: e.person_id,
-                occurred_at: e.occurred_at,
-                correlation_id: e.correlation_id,
-                reason,
-            })
-        })
+        .command(ctx, person_id, EventKind::PersonTagged, &body.raw, c, |e| event!(Tagged(TagChanged), e, { tag }))
         .await
 }
 
@@ -543,24 +489,30 @@ pub async fn archive(
         (status = 503, body = Problem, content_type = PROBLEM)))]
 pub async fn untag(
     State(state): State<WriterState>,
-    ApiPath((id, tag)): ApiPath<(String, String)>,
-    uri: Uri,
-    headers: HeaderMap,
+    PersonPath(person_id): PersonPath,
+    ApiPath(segments): ApiPath<(String, String)>,
+    ctx: CommandContext,
 ) -> Result<Response, Problem> {
-    let kind = EventKind::PersonUntagged;
-    let person_id = person_id(&id)?;
     let mut c = Checker::default();
-    let tag = c.tag("tag", &tag);
-    reject(kind, c.finish(()))?;
+    let tag = c.tag("tag", &segments.1);
+    state.command(ctx, person_id, EventKind::PersonUntagged, &[], c, |e| event!(Untagged(TagChanged), e, { tag })).await
+}
+
+#[utoipa::path(post, path = "/v1/persons/{id}/archive", tag = "commands", request_body = ArchivePerson,
+    params(("id" = Uuid, Path, description = "the person's id"), IdempotencyKeyHeader),
+    responses((status = 202, body = Accepted), (status = "4XX", body = Problem, content_type = PROBLEM),
+        (status = 503, body = Problem, content_type = PROBLEM)))]
+pub async fn archive(
+    State(state): State<WriterState>,
+    PersonPath(person_id): PersonPath,
+    ctx: CommandContext,
+    body: ApiJsonOrEmpty<ArchivePerson>,
+) -> Result<Response, Problem> {
+    let mut c = Checker::default();
+    let reason = c.optional_text("reason", body.value.reason.as_deref(), MAX_REASON_CHARS);
     state
-        .submit(Submission::new(&headers, &uri, &[], person_id, kind), |e| {
-            PersonEvent::Untagged(TagChanged {
-                event_id: e.event_id,
-                person_id: e.person_id,
-                occurred_at: e.occurred_at,
-                correlation_id: e.correlation_id,
-                tag,
-            })
+        .command(ctx, person_id, EventKind::PersonArchived, &body.raw, c, |e| {
+            event!(Archived(PersonArchived), e, { reason })
         })
         .await
 }
