@@ -7,6 +7,13 @@
 //!
 //! The projection checkpoint travels in the commit payload, so the index and its checkpoint move
 //! together atomically: a crash leaves both at the last commit.
+//!
+//! ## Group commit
+//! A tantivy commit is expensive (segment flush, fsync, reader reload). Partition workers
+//! therefore only add their batch to the one shared `IndexWriter` and wait; a committer thread
+//! commits everything added so far every [`COMMIT_INTERVAL`], with the merged checkpoints as the
+//! payload, and then wakes every waiter whose batch it covered. Twelve partitions cost one
+//! commit per interval instead of twelve.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -36,6 +43,8 @@ use super::{
 const FOLDED: &str = "callisto_folded";
 const WRITER_HEAP_BYTES: usize = 50_000_000;
 const SNIPPET_CHARS: usize = 200;
+/// How often pending batches are committed together.
+pub const COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn unavailable<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -95,17 +104,41 @@ struct NoteDoc {
     text: String,
 }
 
+/// What the writer holds between commits, under one lock so a commit's payload always matches
+/// the documents it contains.
+struct Pending {
+    writer: IndexWriter,
+    /// Checkpoints including batches added but not yet committed.
+    checkpoints: Checkpoints,
+    /// Bumped by every batch added; the committer commits up to it.
+    added: u64,
+}
+
 struct Inner {
     index: Index,
     reader: IndexReader,
-    writer: Mutex<IndexWriter>,
+    pending: Mutex<Pending>,
     fields: Fields,
-    checkpoints: Mutex<Checkpoints>,
+    /// The `added` count the last commit covered, and the checkpoints it made durable.
+    committed: watch::Sender<(u64, Checkpoints)>,
 }
 
 pub struct TantivySearchIndex {
     inner: Arc<Inner>,
     progress: watch::Sender<Checkpoints>,
+    stop_committer: Option<std::sync::mpsc::Sender<()>>,
+    committer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for TantivySearchIndex {
+    fn drop(&mut self) {
+        // Stop the committer (it commits what is pending first) so the index lock is released
+        // when this returns.
+        self.stop_committer.take();
+        if let Some(committer) = self.committer.take() {
+            let _ = committer.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for TantivySearchIndex {
@@ -142,8 +175,19 @@ impl TantivySearchIndex {
             None => Checkpoints::new(),
         };
         let (progress, _) = watch::channel(checkpoints.clone());
-        let inner = Inner { index, reader, writer: Mutex::new(writer), fields, checkpoints: Mutex::new(checkpoints) };
-        Ok(Self { inner: Arc::new(inner), progress })
+        let (committed, _) = watch::channel((0, checkpoints.clone()));
+        let pending = Mutex::new(Pending { writer, checkpoints, added: 0 });
+        let inner = Arc::new(Inner { index, reader, pending, fields, committed });
+        let (stop_committer, stopped) = std::sync::mpsc::channel::<()>();
+        let committer = {
+            let inner = inner.clone();
+            let progress = progress.clone();
+            std::thread::Builder::new()
+                .name("callisto-search-commit".into())
+                .spawn(move || inner.commit_loop(&stopped, &progress))
+                .map_err(unavailable)?
+        };
+        Ok(Self { inner, progress, stop_committer: Some(stop_committer), committer: Some(committer) })
     }
 }
 
@@ -222,9 +266,43 @@ impl Inner {
         doc
     }
 
-    /// Applies one partition's batch and commits it with the merged checkpoints.
-    fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<Checkpoints, StoreError> {
-        let mut writer = self.writer.lock().map_err(unavailable)?;
+    /// Commits whatever was added, every [`COMMIT_INTERVAL`], until `stopped` disconnects.
+    fn commit_loop(&self, stopped: &std::sync::mpsc::Receiver<()>, progress: &watch::Sender<Checkpoints>) {
+        loop {
+            let stopping =
+                !matches!(stopped.recv_timeout(COMMIT_INTERVAL), Err(std::sync::mpsc::RecvTimeoutError::Timeout));
+            if let Err(e) = self.commit_pending(progress) {
+                tracing::error!(error = %e, "search index commit failed; retrying");
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+
+    fn commit_pending(&self, progress: &watch::Sender<Checkpoints>) -> Result<(), StoreError> {
+        let mut pending = self.pending.lock().map_err(unavailable)?;
+        if pending.added == self.committed.borrow().0 {
+            return Ok(());
+        }
+        let payload =
+            serde_json::to_string(&CommitPayload { checkpoints: pending.checkpoints.clone() }).map_err(unavailable)?;
+        let started = std::time::Instant::now();
+        let mut commit = pending.writer.prepare_commit().map_err(unavailable)?;
+        commit.set_payload(&payload);
+        commit.commit().map_err(unavailable)?;
+        self.reader.reload().map_err(unavailable)?;
+        metrics::histogram!("callisto_search_commit_seconds").record(started.elapsed().as_secs_f64());
+        let checkpoints = pending.checkpoints.clone();
+        self.committed.send_replace((pending.added, checkpoints.clone()));
+        progress.send_replace(checkpoints);
+        Ok(())
+    }
+
+    /// Adds one partition's batch to the writer and returns the `added` count a commit must
+    /// reach for the batch to be durable.
+    fn add(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<u64, StoreError> {
+        let mut pending = self.pending.lock().map_err(unavailable)?;
         let searcher = self.reader.searcher();
         // person → (as committed, as after this batch), and the notes this batch adds.
         let mut persons: HashMap<Uuid, (Option<PersonDoc>, Option<PersonDoc>)> = HashMap::new();
@@ -251,36 +329,29 @@ impl Inner {
             if before.as_ref() == Some(after) {
                 continue;
             }
-            writer.delete_term(self.person_term(*id));
-            writer.add_document(self.person_document(after)?).map_err(unavailable)?;
+            pending.writer.delete_term(self.person_term(*id));
+            pending.writer.add_document(self.person_document(after)?).map_err(unavailable)?;
             let facets_changed = before.as_ref().is_some_and(|b| {
                 b.tags != after.tags || b.status != after.status || display_name(b) != display_name(after)
             });
             if facets_changed {
                 let notes = self.load_notes(&searcher, *id)?;
-                writer.delete_term(Term::from_field_text(self.fields.note_owner, &id.to_string()));
+                pending.writer.delete_term(Term::from_field_text(self.fields.note_owner, &id.to_string()));
                 for note in &notes {
-                    writer.add_document(self.note_document(after, note)).map_err(unavailable)?;
+                    pending.writer.add_document(self.note_document(after, note)).map_err(unavailable)?;
                 }
             }
             for note in new_notes.get(id).into_iter().flatten() {
-                writer.delete_term(Term::from_field_text(self.fields.doc_id, &format!("note:{}", note.note_id)));
-                writer.add_document(self.note_document(after, note)).map_err(unavailable)?;
+                pending
+                    .writer
+                    .delete_term(Term::from_field_text(self.fields.doc_id, &format!("note:{}", note.note_id)));
+                pending.writer.add_document(self.note_document(after, note)).map_err(unavailable)?;
             }
         }
-        let checkpoints = {
-            let mut checkpoints = self.checkpoints.lock().map_err(unavailable)?;
-            let entry = checkpoints.entry(partition).or_insert(through);
-            *entry = (*entry).max(through);
-            checkpoints.clone()
-        };
-        let payload =
-            serde_json::to_string(&CommitPayload { checkpoints: checkpoints.clone() }).map_err(unavailable)?;
-        let mut commit = writer.prepare_commit().map_err(unavailable)?;
-        commit.set_payload(&payload);
-        commit.commit().map_err(unavailable)?;
-        self.reader.reload().map_err(unavailable)?;
-        Ok(checkpoints)
+        let entry = pending.checkpoints.entry(partition).or_insert(through);
+        *entry = (*entry).max(through);
+        pending.added += 1;
+        Ok(pending.added)
     }
 
     /// Index terms starting with `stem` (analysed like indexed text) in `field`, or in every
@@ -500,18 +571,22 @@ impl Projection for TantivySearchIndex {
         "search"
     }
 
+    /// Returns once the committer has made the batch durable (within about one
+    /// [`COMMIT_INTERVAL`]).
     async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {
         let inner = self.inner.clone();
         let events = events.to_vec();
-        let checkpoints = tokio::task::spawn_blocking(move || inner.apply(partition, &events, through))
+        let added = tokio::task::spawn_blocking(move || inner.add(partition, &events, through))
             .await
             .map_err(unavailable)??;
-        self.progress.send_replace(checkpoints);
+        let mut committed = self.inner.committed.subscribe();
+        committed.wait_for(|(done, _)| *done >= added).await.map_err(unavailable)?;
         Ok(())
     }
 
+    /// The checkpoints of the last commit: what a crash now would leave.
     async fn checkpoints(&self) -> Result<Checkpoints, StoreError> {
-        Ok(self.inner.checkpoints.lock().map_err(unavailable)?.clone())
+        Ok(self.inner.committed.borrow().1.clone())
     }
 
     fn progress(&self) -> watch::Receiver<Checkpoints> {

@@ -1,0 +1,186 @@
+//! Read-path benchmarks. Each group holds Callisto's code and its baseline side by side:
+//! compare within a group, not across runs.
+//!
+//! - `apply_500/documents`: a projector batch of 500 events into the redb read store, against
+//!   a raw redb transaction inserting 500 documents of the same size.
+//! - `apply_500/search`: the same batch into the tantivy index, against raw `add_document`s
+//!   and a commit.
+//! - `search_1m_notes/*`: query latency on an index of `CALLISTO_BENCH_NOTES` notes (default
+//!   1,000,000; built once and kept under `target/bench-data`), against a bare tantivy term
+//!   query on the same index.
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use callisto_benches::fixtures;
+use callisto_core::readmodel::embedded::EmbeddedReadStore;
+use callisto_core::readmodel::search::TantivySearchIndex;
+use callisto_core::readmodel::{ProjectedEvent, Projection, SearchIndex, SearchRequest};
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use uuid::Uuid;
+
+const BATCH: u64 = 500;
+
+/// 500 events of 25 persons (a registration and 19 notes each) at fresh offsets.
+fn batch(next_offset: &AtomicU64) -> Vec<ProjectedEvent> {
+    let start = next_offset.fetch_add(BATCH, Ordering::Relaxed);
+    let ids: Vec<Uuid> = (0..25).map(|_| Uuid::new_v4()).collect();
+    (0..BATCH)
+        .map(|i| {
+            let id = ids[(i % 25) as usize];
+            let event = if i < 25 { fixtures::registered_as(id) } else { fixtures::note_for(id, i) };
+            ProjectedEvent { partition: 0, offset: start + i, timestamp_ms: 0, event }
+        })
+        .collect()
+}
+
+fn apply_batches(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedReadStore::open(&dir.path().join("readmodel.redb")).unwrap();
+    let search = TantivySearchIndex::open(&dir.path().join("search")).unwrap();
+    let offsets = AtomicU64::new(0);
+
+    let raw = redb::Database::create(dir.path().join("raw.redb")).unwrap();
+    const DOCS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("docs");
+    let doc = fixtures::document_bytes();
+
+    let mut group = c.benchmark_group("apply_500/documents");
+    group.sample_size(20);
+    group.bench_function("baseline_raw_redb_txn", |b| {
+        b.iter(|| {
+            let txn = raw.begin_write().unwrap();
+            {
+                let mut table = txn.open_table(DOCS).unwrap();
+                for _ in 0..BATCH {
+                    table.insert(Uuid::new_v4().to_string().as_str(), doc.as_slice()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        })
+    });
+    group.bench_function("callisto_read_store_apply", |b| {
+        b.iter_batched(
+            || batch(&offsets),
+            |events| runtime.block_on(store.apply(0, &events, events.last().unwrap().offset)).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+
+    use tantivy::schema::{STORED, STRING, Schema, TEXT};
+    let mut schema = Schema::builder();
+    let id = schema.add_text_field("id", STRING | STORED);
+    let text = schema.add_text_field("text", TEXT | STORED);
+    let raw_index_dir = dir.path().join("raw-search");
+    std::fs::create_dir_all(&raw_index_dir).unwrap();
+    let raw_index = tantivy::Index::create_in_dir(&raw_index_dir, schema.build()).unwrap();
+    let mut raw_writer: tantivy::IndexWriter = raw_index.writer_with_num_threads(1, 50_000_000).unwrap();
+
+    let mut group = c.benchmark_group("apply_500/search");
+    group.sample_size(20);
+    group.bench_function("baseline_raw_tantivy_add_and_commit", |b| {
+        b.iter(|| {
+            for i in 0..BATCH {
+                raw_writer
+                    .add_document(tantivy::doc!(id => Uuid::new_v4().to_string(), text => format!("call about renewal engine ref{i}")))
+                    .unwrap();
+            }
+            raw_writer.commit().unwrap();
+        })
+    });
+    group.bench_function("callisto_search_apply", |b| {
+        b.iter_batched(
+            || batch(&offsets),
+            |events| runtime.block_on(search.apply(0, &events, events.last().unwrap().offset)).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+fn notes_wanted() -> u64 {
+    std::env::var("CALLISTO_BENCH_NOTES").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000)
+}
+
+/// Builds (once) an index of `notes` notes through Callisto's own apply path.
+fn large_index(runtime: &tokio::runtime::Runtime, notes: u64) -> TantivySearchIndex {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-data").join(format!("search-{notes}"));
+    let index = TantivySearchIndex::open(&dir).unwrap();
+    let per_batch = 10_000u64;
+    let persons_per_batch = 500u64;
+    let done = runtime.block_on(index.checkpoints()).unwrap().get(&0).map_or(0, |o| o + 1);
+    let mut offset = done;
+    let mut built = done / per_batch * (per_batch - persons_per_batch);
+    if built < notes {
+        eprintln!("building a {notes}-note index in {} (kept for later runs)", dir.display());
+    }
+    while built < notes {
+        let ids: Vec<Uuid> = (0..persons_per_batch).map(|_| Uuid::new_v4()).collect();
+        let mut events = Vec::with_capacity(per_batch as usize);
+        for (i, id) in ids.iter().enumerate() {
+            let mut registered = fixtures::registered_as(*id);
+            if let callisto_avro::PersonEvent::Registered(e) = &mut registered {
+                e.tags = vec![if i % 10 == 0 { "vip".into() } else { "standard".into() }];
+            }
+            events.push(ProjectedEvent { partition: 0, offset, timestamp_ms: 0, event: registered });
+            offset += 1;
+        }
+        for n in 0..(per_batch - persons_per_batch) {
+            let id = ids[(n % persons_per_batch) as usize];
+            events.push(ProjectedEvent {
+                partition: 0,
+                offset,
+                timestamp_ms: 0,
+                event: fixtures::note_for(id, built + n),
+            });
+            offset += 1;
+        }
+        runtime.block_on(index.apply(0, &events, offset - 1)).unwrap();
+        built += per_batch - persons_per_batch;
+    }
+    index
+}
+
+fn search_latency(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let notes = notes_wanted();
+    let index = large_index(&runtime, notes);
+    let raw = tantivy::Index::open_in_dir(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../target/bench-data/search-{notes}")),
+    );
+    let request = |q: &str, tag: Option<&str>| SearchRequest {
+        query: q.into(),
+        tag: tag.map(Into::into),
+        status: None,
+        limit: 10,
+        offset: 0,
+    };
+    let mut group = c.benchmark_group(format!("search_{notes}_notes"));
+    group.sample_size(30);
+    if let Ok(raw) = raw {
+        let reader = raw.reader().unwrap();
+        let text = raw.schema().get_field("text").unwrap();
+        group.bench_function("baseline_raw_tantivy_term_top10", |b| {
+            b.iter(|| {
+                let searcher = reader.searcher();
+                let term = tantivy::Term::from_field_text(text, "engine");
+                let query = tantivy::query::TermQuery::new(term, tantivy::schema::IndexRecordOption::WithFreqs);
+                black_box(searcher.search(&query, &tantivy::collector::TopDocs::with_limit(10)).unwrap())
+            })
+        });
+    }
+    for (name, q, tag) in [
+        ("callisto_term", "engine", None),
+        ("callisto_phrase", "\"contract review\"", None),
+        ("callisto_boolean_with_tag_facet", "invoice AND budget NOT meeting", Some("vip")),
+    ] {
+        let request = request(q, tag);
+        group.bench_function(name, |b| b.iter(|| black_box(runtime.block_on(index.search(&request)).unwrap())));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, apply_batches, search_latency);
+criterion_main!(benches);

@@ -1,0 +1,581 @@
+//! Load generator for Callisto.
+//!
+//! `loadgen http` starts `callisto dev` (or targets `--url`) and measures, in one run:
+//! the no-op endpoint (`GET /healthz`, the same server stack) as the baseline; command
+//! throughput at saturation and latency at half of it; freshness (202 → visible) for person
+//! reads and search at a fixed command rate; query throughput; and the server's peak RSS.
+//!
+//! `loadgen rebuild` fills an embedded log with N events and measures a rebuild of both read
+//! models from offset 0 against raw log reads and raw bulk writes into the same stores.
+//!
+//! Open-loop phases time each request from its scheduled start, so a slow server cannot hide
+//! latency by slowing the client down (no coordinated omission).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use callisto_benches::stats::{Row, histogram, ms, print_table, record};
+use clap::{Args, Parser, Subcommand};
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+#[derive(Parser)]
+#[command(about = "Drives Callisto and reports figures against same-run baselines")]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// HTTP load against `callisto dev`.
+    Http(HttpArgs),
+    /// Rebuild of the read models from an embedded log of N events.
+    Rebuild(RebuildArgs),
+}
+
+#[derive(Args)]
+struct HttpArgs {
+    /// The callisto binary to start; ignored with --url.
+    #[arg(long, default_value = "target/release/callisto")]
+    callisto: PathBuf,
+    /// A running server instead (then no RSS figure).
+    #[arg(long)]
+    url: Option<String>,
+    /// Concurrent connections in closed-loop phases.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Seconds per phase.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Commands per second in the freshness phase.
+    #[arg(long, default_value_t = 2000)]
+    freshness_rate: u64,
+    /// Write the rows as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct RebuildArgs {
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let (rows, json) = match cli.mode {
+        Mode::Http(args) => {
+            let json = args.json.clone();
+            (runtime.block_on(http(args))?, json)
+        }
+        Mode::Rebuild(args) => {
+            let json = args.json.clone();
+            (runtime.block_on(rebuild::run(args.events))?, json)
+        }
+    };
+    print_table(&rows);
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_vec_pretty(&rows)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// A `callisto dev` child process on a fresh data dir, killed on drop.
+struct Server {
+    child: Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_server(binary: &PathBuf) -> anyhow::Result<Server> {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir()?;
+    let mut child = Command::new(binary)
+        .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("CALLISTO__TELEMETRY__LOG_LEVEL", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| {
+            format!("starting {} (build it with `cargo build --release -p callisto`)", binary.display())
+        })?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let base = line.trim().rsplit(' ').next().unwrap_or_default().to_owned();
+    if !base.starts_with("http://") {
+        bail!("unexpected first line from callisto: {line:?}");
+    }
+    Ok(Server { child, base, _dir: dir })
+}
+
+/// Resident set size of `pid` in MiB, from /proc.
+fn rss_mib(pid: u32, field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Result of one phase: requests per second and latency histogram (µs).
+struct Phase {
+    throughput: f64,
+    latency: Histogram<u64>,
+    errors: u64,
+}
+
+/// `connections` workers send back-to-back requests for `seconds`.
+async fn closed_loop<F, Fut>(connections: usize, seconds: u64, request: F) -> Phase
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let request = Arc::new(request);
+    let counter = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let merged = Arc::new(Mutex::new(histogram()));
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(seconds);
+    let workers: Vec<_> = (0..connections)
+        .map(|_| {
+            let (request, counter, errors, merged) = (request.clone(), counter.clone(), errors.clone(), merged.clone());
+            tokio::spawn(async move {
+                let mut local = histogram();
+                while Instant::now() < deadline {
+                    let n = counter.fetch_add(1, Ordering::Relaxed);
+                    let t = Instant::now();
+                    if request(n).await {
+                        record(&mut local, t.elapsed());
+                    } else {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                merged.lock().await.add(&local).expect("same bounds");
+            })
+        })
+        .collect();
+    for w in workers {
+        let _ = w.await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let latency = Arc::try_unwrap(merged).expect("workers done").into_inner();
+    Phase { throughput: latency.len() as f64 / elapsed, latency, errors: errors.load(Ordering::Relaxed) }
+}
+
+/// Requests started at a fixed `rate` for `seconds`, each timed from its scheduled start.
+async fn open_loop<F, Fut>(rate: u64, seconds: u64, request: F) -> Phase
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send + 'static,
+{
+    let request = Arc::new(request);
+    let merged = Arc::new(Mutex::new(histogram()));
+    let errors = Arc::new(AtomicU64::new(0));
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+    let total = rate * seconds;
+    let started = tokio::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..total {
+        let scheduled = started + interval.mul_f64(n as f64);
+        tokio::time::sleep_until(scheduled).await;
+        let (request, merged, errors) = (request.clone(), merged.clone(), errors.clone());
+        tasks.spawn(async move {
+            if request(n).await {
+                let elapsed = tokio::time::Instant::now() - scheduled;
+                record(&mut *merged.lock().await, elapsed);
+            } else {
+                errors.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let elapsed = started.elapsed().as_secs_f64();
+    let latency = Arc::try_unwrap(merged).expect("tasks done").into_inner();
+    Phase { throughput: latency.len() as f64 / elapsed, latency, errors: errors.load(Ordering::Relaxed) }
+}
+
+fn accepted(status: reqwest::StatusCode) -> bool {
+    status.is_success()
+}
+
+async fn http(args: HttpArgs) -> anyhow::Result<Vec<Row>> {
+    let server = match &args.url {
+        Some(_) => None,
+        None => Some(spawn_server(&args.callisto)?),
+    };
+    let base = args.url.clone().or_else(|| server.as_ref().map(|s| s.base.clone())).expect("a target");
+    let pid = server.as_ref().map(|s| s.child.id());
+    let client = reqwest::Client::builder().pool_max_idle_per_host(1024).build()?;
+    let peak_rss = Arc::new(Mutex::new(0f64));
+    let sampler = pid.map(|pid| {
+        let peak = peak_rss.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Some(rss) = rss_mib(pid, "VmRSS:") {
+                    let mut p = peak.lock().await;
+                    *p = p.max(rss);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    });
+    let (c, s) = (args.connections, args.seconds);
+    let mut rows = Vec::new();
+
+    // Seed persons for commands on existing ids and for queries.
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        let body = json!({"given_name": format!("Seed{i}"), "family_name": "Load", "tags": [if i % 2 == 0 { "even" } else { "odd" }]});
+        let answer: Value = client.post(format!("{base}/v1/persons")).json(&body).send().await?.json().await?;
+        ids.push(answer["person_id"].as_str().context("person_id")?.to_owned());
+    }
+    let ids = Arc::new(ids);
+
+    eprintln!("phase: no-op baseline");
+    let noop = {
+        let (client, url) = (client.clone(), format!("{base}/healthz"));
+        closed_loop(c, s, move |_| {
+            let request = client.get(&url).send();
+            async move { request.await.is_ok_and(|r| accepted(r.status())) }
+        })
+        .await
+    };
+    eprintln!("phase: commands at saturation");
+    let commands = {
+        let (client, base) = (client.clone(), base.clone());
+        closed_loop(c, s, move |n| {
+            let body = json!({"given_name": format!("Load{n}"), "family_name": "Test", "email": format!("load{n}@example.org")});
+            let request = client.post(format!("{base}/v1/persons")).json(&body).send();
+            async move { request.await.is_ok_and(|r| accepted(r.status())) }
+        })
+        .await
+    };
+    rows.push(Row::new("no-op endpoint throughput (GET /healthz)", noop.throughput, "req/s"));
+    rows.push(
+        Row::new("command throughput at saturation (POST /v1/persons)", commands.throughput, "req/s")
+            .against("no-op req/s", noop.throughput)
+            .ratio_at_least(0.40),
+    );
+    rows.push(
+        Row::new("command p99 at saturation", ms(&commands.latency, 0.99), "ms")
+            .against("no-op p99 ms", ms(&noop.latency, 0.99)),
+    );
+
+    eprintln!("phase: commands at half saturation (open loop)");
+    let half_rate = (commands.throughput / 2.0).max(1.0) as u64;
+    let half = {
+        let (client, base) = (client.clone(), base.clone());
+        open_loop(half_rate, s, move |n| {
+            let body = json!({"given_name": format!("Half{n}"), "family_name": "Test"});
+            let request = client.post(format!("{base}/v1/persons")).json(&body).send();
+            async move { request.await.is_ok_and(|r| accepted(r.status())) }
+        })
+        .await
+    };
+    for (q, name) in [(0.5, "p50"), (0.9, "p90"), (0.99, "p99"), (0.999, "p99.9")] {
+        let mut row =
+            Row::new(format!("command {name} at half saturation ({half_rate}/s)"), ms(&half.latency, q), "ms")
+                .against(format!("no-op {name} ms"), ms(&noop.latency, q));
+        if name == "p99" {
+            row = row.at_most(20.0);
+        }
+        rows.push(row);
+    }
+
+    eprintln!("phase: freshness at {}/s", args.freshness_rate);
+    let person_fresh = Arc::new(Mutex::new(histogram()));
+    let search_fresh = Arc::new(Mutex::new(histogram()));
+    let stale = Arc::new(AtomicU64::new(0));
+    let fresh = {
+        let (client, base, ids) = (client.clone(), base.clone(), ids.clone());
+        let (person_fresh, search_fresh, stale) = (person_fresh.clone(), search_fresh.clone(), stale.clone());
+        open_loop(args.freshness_rate, s, move |n| {
+            let id = ids[(n % ids.len() as u64) as usize].clone();
+            let word = format!("fresh{n}word");
+            let request = client
+                .post(format!("{base}/v1/persons/{id}/notes"))
+                .json(&json!({"text": format!("freshness probe {word} for the load generator")}))
+                .send();
+            let (client, base) = (client.clone(), base.clone());
+            let (person_fresh, search_fresh, stale) = (person_fresh.clone(), search_fresh.clone(), stale.clone());
+            async move {
+                let Ok(response) = request.await else { return false };
+                if !accepted(response.status()) {
+                    return false;
+                }
+                let acked = Instant::now();
+                let Ok(body) = response.json::<Value>().await else { return false };
+                let token = body["consistency_token"].as_str().unwrap_or_default().to_owned();
+                let read =
+                    client.get(format!("{base}/v1/persons/{id}")).header("callisto-consistency-token", &token).send();
+                if let Ok(r) = read.await {
+                    if r.headers().contains_key("callisto-stale") {
+                        stale.fetch_add(1, Ordering::Relaxed);
+                    }
+                    record(&mut *person_fresh.lock().await, acked.elapsed());
+                }
+                // Search freshness on every tenth command, so the probe does not become the load.
+                if n % 10 == 0 {
+                    let searched = client.get(format!("{base}/v1/search?q={word}&after={token}")).send().await;
+                    if let Ok(r) = searched {
+                        if r.headers().contains_key("callisto-stale") {
+                            stale.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let found = r.json::<Value>().await.ok().and_then(|v| v["total"].as_u64()).unwrap_or(0);
+                        if found == 1 {
+                            record(&mut *search_fresh.lock().await, acked.elapsed());
+                        }
+                    }
+                }
+                true
+            }
+        })
+        .await
+    };
+    let (person_fresh, search_fresh) = (person_fresh.lock().await.clone(), search_fresh.lock().await.clone());
+    rows.push(Row::new(
+        format!("freshness phase command rate (target {}/s)", args.freshness_rate),
+        fresh.throughput,
+        "req/s",
+    ));
+    rows.push(Row::new("freshness person read p50 (202 -> visible)", ms(&person_fresh, 0.5), "ms"));
+    rows.push(Row::new("freshness person read p99 (202 -> visible)", ms(&person_fresh, 0.99), "ms").at_most(50.0));
+    rows.push(Row::new("freshness search p50 (202 -> searchable)", ms(&search_fresh, 0.5), "ms"));
+    rows.push(Row::new("freshness search p99 (202 -> searchable)", ms(&search_fresh, 0.99), "ms").at_most(1000.0));
+    rows.push(Row::new("freshness reads answered stale", stale.load(Ordering::Relaxed) as f64, "reads"));
+
+    eprintln!("phase: queries");
+    let get = {
+        let (client, base, ids) = (client.clone(), base.clone(), ids.clone());
+        closed_loop(c, s, move |n| {
+            let id = &ids[(n % ids.len() as u64) as usize];
+            let request = client.get(format!("{base}/v1/persons/{id}")).send();
+            async move { request.await.is_ok_and(|r| accepted(r.status())) }
+        })
+        .await
+    };
+    let list = {
+        let (client, base) = (client.clone(), base.clone());
+        closed_loop(c, s, move |n| {
+            let tag = if n % 2 == 0 { "even" } else { "odd" };
+            let request = client.get(format!("{base}/v1/persons?tag={tag}&limit=20")).send();
+            async move { request.await.is_ok_and(|r| accepted(r.status())) }
+        })
+        .await
+    };
+    let search = {
+        let (client, base) = (client.clone(), base.clone());
+        closed_loop(c, s, move |n| {
+            let q = ["freshness", "probe%20AND%20load", "%22load%20generator%22", "fresh1*"][(n % 4) as usize];
+            let request = client.get(format!("{base}/v1/search?q={q}&limit=10")).send();
+            async move { request.await.is_ok_and(|r| accepted(r.status())) }
+        })
+        .await
+    };
+    rows.push(
+        Row::new("GET person throughput", get.throughput, "req/s")
+            .against("no-op req/s", noop.throughput)
+            .ratio_at_least(0.50),
+    );
+    rows.push(
+        Row::new("GET person p99", ms(&get.latency, 0.99), "ms").against("no-op p99 ms", ms(&noop.latency, 0.99)),
+    );
+    rows.push(Row::new("list persons throughput", list.throughput, "req/s").against("no-op req/s", noop.throughput));
+    rows.push(Row::new("list persons p99", ms(&list.latency, 0.99), "ms"));
+    rows.push(
+        Row::new("search throughput (index from this run)", search.throughput, "req/s")
+            .against("no-op req/s", noop.throughput),
+    );
+    rows.push(Row::new("search p99 (index from this run)", ms(&search.latency, 0.99), "ms"));
+    let errors = noop.errors + commands.errors + half.errors + fresh.errors + get.errors + list.errors + search.errors;
+    rows.push(Row::new("failed requests, all phases", errors as f64, "requests"));
+
+    if let (Some(sampler), Some(pid)) = (sampler, pid) {
+        sampler.abort();
+        let peak = rss_mib(pid, "VmHWM:").unwrap_or(*peak_rss.lock().await);
+        rows.push(Row::new("server peak RSS during the run", peak, "MiB"));
+    }
+    Ok(rows)
+}
+
+mod rebuild {
+    //! Rebuild of both read models from offset 0, against raw log reads and raw bulk writes.
+
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use callisto_avro::{Codec, EmbeddedRegistry};
+    use callisto_benches::fixtures;
+    use callisto_benches::stats::Row;
+    use callisto_core::log::{AppendRequest, EmbeddedLog, EmbeddedLogOptions, EventLog};
+    use callisto_core::readmodel::Projection;
+    use callisto_core::readmodel::embedded::EmbeddedReadStore;
+    use callisto_core::readmodel::search::TantivySearchIndex;
+    use tokio::sync::Mutex;
+
+    const TOPIC: &str = "persons";
+    const EVENTS_PER_PERSON: u64 = 20;
+
+    fn own_rss_mib() -> f64 {
+        super::rss_mib(std::process::id(), "VmRSS:").unwrap_or(0.0)
+    }
+
+    pub async fn run(events: u64) -> anyhow::Result<Vec<Row>> {
+        let dir = tempfile::tempdir()?;
+        let registry = Arc::new(EmbeddedRegistry::open(&dir.path().join("schemas.redb"))?);
+        let codec = Arc::new(Codec::new(registry, TOPIC)?);
+        let log: Arc<dyn EventLog> =
+            Arc::new(EmbeddedLog::open(&dir.path().join("log.redb"), EmbeddedLogOptions::default())?);
+        log.ensure_topic(TOPIC, 12).await?;
+
+        eprintln!("filling the log with {events} events");
+        let persons = (events / EVENTS_PER_PERSON).max(1);
+        let appenders = 64u64;
+        let fill_started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for a in 0..appenders {
+            let (log, codec) = (log.clone(), codec.clone());
+            tasks.spawn(async move {
+                let mine: Vec<u64> = (0..persons).filter(|p| p % appenders == a).collect();
+                let ids: Vec<uuid::Uuid> = mine.iter().map(|_| uuid::Uuid::new_v4()).collect();
+                for round in 0..EVENTS_PER_PERSON {
+                    for id in &ids {
+                        let event =
+                            if round == 0 { fixtures::registered_as(*id) } else { fixtures::note_for(*id, round) };
+                        let payload = codec.encode(&event).expect("encodes");
+                        let request = AppendRequest {
+                            topic: TOPIC.into(),
+                            key: id.to_string().into_bytes(),
+                            payload,
+                            headers: vec![],
+                            idempotency: None,
+                        };
+                        log.append(request).await.expect("append");
+                    }
+                }
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done?;
+        }
+        let ends = log.end_offsets(TOPIC).await?;
+        let total: u64 = ends.iter().sum();
+        eprintln!("filled {total} events in {:.1}s", fill_started.elapsed().as_secs_f64());
+
+        // Baseline 1: read every record back, raw.
+        let started = Instant::now();
+        let mut read = 0u64;
+        for (partition, end) in ends.iter().enumerate() {
+            let mut next = 0;
+            while next < *end {
+                let batch = log.read(TOPIC, partition as u32, next, 500, Duration::ZERO).await?;
+                read += batch.len() as u64;
+                next = batch.last().map_or(*end, |r| r.offset + 1);
+            }
+        }
+        let raw_read_rate = read as f64 / started.elapsed().as_secs_f64();
+
+        // Baseline 2: raw bulk writes of the same volume into the same two stores, in the same
+        // batch size, without Callisto's fold, guard or checkpoint.
+        let raw_write_rate = raw_bulk_writes(dir.path(), total)?;
+
+        // The rebuild itself: a projector from offset 0 into fresh stores.
+        eprintln!("rebuilding");
+        let store = Arc::new(EmbeddedReadStore::open(&dir.path().join("readmodel.redb"))?);
+        let search = Arc::new(TantivySearchIndex::open(&dir.path().join("search"))?);
+        let rss_before = own_rss_mib();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let projections: Vec<Arc<dyn Projection>> = vec![store.clone(), search.clone()];
+        let started = Instant::now();
+        let handle = callisto_projectors::Projector::new(
+            log.clone(),
+            codec.clone(),
+            projections,
+            callisto_projectors::ProjectorSettings::new(TOPIC),
+        )
+        .start(shutdown.clone())
+        .await?;
+        let samples = Arc::new(Mutex::new(Vec::<(u64, f64)>::new()));
+        loop {
+            let applied = |p: &dyn Projection| -> u64 { p.progress().borrow().values().map(|o| o + 1).sum() };
+            let done = applied(store.as_ref()).min(applied(search.as_ref()));
+            samples.lock().await.push((done, own_rss_mib()));
+            if done >= total {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let rebuild_rate = total as f64 / started.elapsed().as_secs_f64();
+        shutdown.cancel();
+        handle.await?;
+        let samples = samples.lock().await.clone();
+        let at_tenth = samples.iter().find(|(done, _)| *done >= total / 10).map_or(0.0, |(_, rss)| *rss);
+        let peak = samples.iter().map(|(_, rss)| *rss).fold(0.0, f64::max);
+
+        Ok(vec![
+            Row::new(format!("rebuild of {total} events into documents + search"), rebuild_rate, "events/s")
+                .at_least(50_000.0),
+            Row::new("rebuild vs raw log reads", rebuild_rate, "events/s").against("raw log read/s", raw_read_rate),
+            Row::new("rebuild vs raw bulk writes into the same stores", rebuild_rate, "events/s")
+                .against("raw bulk write/s", raw_write_rate)
+                .ratio_at_least(0.50),
+            Row::new("rebuild peak RSS", peak, "MiB").at_most(300.0),
+            Row::new("rebuild RSS at end vs at 10% of the backlog", samples.last().map_or(0.0, |s| s.1), "MiB")
+                .against("RSS at 10% MiB", at_tenth),
+            Row::new("RSS before the rebuild started", rss_before, "MiB"),
+        ])
+    }
+
+    /// Writes `total` documents in batches of 500 straight into redb and tantivy: one redb
+    /// transaction and one tantivy commit per batch, as the projector does.
+    fn raw_bulk_writes(dir: &std::path::Path, total: u64) -> anyhow::Result<f64> {
+        use tantivy::schema::{STORED, STRING, Schema, TEXT};
+        const DOCS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("docs");
+        let db = redb::Database::create(dir.join("raw.redb"))?;
+        let mut schema = Schema::builder();
+        let id_field = schema.add_text_field("id", STRING | STORED);
+        let text_field = schema.add_text_field("text", TEXT | STORED);
+        let index_dir = dir.join("raw-search");
+        std::fs::create_dir_all(&index_dir)?;
+        let index = tantivy::Index::create_in_dir(&index_dir, schema.build())?;
+        let mut writer: tantivy::IndexWriter = index.writer_with_num_threads(1, 50_000_000)?;
+        let sample = fixtures::document_bytes();
+        let started = Instant::now();
+        let mut written = 0;
+        while written < total {
+            let batch = 500.min(total - written);
+            let txn = db.begin_write()?;
+            {
+                let mut table = txn.open_table(DOCS)?;
+                for i in 0..batch {
+                    let key = format!("{:016}", written + i);
+                    table.insert(key.as_str(), sample.as_slice())?;
+                    writer.add_document(
+                        tantivy::doc!(id_field => key, text_field => "freshness probe for the load generator"),
+                    )?;
+                }
+            }
+            txn.commit()?;
+            writer.commit()?;
+            written += batch;
+        }
+        Ok(total as f64 / started.elapsed().as_secs_f64())
+    }
+}
