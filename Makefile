@@ -21,9 +21,18 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-## Criterion benchmarks; each group reports Callisto next to its same-run baseline.
+## Benchmarks: the criterion suite, a short HTTP load profile and a rebuild, then one table of
+## figure, value, baseline and ratio. BENCH_NOTES sizes the search index, BENCH_EVENTS the rebuild.
+BENCH_NOTES ?= 1000000
+BENCH_EVENTS ?= 1000000
+BENCH_SECONDS ?= 3
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 bench:
-	$(CARGO) bench --locked -p callisto-benches
+	$(CARGO) build --release --locked -p callisto -p callisto-benches --bins
+	CALLISTO_BENCH_NOTES=$(BENCH_NOTES) $(CARGO) bench --locked -p callisto-benches -- --warm-up-time 1 --measurement-time 3
+	$(TARGET_DIR)/release/loadgen http --callisto $(TARGET_DIR)/release/callisto --seconds $(BENCH_SECONDS) --json $(TARGET_DIR)/bench-http.json
+	$(TARGET_DIR)/release/loadgen rebuild --events $(BENCH_EVENTS) --json $(TARGET_DIR)/bench-rebuild.json
+	$(TARGET_DIR)/release/bench_report $(TARGET_DIR)/criterion $(TARGET_DIR)/bench-http.json $(TARGET_DIR)/bench-rebuild.json
 
 clean-data:
 	rm -rf $(DATA_DIR)

@@ -1,5 +1,10 @@
 //! Write-path micro-benchmarks. Each group holds Callisto's code and its baseline side by side:
 //! compare within a group, not across runs.
+//!
+//! - `avro_round_trip/*`: Callisto's codec (wire format, registry ids, typed events) against a
+//!   plain `apache-avro` `Value` round trip.
+//! - `partitioning_1024_uuid_keys`: Kafka's murmur2 against std's hasher.
+//! - `log_append/*`: the embedded log with 1, 8 and 64 appenders against raw redb commits.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -50,5 +55,75 @@ fn murmur2_partitioning(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, codec_vs_plain_avro, murmur2_partitioning);
+/// Appends per iteration, per appender.
+const APPENDS_EACH: usize = 4;
+
+/// The embedded log's appends with 1, 8 and 64 concurrent appenders (one by one, then group
+/// commit), against raw redb with the same number of writers, each committing its own record
+/// with the same (immediate) durability.
+fn log_appends(c: &mut Criterion) {
+    use callisto_core::log::{AppendRequest, EmbeddedLog, EmbeddedLogOptions, EventLog};
+    use criterion::Throughput;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(EmbeddedLog::open(&dir.path().join("log.redb"), EmbeddedLogOptions::default()).unwrap());
+    runtime.block_on(log.ensure_topic("persons", 12)).unwrap();
+    let raw = Arc::new(redb::Database::create(dir.path().join("raw.redb")).unwrap());
+    const RAW: redb::TableDefinition<(u32, u64), &[u8]> = redb::TableDefinition::new("raw");
+    let payload = vec![7u8; 200];
+    let raw_offset = Arc::new(std::sync::atomic::AtomicU64::new(0));
+
+    for appenders in [1usize, 8, 64] {
+        let mut group = c.benchmark_group(format!("log_append/{appenders}_appenders"));
+        group.sample_size(10);
+        group.throughput(Throughput::Elements((appenders * APPENDS_EACH) as u64));
+        group.bench_function("baseline_raw_redb_commit_each", |b| {
+            b.iter(|| {
+                std::thread::scope(|scope| {
+                    for _ in 0..appenders {
+                        let (raw, payload, raw_offset) = (raw.clone(), payload.clone(), raw_offset.clone());
+                        scope.spawn(move || {
+                            for _ in 0..APPENDS_EACH {
+                                let offset = raw_offset.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                let txn = raw.begin_write().unwrap();
+                                txn.open_table(RAW).unwrap().insert((0, offset), payload.as_slice()).unwrap();
+                                txn.commit().unwrap();
+                            }
+                        });
+                    }
+                })
+            })
+        });
+        group.bench_function("callisto_embedded_log", |b| {
+            b.iter(|| {
+                runtime.block_on(async {
+                    let tasks: Vec<_> = (0..appenders)
+                        .map(|a| {
+                            let (log, payload) = (log.clone(), payload.clone());
+                            tokio::spawn(async move {
+                                for _ in 0..APPENDS_EACH {
+                                    let request = AppendRequest {
+                                        topic: "persons".into(),
+                                        key: format!("person-{a}").into_bytes(),
+                                        payload: payload.clone(),
+                                        headers: vec![],
+                                        idempotency: None,
+                                    };
+                                    log.append(request).await.unwrap();
+                                }
+                            })
+                        })
+                        .collect();
+                    for task in tasks {
+                        task.await.unwrap();
+                    }
+                })
+            })
+        });
+        group.finish();
+    }
+}
+
+criterion_group!(benches, codec_vs_plain_avro, murmur2_partitioning, log_appends);
 criterion_main!(benches);

@@ -38,7 +38,11 @@ pub fn open_log(settings: &Settings) -> anyhow::Result<EmbeddedLogSide> {
     );
     let registry = EmbeddedRegistry::open(&dir.join("schemas.redb")).with_context(|| in_use("schema registry", dir))?;
     let codec = Codec::new(Arc::new(registry), &settings.log.topic).context("registering event schemas")?;
-    let options = EmbeddedLogOptions { queue_capacity: settings.log.queue_capacity, max_batch: settings.log.max_batch };
+    let options = EmbeddedLogOptions {
+        queue_capacity: settings.log.queue_capacity,
+        max_batch: settings.log.max_batch,
+        ..EmbeddedLogOptions::default()
+    };
     let log = EmbeddedLog::open(&dir.join("log.redb"), options).with_context(|| in_use("event log", dir))?;
     Ok(EmbeddedLogSide { log: Arc::new(log), codec: Arc::new(codec) })
 }

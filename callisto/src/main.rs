@@ -7,6 +7,11 @@ use anyhow::Context;
 use callisto_core::config::Settings;
 use clap::{Args, Parser, Subcommand};
 
+/// mimalloc returns freed memory to the OS and does not grow per-thread arenas the way glibc's
+/// allocator does under tokio's blocking pool, which keeps RSS flat under long backlogs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "callisto", version, about = "Kafka-style streaming and CQRS backbone for person data")]
 struct Cli {

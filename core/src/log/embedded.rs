@@ -53,11 +53,14 @@ pub struct EmbeddedLogOptions {
     pub queue_capacity: usize,
     /// Most appends committed in one transaction.
     pub max_batch: usize,
+    /// redb's page cache. Reads past it go to the OS page cache, so this bounds the log's own
+    /// memory however large the log grows.
+    pub cache_bytes: usize,
 }
 
 impl Default for EmbeddedLogOptions {
     fn default() -> Self {
-        Self { queue_capacity: 8192, max_batch: 1024 }
+        Self { queue_capacity: 8192, max_batch: 1024, cache_bytes: 16 << 20 }
     }
 }
 
@@ -91,7 +94,7 @@ fn now_ms() -> i64 {
 impl EmbeddedLog {
     /// Opens (or creates) the log file at `path` and starts its writer thread.
     pub fn open(path: &Path, options: EmbeddedLogOptions) -> Result<Self, LogError> {
-        let db = Database::create(path).map_err(unavailable)?;
+        let db = redb::Builder::new().set_cache_size(options.cache_bytes).create(path).map_err(unavailable)?;
         {
             let txn = db.begin_write().map_err(unavailable)?;
             txn.open_table(TOPICS).map_err(unavailable)?;

@@ -27,6 +27,9 @@ const BY_STATUS: TableDefinition<(&str, &str), ()> = TableDefinition::new("perso
 const TIMELINE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("timeline");
 const CHECKPOINTS: TableDefinition<u32, u64> = TableDefinition::new("checkpoints");
 
+/// redb's page cache for the read models: bounded, so memory stays flat as they grow.
+const CACHE_BYTES: usize = 16 << 20;
+
 fn unavailable<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
@@ -44,7 +47,7 @@ impl std::fmt::Debug for EmbeddedReadStore {
 
 impl EmbeddedReadStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(unavailable)?;
+        let db = redb::Builder::new().set_cache_size(CACHE_BYTES).create(path).map_err(unavailable)?;
         let txn = db.begin_write().map_err(unavailable)?;
         txn.open_table(PERSONS).map_err(unavailable)?;
         txn.open_table(BY_TAG).map_err(unavailable)?;

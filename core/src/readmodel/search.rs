@@ -41,7 +41,9 @@ use super::{
 
 /// Lower-cases and folds accents (`Zoë` finds `zoe`), as analysts expect of names.
 const FOLDED: &str = "callisto_folded";
-const WRITER_HEAP_BYTES: usize = 50_000_000;
+const WRITER_HEAP_BYTES: usize = 30_000_000;
+/// Persons kept in the fold cache (a few hundred bytes each).
+const PERSON_CACHE: std::num::NonZeroUsize = std::num::NonZeroUsize::new(100_000).expect("non-zero");
 const SNIPPET_CHARS: usize = 200;
 /// How often pending batches are committed together.
 pub const COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
@@ -118,6 +120,10 @@ struct Inner {
     index: Index,
     reader: IndexReader,
     pending: Mutex<Pending>,
+    /// Recently indexed persons as last added, so folding an event onto a person rarely needs a
+    /// stored-document fetch (a block decompression). Only read and written under `pending`'s
+    /// lock; bounded, so memory stays flat.
+    persons: Mutex<lru::LruCache<Uuid, Option<PersonDoc>>>,
     fields: Fields,
     /// The `added` count the last commit covered, and the checkpoints it made durable.
     committed: watch::Sender<(u64, Checkpoints)>,
@@ -177,7 +183,8 @@ impl TantivySearchIndex {
         let (progress, _) = watch::channel(checkpoints.clone());
         let (committed, _) = watch::channel((0, checkpoints.clone()));
         let pending = Mutex::new(Pending { writer, checkpoints, added: 0 });
-        let inner = Arc::new(Inner { index, reader, pending, fields, committed });
+        let persons = Mutex::new(lru::LruCache::new(PERSON_CACHE));
+        let inner = Arc::new(Inner { index, reader, pending, persons, fields, committed });
         let (stop_committer, stopped) = std::sync::mpsc::channel::<()>();
         let committer = {
             let inner = inner.clone();
@@ -312,7 +319,11 @@ impl Inner {
             let (_, current) = match persons.entry(id) {
                 std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
                 std::collections::hash_map::Entry::Vacant(entry) => {
-                    let committed = self.load_person(&searcher, id)?;
+                    let cached = self.persons.lock().map_err(unavailable)?.get(&id).cloned();
+                    let committed = match cached {
+                        Some(doc) => doc,
+                        None => self.load_person(&searcher, id)?,
+                    };
                     entry.insert((committed.clone(), committed))
                 }
             };
@@ -348,6 +359,13 @@ impl Inner {
                 pending.writer.add_document(self.note_document(after, note)).map_err(unavailable)?;
             }
         }
+        // Only now that every document is in the writer does the cache move on; a failure above
+        // leaves it at the last good state and the retried batch is re-added in full.
+        let mut cache = self.persons.lock().map_err(unavailable)?;
+        for (id, (_, after)) in persons {
+            cache.put(id, after);
+        }
+        drop(cache);
         let entry = pending.checkpoints.entry(partition).or_insert(through);
         *entry = (*entry).max(through);
         pending.added += 1;
