@@ -29,7 +29,7 @@ BENCH_SECONDS ?= 3
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 bench:
 	$(CARGO) build --release --locked -p callisto -p callisto-benches --bins
-	CALLISTO_BENCH_NOTES=$(BENCH_NOTES) $(CARGO) bench --locked -p callisto-benches -- --warm-up-time 1 --measurement-time 3
+	CALLISTO_BENCH_NOTES=$(BENCH_NOTES) $(CARGO) bench --locked -p callisto-benches --bench write_path --bench read_path -- --warm-up-time 1 --measurement-time 3
 	$(TARGET_DIR)/release/loadgen http --callisto $(TARGET_DIR)/release/callisto --seconds $(BENCH_SECONDS) --json $(TARGET_DIR)/bench-http.json
 	$(TARGET_DIR)/release/loadgen rebuild --events $(BENCH_EVENTS) --json $(TARGET_DIR)/bench-rebuild.json
 	$(TARGET_DIR)/release/bench_report $(TARGET_DIR)/criterion $(TARGET_DIR)/bench-http.json $(TARGET_DIR)/bench-rebuild.json

@@ -10,8 +10,7 @@
 //! - [`retry`]: back-off with jitter for dependency calls.
 //!
 //! ## Guarantees
-//! - Memory is bounded: workers pull at most `batch_max` records at a time, at most
-//!   `max_in_flight_batches` batches are decoded and applied at once, and nothing queues.
+//! - Memory is bounded: workers pull at most `batch_max` records at a time; nothing queues.
 //! - A checkpoint is written with (or after) the batch that reached it, and workers resume from
 //!   the projection's checkpoint, never from the log's consumer-group offsets (those are only a
 //!   lag signal).
@@ -41,9 +40,6 @@ pub struct ProjectorSettings {
     pub event_attempts: usize,
     /// Consumer group under which offsets are committed, for lag visibility only.
     pub group: String,
-    /// Batches decoded and applied at once across all workers; with `batch_max` this bounds
-    /// the projector's memory whatever the backlog.
-    pub max_in_flight_batches: usize,
 }
 
 impl ProjectorSettings {
@@ -54,7 +50,6 @@ impl ProjectorSettings {
             poll_wait: Duration::from_millis(250),
             event_attempts: 3,
             group: "callisto-projectors".into(),
-            max_in_flight_batches: 4,
         }
     }
 
@@ -87,7 +82,6 @@ impl Projector {
         let partitions = self.log.partitions(&self.settings.topic).await?;
         self.log.ensure_topic(&self.settings.dlq_topic(), partitions).await?;
         let mut workers = tokio::task::JoinSet::new();
-        let in_flight = Arc::new(tokio::sync::Semaphore::new(self.settings.max_in_flight_batches.max(1)));
         for projection in &self.projections {
             for partition in 0..partitions {
                 let worker = worker::Worker {
@@ -96,7 +90,6 @@ impl Projector {
                     projection: projection.clone(),
                     settings: self.settings.clone(),
                     partition,
-                    in_flight: in_flight.clone(),
                 };
                 workers.spawn(worker.run(shutdown.clone()));
             }

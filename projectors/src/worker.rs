@@ -17,9 +17,6 @@ pub struct Worker {
     pub projection: Arc<dyn Projection>,
     pub settings: ProjectorSettings,
     pub partition: u32,
-    /// Shared by every worker of the projector: bounds how many batches are decoded and
-    /// applied at once, and so the memory a backlog can take.
-    pub in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// Why a single event is being dead-lettered.
@@ -48,7 +45,6 @@ impl Worker {
             let Some(records) = records else { return };
             let Some(last) = records.last() else { continue };
             let through = last.offset;
-            let Ok(_permit) = self.in_flight.acquire().await else { return };
             let started = Instant::now();
             let mut batch = Vec::with_capacity(records.len());
             for record in &records {
