@@ -7,7 +7,8 @@
 //!   share its timed group commit), against the same notes added raw with one commit.
 //! - `search_1m_notes/*`: query latency on an index of `CALLISTO_BENCH_NOTES` notes (default
 //!   1,000,000; built once and kept under `target/bench-data`), against a bare tantivy term
-//!   query on the same index.
+//!   query on the same index; then the p99 of 1,000 single queries of each kind, written to
+//!   `target/bench-search-p99.json` for `bench_report`.
 
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -116,13 +117,21 @@ fn apply_batches(c: &mut Criterion) {
     group.finish();
 }
 
+/// Where benchmark data and side outputs go: `CALLISTO_BENCH_OUT` (the Makefile passes the
+/// cargo target dir), else the workspace's `target/`.
+fn bench_out() -> PathBuf {
+    std::env::var_os("CALLISTO_BENCH_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
 fn notes_wanted() -> u64 {
     std::env::var("CALLISTO_BENCH_NOTES").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000)
 }
 
 /// Builds (once) an index of `notes` notes through Callisto's own apply path.
 fn large_index(runtime: &tokio::runtime::Runtime, notes: u64) -> TantivySearchIndex {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-data").join(format!("search-{notes}"));
+    let dir = bench_out().join("bench-data").join(format!("search-{notes}"));
     let index = TantivySearchIndex::open(&dir).unwrap();
     let per_batch = 10_000u64;
     let persons_per_batch = 500u64;
@@ -163,9 +172,7 @@ fn search_latency(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let notes = notes_wanted();
     let index = large_index(&runtime, notes);
-    let raw = tantivy::Index::open_in_dir(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../target/bench-data/search-{notes}")),
-    );
+    let raw = tantivy::Index::open_in_dir(bench_out().join("bench-data").join(format!("search-{notes}")));
     let request = |q: &str, tag: Option<&str>| SearchRequest {
         query: q.into(),
         tag: tag.map(Into::into),
@@ -196,6 +203,30 @@ fn search_latency(c: &mut Criterion) {
         group.bench_function(name, |b| b.iter(|| black_box(runtime.block_on(index.search(&request)).unwrap())));
     }
     group.finish();
+    search_p99(&runtime, &index, notes);
+}
+
+/// Criterion reports means; the target is on p99, so time 1,000 single queries of each kind
+/// and write their p99 as rows for `bench_report`.
+fn search_p99(runtime: &tokio::runtime::Runtime, index: &TantivySearchIndex, notes: u64) {
+    use callisto_benches::stats::{Row, histogram, ms, record};
+    let mut rows = Vec::new();
+    for (name, q, tag) in [
+        ("term", "renewal", None),
+        ("phrase", "\"contract review\"", None),
+        ("boolean with tag facet", "(invoice OR budget) AND NOT meeting", Some("vip")),
+    ] {
+        let request = SearchRequest { query: q.into(), tag: tag.map(Into::into), status: None, limit: 10, offset: 0 };
+        let mut latencies = histogram();
+        for _ in 0..1_000 {
+            let started = std::time::Instant::now();
+            black_box(runtime.block_on(index.search(&request)).unwrap());
+            record(&mut latencies, started.elapsed());
+        }
+        rows.push(Row::new(format!("search p99 on {notes} notes: {name}"), ms(&latencies, 0.99), "ms").at_most(20.0));
+    }
+    let out = bench_out().join("bench-search-p99.json");
+    std::fs::write(&out, serde_json::to_vec_pretty(&rows).unwrap()).unwrap();
 }
 
 criterion_group!(benches, apply_batches, search_latency);
