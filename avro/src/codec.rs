@@ -124,7 +124,9 @@ impl Codec {
         Ok((kind, schema))
     }
 
-    pub fn decode(&self, bytes: &[u8]) -> Result<PersonEvent, CodecError> {
+    /// Decodes to a generic Avro value in this build's schema for its kind (for re-encoding, as
+    /// `export --format avro` does).
+    pub fn decode_value(&self, bytes: &[u8]) -> Result<(EventKind, apache_avro::types::Value), CodecError> {
         let id = schema_id(bytes)?;
         let (kind, writer) = self.writer_schema(id)?;
         let mut body = &bytes[HEADER_LEN..];
@@ -132,6 +134,11 @@ impl Codec {
         if !body.is_empty() {
             return Err(CodecError::TrailingBytes(body.len()));
         }
+        Ok((kind, value))
+    }
+
+    pub fn decode(&self, bytes: &[u8]) -> Result<PersonEvent, CodecError> {
+        let (kind, value) = self.decode_value(bytes)?;
         fn typed<T: DeserializeOwned>(value: &apache_avro::types::Value) -> Result<T, CodecError> {
             from_value(value).map_err(avro_err)
         }

@@ -93,3 +93,57 @@ impl EventKind {
         format!("{topic}-{}", self.full_name())
     }
 }
+
+/// The record an `export --format avro` file holds: an event's position in the log and the
+/// event itself, as a union of every event record in [`EventKind::ALL`] order.
+pub fn export_schema() -> &'static apache_avro::Schema {
+    static SCHEMA: OnceLock<Schema> = OnceLock::new();
+    SCHEMA.get_or_init(|| {
+        let mut defined = std::collections::HashSet::new();
+        let events: Vec<serde_json::Value> = EventKind::ALL
+            .iter()
+            .map(|kind| {
+                let mut json: serde_json::Value = serde_json::from_str(kind.schema_text()).expect("schema is JSON");
+                dedupe_named_types(&mut json, &mut defined);
+                json
+            })
+            .collect();
+        let schema = serde_json::json!({
+            "type": "record",
+            "name": "ExportedEvent",
+            "namespace": "io.callisto.export",
+            "doc": "One event of a Callisto topic with its log position, as written by callisto export.",
+            "fields": [
+                {"name": "topic", "type": "string"},
+                {"name": "partition", "type": "int"},
+                {"name": "offset", "type": "long"},
+                {"name": "timestamp", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+                {"name": "key", "type": "string"},
+                {"name": "event", "type": events}
+            ]
+        });
+        Schema::parse(&schema).expect("export schema parses")
+    })
+}
+
+/// An Avro schema may define a named type once; later uses must refer to it by full name.
+fn dedupe_named_types(json: &mut serde_json::Value, defined: &mut std::collections::HashSet<String>) {
+    match json {
+        serde_json::Value::Object(map) => {
+            let is_named = matches!(map.get("type").and_then(|t| t.as_str()), Some("record" | "enum" | "fixed"));
+            if is_named && map.get("name").is_some() {
+                let name = map["name"].as_str().unwrap_or_default().to_owned();
+                let full = if name.contains('.') { name } else { format!("{NAMESPACE}.{name}") };
+                if !defined.insert(full.clone()) {
+                    *json = serde_json::Value::String(full);
+                    return;
+                }
+            }
+            for value in map.values_mut() {
+                dedupe_named_types(value, defined);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|v| dedupe_named_types(v, defined)),
+        _ => {}
+    }
+}

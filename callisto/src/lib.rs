@@ -5,9 +5,11 @@
 //!
 //! ## Layout
 //! - [`backends`]: opens the embedded stand-ins (log, registry, read models) under the data dir.
+//! - [`export`]: `callisto export`, JSON Lines or Avro out of the log, on the replay API.
 //! - [`services`]: one function per subcommand that runs a service, and [`services::Dev`], the
 //!   whole backbone in one process.
 //! - `main.rs`: the command line.
 
 pub mod backends;
+pub mod export;
 pub mod services;

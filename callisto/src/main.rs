@@ -33,6 +33,9 @@ enum Command {
     Projector(ServeArgs),
     /// Run the query API: persons, timelines and search from the read models.
     QueryApi(ServeArgs),
+    /// Export a topic's events for batch jobs: JSON Lines or an Avro container file, in
+    /// partition order, then offset order within each partition.
+    Export(ExportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -43,6 +46,34 @@ struct ServeArgs {
     /// Directory for embedded state (overrides storage.data_dir).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ExportArgs {
+    /// Directory of the embedded log (overrides storage.data_dir). The data dir must not be in
+    /// use by a running callisto.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Topic to export (overrides log.topic).
+    #[arg(long)]
+    topic: Option<String>,
+    /// Partitions to export, e.g. 0,3,7; all when absent.
+    #[arg(long, value_delimiter = ',')]
+    partitions: Option<Vec<u32>>,
+    /// Start, inclusive: an offset (applied to every partition) or an RFC 3339 time.
+    #[arg(long)]
+    from: Option<callisto_core::replay::Position>,
+    /// End, exclusive: an offset or an RFC 3339 time; the log head when absent.
+    #[arg(long)]
+    to: Option<callisto_core::replay::Position>,
+    #[arg(long, value_enum, default_value_t = callisto::export::Format::Jsonl)]
+    format: callisto::export::Format,
+    /// Output file; standard output when absent or `-`.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// No progress bar; print only a JSON summary (on stderr) at the end.
+    #[arg(long)]
+    quiet: bool,
 }
 
 impl ServeArgs {
@@ -62,8 +93,14 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
+        if let Command::Export(args) = &cli.command {
+            return export(cli.config.as_deref(), args).await;
+        }
         let (Command::Dev(args) | Command::Writer(args) | Command::Projector(args) | Command::QueryApi(args)) =
-            &cli.command;
+            &cli.command
+        else {
+            unreachable!("export returned above")
+        };
         let settings = Settings::load(cli.config.as_deref(), &args.overrides())?;
         callisto_core::telemetry::init_tracing(&settings.telemetry);
         let shutdown = callisto::services::shutdown_signal();
@@ -72,6 +109,42 @@ fn main() -> anyhow::Result<()> {
             Command::Writer(_) => callisto::services::run_writer(settings, shutdown).await,
             Command::Projector(_) => callisto::services::run_projector(settings, shutdown).await,
             Command::QueryApi(_) => callisto::services::run_query_api(settings, shutdown).await,
+            Command::Export(_) => unreachable!("export returned above"),
         }
     })
+}
+
+async fn export(config: Option<&std::path::Path>, args: &ExportArgs) -> anyhow::Result<()> {
+    let mut overrides = Vec::new();
+    if let Some(dir) = &args.data_dir {
+        overrides.push(("storage.data_dir", dir.display().to_string()));
+    }
+    if let Some(topic) = &args.topic {
+        overrides.push(("log.topic", topic.clone()));
+    }
+    let mut settings = Settings::load(config, &overrides)?;
+    // Logs would interleave with the progress bar; keep only warnings.
+    settings.telemetry.log_level = "warn".into();
+    callisto_core::telemetry::init_tracing(&settings.telemetry);
+    let options = callisto::export::ExportOptions {
+        partitions: args.partitions.clone(),
+        from: args.from,
+        to: args.to,
+        format: args.format,
+        output: args.output.clone().filter(|p| p.as_os_str() != "-"),
+        progress: !args.quiet,
+    };
+    let summary = callisto::export::run(&settings, options).await?;
+    if args.quiet {
+        eprintln!("{}", serde_json::to_string(&summary)?);
+    } else {
+        eprintln!(
+            "exported {} events of topic {:?} ({} undecodable) from {} partitions",
+            summary.records,
+            summary.topic,
+            summary.undecodable,
+            summary.spans.len()
+        );
+    }
+    Ok(())
 }

@@ -8,6 +8,7 @@
 //! - [`config`]: layered settings (defaults, file, `CALLISTO__…` environment).
 //! - [`telemetry`]: JSON logs and the Prometheus recorder, set up in one place.
 //! - [`http`]: `application/problem+json` errors and the JSON/query extractors that produce them.
+//! - [`replay`]: a stream of decoded events from a position (offset or time), for batch jobs.
 //! - [`token`]: consistency tokens, `partition:offset`, handed to clients for read-your-writes.
 
 pub mod config;
@@ -15,5 +16,6 @@ pub mod http;
 pub mod log;
 pub mod partition;
 pub mod readmodel;
+pub mod replay;
 pub mod telemetry;
 pub mod token;
