@@ -47,8 +47,15 @@ pub fn open_log(settings: &Settings) -> anyhow::Result<EmbeddedLogSide> {
     Ok(EmbeddedLogSide { log: Arc::new(log), codec: Arc::new(codec) })
 }
 
+/// The live generation's read models (see [`crate::generations`]).
 pub fn open_read_models(settings: &Settings) -> anyhow::Result<EmbeddedReadSide> {
-    let dir = &settings.storage.data_dir;
+    let live = crate::generations::Generations::load(&settings.storage.data_dir)?.live;
+    open_generation(settings, live)
+}
+
+pub fn open_generation(settings: &Settings, generation: u32) -> anyhow::Result<EmbeddedReadSide> {
+    let dir = &crate::generations::dir(&settings.storage.data_dir, generation);
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let store =
         EmbeddedReadStore::open(&dir.join("readmodel.redb")).with_context(|| in_use("read model store", dir))?;
     let search = TantivySearchIndex::open(&dir.join("search")).with_context(|| in_use("search index", dir))?;

@@ -4,12 +4,18 @@
 //! the backends and composes the service crates. Tests start services the same way.
 //!
 //! ## Layout
+//! - [`admin`]: batch commands through a running `callisto dev`, and its admin API.
 //! - [`backends`]: opens the embedded stand-ins (log, registry, read models) under the data dir.
 //! - [`export`]: `callisto export`, JSON Lines or Avro out of the log, on the replay API.
+//! - [`generations`]: live, previous and building generations of the read models.
+//! - [`replay`]: `callisto replay`, blue/green rebuilds of the read models.
 //! - [`services`]: one function per subcommand that runs a service, and [`services::Dev`], the
 //!   whole backbone in one process.
 //! - `main.rs`: the command line.
 
+pub mod admin;
 pub mod backends;
 pub mod export;
+pub mod generations;
+pub mod replay;
 pub mod services;

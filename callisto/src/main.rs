@@ -33,6 +33,9 @@ enum Command {
     Projector(ServeArgs),
     /// Run the query API: persons, timelines and search from the read models.
     QueryApi(ServeArgs),
+    /// Rebuild the read models into a new generation with no downtime, then switch readers to it
+    /// (blue/green). Works on a stopped data dir, or through a running `callisto dev` on it.
+    Replay(ReplayArgs),
     /// Export a topic's events for batch jobs: JSON Lines or an Avro container file, in
     /// partition order, then offset order within each partition.
     Export(ExportArgs),
@@ -46,6 +49,25 @@ struct ServeArgs {
     /// Directory for embedded state (overrides storage.data_dir).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ReplayArgs {
+    /// Directory of the embedded data (overrides storage.data_dir).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Rebuild from this offset or RFC 3339 time instead of from offset 0.
+    #[arg(long, conflicts_with_all = ["rollback", "drop_old"])]
+    from: Option<callisto_core::replay::Position>,
+    /// Switch readers back to the previous generation.
+    #[arg(long, conflicts_with = "drop_old")]
+    rollback: bool,
+    /// Delete the previous generation, kept since the last switch.
+    #[arg(long)]
+    drop_old: bool,
+    /// No progress bar; print only a JSON summary at the end.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Debug, Args)]
@@ -96,10 +118,13 @@ fn main() -> anyhow::Result<()> {
         if let Command::Export(args) = &cli.command {
             return export(cli.config.as_deref(), args).await;
         }
+        if let Command::Replay(args) = &cli.command {
+            return replay(cli.config.as_deref(), args).await;
+        }
         let (Command::Dev(args) | Command::Writer(args) | Command::Projector(args) | Command::QueryApi(args)) =
             &cli.command
         else {
-            unreachable!("export returned above")
+            unreachable!("batch commands returned above")
         };
         let settings = Settings::load(cli.config.as_deref(), &args.overrides())?;
         callisto_core::telemetry::init_tracing(&settings.telemetry);
@@ -109,7 +134,7 @@ fn main() -> anyhow::Result<()> {
             Command::Writer(_) => callisto::services::run_writer(settings, shutdown).await,
             Command::Projector(_) => callisto::services::run_projector(settings, shutdown).await,
             Command::QueryApi(_) => callisto::services::run_query_api(settings, shutdown).await,
-            Command::Export(_) => unreachable!("export returned above"),
+            Command::Export(_) | Command::Replay(_) => unreachable!("batch commands returned above"),
         }
     })
 }
@@ -145,6 +170,41 @@ async fn export(config: Option<&std::path::Path>, args: &ExportArgs) -> anyhow::
             summary.undecodable,
             summary.spans.len()
         );
+    }
+    Ok(())
+}
+
+/// Settings for a batch command: its data dir, and only warnings logged (they would interleave
+/// with the progress bar).
+fn batch_settings(config: Option<&std::path::Path>, data_dir: &Option<PathBuf>) -> anyhow::Result<Settings> {
+    let mut overrides = Vec::new();
+    if let Some(dir) = data_dir {
+        overrides.push(("storage.data_dir", dir.display().to_string()));
+    }
+    let mut settings = Settings::load(config, &overrides)?;
+    settings.telemetry.log_level = "warn".into();
+    callisto_core::telemetry::init_tracing(&settings.telemetry);
+    Ok(settings)
+}
+
+async fn replay(config: Option<&std::path::Path>, args: &ReplayArgs) -> anyhow::Result<()> {
+    use callisto::replay::Action;
+    let settings = batch_settings(config, &args.data_dir)?;
+    let action = if args.rollback {
+        Action::Rollback
+    } else if args.drop_old {
+        Action::DropOld
+    } else {
+        Action::Rebuild { from: args.from }
+    };
+    let summary = callisto::admin::replay(&settings, action, !args.quiet).await?;
+    if args.quiet {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        eprintln!("{}: live generation {}, previous {:?}", summary.action, summary.live, summary.previous);
+        if let (Some(events), Some(rate)) = (summary.events, summary.events_per_second) {
+            eprintln!("rebuilt {events} events at {rate:.0} events/s");
+        }
     }
     Ok(())
 }

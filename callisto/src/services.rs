@@ -10,12 +10,12 @@ use callisto_core::config::Settings;
 use callisto_core::http::{ReadinessCheck, Router, service_router};
 use callisto_core::log::EventLog;
 use callisto_core::readmodel::Projection;
-use callisto_core::readmodel::embedded::EmbeddedReadStore;
-use callisto_core::readmodel::search::TantivySearchIndex;
+use callisto_core::readmodel::switch::{SwitchedReadStore, SwitchedSearchIndex};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::DevGenerations;
 use crate::backends;
 
 /// `callisto writer`: the command API alone.
@@ -89,52 +89,51 @@ pub async fn run_dev(settings: Settings, shutdown: impl Future<Output = ()> + Se
 }
 
 /// The whole backbone in one process: writer, projectors and query API on one port, over the
-/// embedded stand-ins.
+/// embedded stand-ins, plus the admin API batch commands use while it owns the data dir.
 pub struct Dev {
     pub addr: SocketAddr,
     pub log: Arc<dyn EventLog>,
     pub codec: Arc<callisto_avro::Codec>,
-    pub store: Arc<EmbeddedReadStore>,
-    pub search: Arc<TantivySearchIndex>,
+    /// What readers read: the live generation, behind the blue/green switch.
+    pub store: Arc<SwitchedReadStore>,
+    pub search: Arc<SwitchedSearchIndex>,
+    generations: Arc<DevGenerations>,
+    data_dir: std::path::PathBuf,
     shutdown: CancellationToken,
     server: JoinHandle<std::io::Result<()>>,
-    projector: JoinHandle<()>,
 }
 
 impl Dev {
     pub async fn start(settings: &Settings, listener: TcpListener) -> anyhow::Result<Self> {
         let log_side = backends::open_log(settings)?;
-        let read_side = backends::open_read_models(settings)?;
         let (log, codec) = (log_side.log, log_side.codec);
         let writer = callisto_writers::state(settings, log.clone(), codec.clone()).await?;
         let partitions = log.partitions(&settings.log.topic).await?;
-
-        let shutdown = CancellationToken::new();
-        let projections: Vec<Arc<dyn Projection>> = vec![read_side.store.clone(), read_side.search.clone()];
-        let projector_settings = callisto_projectors::ProjectorSettings::new(&settings.log.topic);
-        let projector =
-            callisto_projectors::Projector::new(log.clone(), codec.clone(), projections, projector_settings)
-                .start(shutdown.clone())
-                .await?;
+        let generations = DevGenerations::open(settings, log.clone(), codec.clone()).await?;
+        let (store, search) = (generations.store.clone(), generations.search.clone());
 
         let query = callisto_query_api::QueryState {
-            store: read_side.store.clone(),
-            search: read_side.search.clone(),
+            store: store.clone(),
+            search: search.clone(),
             partitions,
             consistency_wait: Duration::from_millis(settings.query.consistency_wait_ms),
         };
-        let app = dev_router(settings, writer, query, log.clone(), read_side.store.clone());
+        let app = dev_router(settings, writer, query, generations.clone(), log.clone(), store.clone());
         let addr = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
         let server = tokio::spawn(callisto_core::http::serve(listener, app, shutdown.clone().cancelled_owned()));
-        Ok(Self { addr, log, codec, store: read_side.store, search: read_side.search, shutdown, server, projector })
+        let data_dir = settings.storage.data_dir.clone();
+        crate::admin::advertise(&data_dir, addr).context("advertising the admin address")?;
+        Ok(Self { addr, log, codec, store, search, generations, data_dir, shutdown, server })
     }
 
-    /// Stops serving (draining in-flight requests), then stops the projectors after their
-    /// current batch.
+    /// Stops serving (draining in-flight requests), then stops every generation's projectors
+    /// after their current batch.
     pub async fn stop(self) -> anyhow::Result<()> {
+        crate::admin::withdraw(&self.data_dir);
         self.shutdown.cancel();
         let served = self.server.await.context("http server task")?;
-        self.projector.await.context("projector task")?;
+        self.generations.stop().await;
         tracing::info!(service = "dev", "stopped");
         Ok(served?)
     }
@@ -144,10 +143,12 @@ fn dev_router(
     settings: &Settings,
     writer: callisto_writers::WriterState,
     query: callisto_query_api::QueryState,
+    generations: Arc<DevGenerations>,
     log: Arc<dyn EventLog>,
-    store: Arc<EmbeddedReadStore>,
+    store: Arc<SwitchedReadStore>,
 ) -> Router {
-    let routes = callisto_writers::api::routes(writer).merge(callisto_query_api::routes(query));
+    let routes =
+        callisto_writers::api::routes(writer).merge(callisto_query_api::routes(query)).merge(generations.routes());
     let mut openapi = callisto_writers::openapi::document();
     openapi.merge(callisto_query_api::openapi::document());
     openapi.info.title = "Callisto".into();

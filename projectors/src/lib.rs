@@ -40,6 +40,9 @@ pub struct ProjectorSettings {
     pub event_attempts: usize,
     /// Consumer group under which offsets are committed, for lag visibility only.
     pub group: String,
+    /// Per partition, where a projection with no checkpoint starts (a rebuild from a point in
+    /// time); offset 0 when absent.
+    pub start_offsets: Option<Vec<u64>>,
 }
 
 impl ProjectorSettings {
@@ -50,6 +53,7 @@ impl ProjectorSettings {
             poll_wait: Duration::from_millis(250),
             event_attempts: 3,
             group: "callisto-projectors".into(),
+            start_offsets: None,
         }
     }
 

@@ -33,7 +33,8 @@ impl Worker {
         else {
             return;
         };
-        let mut next = checkpoints.get(&partition).map_or(0, |last| last + 1);
+        let start = self.settings.start_offsets.as_ref().and_then(|s| s.get(partition as usize).copied()).unwrap_or(0);
+        let mut next = checkpoints.get(&partition).map_or(start, |last| last + 1);
         tracing::debug!(projection = name, partition, next, "projector worker starting");
         let topic = self.settings.topic.clone();
         while !shutdown.is_cancelled() {

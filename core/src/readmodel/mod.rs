@@ -8,11 +8,14 @@
 //! - [`ReadStore`] (documents, lists, timelines) and [`SearchIndex`] (full text) are the two
 //!   projection ports the query API reads from.
 //!
+//! [`switch`] puts a generation switch in front of both, for blue/green rebuilds.
+//!
 //! Every document stores the (partition, offset) that last changed it, and adapters refuse
 //! events at or below it, so redeliveries and replays are harmless.
 
 pub mod embedded;
 pub mod search;
+pub mod switch;
 
 use std::collections::BTreeMap;
 

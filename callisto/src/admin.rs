@@ -1,0 +1,321 @@
+//! Batch commands on an embedded data dir work two ways. The embedded stores belong to one
+//! process, so when a `callisto dev` owns the data dir (it advertises its address in
+//! `admin.json` there), a command goes through that process's admin API; otherwise it opens
+//! the data dir directly.
+//!
+//! The admin API lives on the dev server's own listener under `/admin/v1/`:
+//! - `POST /admin/v1/replay` `{from?}` starts a rebuild into a new generation (202);
+//! - `GET /admin/v1/replay` reports the generations and the rebuild's progress;
+//! - `POST /admin/v1/replay/rollback` and `POST /admin/v1/replay/drop-old`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use callisto_avro::Codec;
+use callisto_core::config::Settings;
+use callisto_core::http::{ApiJsonOrEmpty, Problem, Router};
+use callisto_core::log::EventLog;
+use callisto_core::readmodel::switch::{SwitchedReadStore, SwitchedSearchIndex};
+use callisto_core::replay::Position;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::generations::{self, Generations};
+use crate::replay::{
+    Action, GenerationRuntime, Progress, Summary, catch_up, progress_bar, run_direct, start_offsets, summary,
+};
+
+const ADDR_FILE: &str = "admin.json";
+
+#[derive(Serialize, Deserialize)]
+struct Advertised {
+    addr: String,
+}
+
+/// Records that the dev server at `addr` owns `data_dir`.
+pub fn advertise(data_dir: &Path, addr: std::net::SocketAddr) -> std::io::Result<()> {
+    let body = serde_json::to_vec(&Advertised { addr: addr.to_string() }).map_err(std::io::Error::other)?;
+    std::fs::write(data_dir.join(ADDR_FILE), body)
+}
+
+pub fn withdraw(data_dir: &Path) {
+    let _ = std::fs::remove_file(data_dir.join(ADDR_FILE));
+}
+
+/// The base URL of the live dev server that owns `data_dir`, if one answers.
+async fn running_dev(data_dir: &Path) -> Option<String> {
+    let advertised: Advertised = serde_json::from_slice(&std::fs::read(data_dir.join(ADDR_FILE)).ok()?).ok()?;
+    let base = format!("http://{}", advertised.addr);
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().ok()?;
+    let alive = client.get(format!("{base}/healthz")).send().await.ok()?.status().is_success();
+    alive.then_some(base)
+}
+
+/// `callisto replay`, through the running dev server when there is one.
+pub async fn replay(settings: &Settings, action: Action, show_progress: bool) -> anyhow::Result<Summary> {
+    match running_dev(&settings.storage.data_dir).await {
+        Some(base) => replay_via(&base, action, show_progress).await,
+        None => run_direct(settings, action, show_progress).await,
+    }
+}
+
+async fn replay_via(base: &str, action: Action, show_progress: bool) -> anyhow::Result<Summary> {
+    let client = reqwest::Client::new();
+    let check = |response: reqwest::Response| async move {
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        anyhow::ensure!(status.is_success(), "{}", body["detail"].as_str().unwrap_or("the dev server refused"));
+        Ok(body)
+    };
+    let path = match action {
+        Action::Rollback => "/admin/v1/replay/rollback",
+        Action::DropOld => "/admin/v1/replay/drop-old",
+        Action::Rebuild { .. } => "/admin/v1/replay",
+    };
+    let body = match action {
+        Action::Rebuild { from: Some(Position::Offset(o)) } => serde_json::json!({"from": o.to_string()}),
+        Action::Rebuild { from: Some(Position::Timestamp(t)) } => serde_json::json!({"from": t.to_rfc3339()}),
+        _ => serde_json::json!({}),
+    };
+    let started = Instant::now();
+    let answer = check(client.post(format!("{base}{path}")).json(&body).send().await?).await?;
+    let Action::Rebuild { .. } = action else {
+        return Ok(serde_json::from_value(answer["summary"].clone())?);
+    };
+    let bar = progress_bar(show_progress);
+    loop {
+        let status = check(client.get(format!("{base}/admin/v1/replay")).send().await?).await?;
+        let job = &status["job"];
+        if let Some(p) = job.get("progress").filter(|p| !p.is_null()) {
+            bar.set_length(p["total"].as_u64().unwrap_or(0));
+            bar.set_position(p["done"].as_u64().unwrap_or(0));
+            bar.set_message(format!("lag {}", p["lag"]));
+        }
+        match job["state"].as_str() {
+            Some("switched") => {
+                bar.finish_and_clear();
+                let events = job["progress"]["done"].as_u64();
+                let seconds = started.elapsed().as_secs_f64();
+                return Ok(Summary {
+                    action: "rebuild".into(),
+                    live: status["generations"]["live"].as_u64().unwrap_or(0) as u32,
+                    previous: status["generations"]["previous"].as_u64().map(|p| p as u32),
+                    events,
+                    seconds: Some(seconds),
+                    events_per_second: events.map(|e| e as f64 / seconds.max(0.001)),
+                });
+            }
+            Some("failed") => anyhow::bail!("the rebuild failed: {}", job["error"].as_str().unwrap_or("unknown")),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// A rebuild running inside the dev server.
+#[derive(Debug, Clone, Serialize)]
+struct Job {
+    generation: u32,
+    /// `building`, `switched` or `failed`.
+    state: &'static str,
+    progress: Option<Progress>,
+    error: Option<String>,
+}
+
+struct DevState {
+    gens: Generations,
+    runtimes: HashMap<u32, GenerationRuntime>,
+    job: Option<Job>,
+}
+
+/// The dev server's generations: each kept generation's runtime, and the readers' switches.
+pub struct DevGenerations {
+    settings: Settings,
+    log: Arc<dyn EventLog>,
+    codec: Arc<Codec>,
+    pub store: Arc<SwitchedReadStore>,
+    pub search: Arc<SwitchedSearchIndex>,
+    state: Mutex<DevState>,
+    /// The running rebuild's latest progress, updated from its catch-up loop.
+    latest: Arc<std::sync::Mutex<Option<Progress>>>,
+}
+
+impl DevGenerations {
+    /// Starts the live generation (and the previous one, kept current for an instant rollback).
+    pub async fn open(settings: &Settings, log: Arc<dyn EventLog>, codec: Arc<Codec>) -> anyhow::Result<Arc<Self>> {
+        let gens = Generations::load(&settings.storage.data_dir)?;
+        let mut runtimes = HashMap::new();
+        for generation in [Some(gens.live), gens.previous].into_iter().flatten() {
+            let runtime = GenerationRuntime::start(settings, log.clone(), codec.clone(), generation, None).await?;
+            runtimes.insert(generation, runtime);
+        }
+        let live = &runtimes[&gens.live];
+        let store = Arc::new(SwitchedReadStore::new(live.store.clone()));
+        let search = Arc::new(SwitchedSearchIndex::new(live.search.clone()));
+        let state = Mutex::new(DevState { gens, runtimes, job: None });
+        let latest = Arc::new(std::sync::Mutex::new(None));
+        Ok(Arc::new(Self { settings: settings.clone(), log, codec, store, search, state, latest }))
+    }
+
+    pub async fn stop(&self) {
+        let runtimes: Vec<_> = self.state.lock().await.runtimes.drain().map(|(_, r)| r).collect();
+        for runtime in runtimes {
+            runtime.stop().await;
+        }
+    }
+
+    fn point_readers_at(&self, runtime: &GenerationRuntime) {
+        self.store.switch_to(runtime.store.clone());
+        self.search.switch_to(runtime.search.clone());
+    }
+
+    async fn start_rebuild(self: &Arc<Self>, from: Option<Position>) -> Result<u32, Problem> {
+        let conflict =
+            |detail: String| Problem::new(StatusCode::CONFLICT, "replay-conflict", "Replay conflict", detail);
+        let data_dir = &self.settings.storage.data_dir;
+        let generation = {
+            let mut state = self.state.lock().await;
+            if state.job.as_ref().is_some_and(|j| j.state == "building") {
+                return Err(conflict("a rebuild is already running".into()));
+            }
+            if let Some(previous) = state.gens.previous {
+                return Err(conflict(format!(
+                    "generation {previous} is kept for rollback; run `callisto replay --drop-old` first"
+                )));
+            }
+            let generation = match state.gens.building {
+                Some(resumed) => resumed,
+                None => {
+                    let next = state.gens.next();
+                    generations::remove(data_dir, next).map_err(internal)?;
+                    state.gens.building = Some(next);
+                    state.gens.save(data_dir).map_err(internal)?;
+                    next
+                }
+            };
+            state.job = Some(Job { generation, state: "building", progress: None, error: None });
+            generation
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.rebuild(generation, from).await {
+                tracing::error!(error = %e, generation, "rebuild failed");
+                if let Some(job) = this.state.lock().await.job.as_mut() {
+                    job.state = "failed";
+                    job.error = Some(format!("{e:#}"));
+                }
+            }
+        });
+        Ok(generation)
+    }
+
+    async fn rebuild(self: &Arc<Self>, generation: u32, from: Option<Position>) -> anyhow::Result<()> {
+        let topic = self.settings.log.topic.clone();
+        let starts = start_offsets(self.log.as_ref(), &topic, from).await?;
+        let runtime =
+            GenerationRuntime::start(&self.settings, self.log.clone(), self.codec.clone(), generation, starts.clone())
+                .await?;
+        let latest = self.latest.clone();
+        let done = catch_up(self.log.as_ref(), &topic, &runtime, &starts, |p| {
+            *latest.lock().expect("progress lock poisoned") = Some(p.clone());
+        })
+        .await?;
+        let mut state = self.state.lock().await;
+        self.point_readers_at(&runtime);
+        state.gens.previous = Some(state.gens.live);
+        state.gens.live = generation;
+        state.gens.building = None;
+        state.gens.save(&self.settings.storage.data_dir)?;
+        state.runtimes.insert(generation, runtime);
+        if let Some(job) = state.job.as_mut() {
+            job.state = "switched";
+            job.progress = Some(done);
+        }
+        tracing::info!(generation, "readers switched to the rebuilt generation");
+        Ok(())
+    }
+
+    async fn rollback(&self) -> Result<Summary, Problem> {
+        let mut state = self.state.lock().await;
+        let previous = state.gens.previous.ok_or_else(|| {
+            Problem::new(StatusCode::CONFLICT, "replay-conflict", "Replay conflict", "there is no previous generation")
+        })?;
+        self.point_readers_at(&state.runtimes[&previous]);
+        let live = state.gens.live;
+        state.gens.previous = Some(live);
+        state.gens.live = previous;
+        state.gens.save(&self.settings.storage.data_dir).map_err(internal)?;
+        Ok(summary("rollback", &state.gens))
+    }
+
+    async fn drop_old(&self) -> Result<Summary, Problem> {
+        let mut state = self.state.lock().await;
+        let previous = state.gens.previous.take().ok_or_else(|| {
+            Problem::new(StatusCode::CONFLICT, "replay-conflict", "Replay conflict", "there is no previous generation")
+        })?;
+        state.gens.save(&self.settings.storage.data_dir).map_err(internal)?;
+        if let Some(runtime) = state.runtimes.remove(&previous) {
+            runtime.stop().await;
+        }
+        generations::remove(&self.settings.storage.data_dir, previous).map_err(internal)?;
+        Ok(summary("drop-old", &state.gens))
+    }
+
+    /// The generations and the rebuild job, with the running job's latest progress.
+    async fn status(&self) -> serde_json::Value {
+        let (gens, mut job) = {
+            let state = self.state.lock().await;
+            (state.gens.clone(), state.job.clone())
+        };
+        if let Some(job) = job.as_mut().filter(|j| j.state == "building") {
+            job.progress = self.latest.lock().expect("progress lock poisoned").clone();
+        }
+        serde_json::json!({"generations": gens, "job": job})
+    }
+
+    pub fn routes(self: Arc<Self>) -> Router {
+        Router::new()
+            .route("/admin/v1/replay", post(start_replay).get(replay_status))
+            .route("/admin/v1/replay/rollback", post(rollback))
+            .route("/admin/v1/replay/drop-old", post(drop_old))
+            .with_state(self)
+    }
+}
+
+fn internal(e: anyhow::Error) -> Problem {
+    Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error", format!("{e:#}"))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayBody {
+    from: Option<String>,
+}
+
+async fn start_replay(
+    State(dev): State<Arc<DevGenerations>>,
+    body: ApiJsonOrEmpty<ReplayBody>,
+) -> Result<Response, Problem> {
+    let from =
+        body.value.from.map(|f| f.parse::<Position>().map_err(|e| Problem::invalid_field("from", e))).transpose()?;
+    let generation = dev.start_rebuild(from).await?;
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({"generation": generation}))).into_response())
+}
+
+async fn replay_status(State(dev): State<Arc<DevGenerations>>) -> Json<serde_json::Value> {
+    Json(dev.status().await)
+}
+
+async fn rollback(State(dev): State<Arc<DevGenerations>>) -> Result<Json<serde_json::Value>, Problem> {
+    Ok(Json(serde_json::json!({"summary": dev.rollback().await?})))
+}
+
+async fn drop_old(State(dev): State<Arc<DevGenerations>>) -> Result<Json<serde_json::Value>, Problem> {
+    Ok(Json(serde_json::json!({"summary": dev.drop_old().await?})))
+}

@@ -1,0 +1,244 @@
+//! `callisto replay`: rebuild the read models into a new generation from offset 0 (or from a
+//! point in time) while the live generation keeps serving, then switch readers to it.
+//!
+//! - A rebuild writes only to its own generation; the live one is never touched.
+//! - Its progress is its own checkpoints, so an interrupted rebuild resumes where it stopped
+//!   when run again (the pointer file remembers the generation being built).
+//! - The switch is one atomic pointer replacement (and, in a running `callisto dev`, one swap
+//!   of the readers' switch). The old generation is kept, and kept current, until
+//!   `--drop-old`; `--rollback` switches back.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use callisto_avro::Codec;
+use callisto_core::config::Settings;
+use callisto_core::log::EventLog;
+use callisto_core::readmodel::Projection;
+use callisto_core::readmodel::embedded::EmbeddedReadStore;
+use callisto_core::readmodel::search::TantivySearchIndex;
+use callisto_core::replay::Position;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::backends;
+use crate::generations::{self, Generations};
+
+/// One generation's read models with the projector that keeps them current.
+pub struct GenerationRuntime {
+    pub generation: u32,
+    pub store: Arc<EmbeddedReadStore>,
+    pub search: Arc<TantivySearchIndex>,
+    shutdown: CancellationToken,
+    projector: tokio::task::JoinHandle<()>,
+}
+
+impl GenerationRuntime {
+    pub async fn start(
+        settings: &Settings,
+        log: Arc<dyn EventLog>,
+        codec: Arc<Codec>,
+        generation: u32,
+        start_offsets: Option<Vec<u64>>,
+    ) -> anyhow::Result<Self> {
+        let side = backends::open_generation(settings, generation)?;
+        let shutdown = CancellationToken::new();
+        let projections: Vec<Arc<dyn Projection>> = vec![side.store.clone(), side.search.clone()];
+        let mut projector_settings = callisto_projectors::ProjectorSettings::new(&settings.log.topic);
+        projector_settings.start_offsets = start_offsets;
+        projector_settings.group = format!("callisto-projectors.g{generation}");
+        let projector = callisto_projectors::Projector::new(log, codec, projections, projector_settings)
+            .start(shutdown.clone())
+            .await?;
+        Ok(Self { generation, store: side.store, search: side.search, shutdown, projector })
+    }
+
+    /// Events applied by both projections, summed over partitions.
+    pub fn applied(&self) -> u64 {
+        let applied = |p: &dyn Projection| -> u64 { p.progress().borrow().values().map(|o| o + 1).sum() };
+        applied(self.store.as_ref()).min(applied(self.search.as_ref()))
+    }
+
+    /// Stops the projector after its current batch and closes the stores.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.projector.await;
+    }
+}
+
+/// Where each partition starts when rebuilding from `from`.
+pub async fn start_offsets(
+    log: &dyn EventLog,
+    topic: &str,
+    from: Option<Position>,
+) -> anyhow::Result<Option<Vec<u64>>> {
+    Ok(match from {
+        None | Some(Position::Offset(0)) => None,
+        Some(Position::Offset(o)) => Some(vec![o; log.partitions(topic).await? as usize]),
+        Some(Position::Timestamp(t)) => {
+            let ends = log.end_offsets(topic).await?;
+            let found = log.offsets_for_timestamp(topic, t.timestamp_millis()).await?;
+            Some(found.iter().zip(&ends).map(|(f, end)| f.unwrap_or(*end)).collect())
+        }
+    })
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Progress {
+    pub generation: u32,
+    /// Events the new generation has applied since its start position.
+    pub done: u64,
+    /// Events between the start position and the log head now.
+    pub total: u64,
+    pub lag: u64,
+    pub events_per_second: f64,
+}
+
+pub async fn progress(
+    log: &dyn EventLog,
+    topic: &str,
+    runtime: &GenerationRuntime,
+    starts: &Option<Vec<u64>>,
+    since: Instant,
+    done_at_start: u64,
+) -> anyhow::Result<Progress> {
+    let ends: u64 = log.end_offsets(topic).await?.iter().sum();
+    let start: u64 = starts.as_ref().map_or(0, |s| s.iter().sum());
+    let done = runtime.applied().saturating_sub(start);
+    let total = ends.saturating_sub(start);
+    let rate = (done.saturating_sub(done_at_start)) as f64 / since.elapsed().as_secs_f64().max(0.001);
+    Ok(Progress {
+        generation: runtime.generation,
+        done,
+        total,
+        lag: total.saturating_sub(done),
+        events_per_second: rate,
+    })
+}
+
+/// Waits until `runtime` has caught up with the log head, reporting progress as it goes.
+pub async fn catch_up(
+    log: &dyn EventLog,
+    topic: &str,
+    runtime: &GenerationRuntime,
+    starts: &Option<Vec<u64>>,
+    mut report: impl FnMut(&Progress),
+) -> anyhow::Result<Progress> {
+    let since = Instant::now();
+    let done_at_start = progress(log, topic, runtime, starts, since, 0).await?.done;
+    loop {
+        let now = progress(log, topic, runtime, starts, since, done_at_start).await?;
+        report(&now);
+        if now.lag == 0 {
+            return Ok(now);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Rebuild { from: Option<Position> },
+    Rollback,
+    DropOld,
+}
+
+/// What a replay command did; printed at the end (as JSON with `--quiet`).
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct Summary {
+    pub action: String,
+    pub live: u32,
+    pub previous: Option<u32>,
+    pub events: Option<u64>,
+    pub seconds: Option<f64>,
+    pub events_per_second: Option<f64>,
+}
+
+pub fn summary(action: &str, generations: &Generations) -> Summary {
+    Summary {
+        action: action.to_owned(),
+        live: generations.live,
+        previous: generations.previous,
+        events: None,
+        seconds: None,
+        events_per_second: None,
+    }
+}
+
+/// Runs a replay action on a stopped data dir, opening it directly.
+pub async fn run_direct(settings: &Settings, action: Action, show_progress: bool) -> anyhow::Result<Summary> {
+    let data_dir = &settings.storage.data_dir;
+    let mut gens = Generations::load(data_dir)?;
+    match action {
+        Action::Rollback => {
+            let previous = gens.previous.context("there is no previous generation to roll back to")?;
+            gens.previous = Some(gens.live);
+            gens.live = previous;
+            gens.save(data_dir)?;
+            Ok(summary("rollback", &gens))
+        }
+        Action::DropOld => {
+            let previous = gens.previous.take().context("there is no previous generation to drop")?;
+            gens.save(data_dir)?;
+            generations::remove(data_dir, previous)?;
+            Ok(summary("drop-old", &gens))
+        }
+        Action::Rebuild { from } => {
+            if let Some(previous) = gens.previous {
+                anyhow::bail!(
+                    "generation {previous} is kept for rollback; run `callisto replay --drop-old` before another rebuild"
+                );
+            }
+            let generation = match gens.building {
+                Some(resumed) => resumed,
+                None => {
+                    let next = gens.next();
+                    generations::remove(data_dir, next)?;
+                    gens.building = Some(next);
+                    gens.save(data_dir)?;
+                    next
+                }
+            };
+            let side = backends::open_log(settings)?;
+            let starts = start_offsets(side.log.as_ref(), &settings.log.topic, from).await?;
+            let started = Instant::now();
+            let runtime =
+                GenerationRuntime::start(settings, side.log.clone(), side.codec.clone(), generation, starts.clone())
+                    .await?;
+            let bar = progress_bar(show_progress);
+            let done = catch_up(side.log.as_ref(), &settings.log.topic, &runtime, &starts, |p| {
+                bar.set_length(p.total);
+                bar.set_position(p.done);
+                bar.set_message(format!("lag {}", p.lag));
+            })
+            .await?;
+            bar.finish_and_clear();
+            runtime.stop().await;
+            gens.previous = Some(gens.live);
+            gens.live = generation;
+            gens.building = None;
+            gens.save(data_dir)?;
+            let seconds = started.elapsed().as_secs_f64();
+            Ok(Summary {
+                events: Some(done.done),
+                seconds: Some(seconds),
+                events_per_second: Some(done.done as f64 / seconds.max(0.001)),
+                ..summary("rebuild", &gens)
+            })
+        }
+    }
+}
+
+pub fn progress_bar(visible: bool) -> indicatif::ProgressBar {
+    if !visible {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {pos}/{len} events [{bar:40}] {per_sec} {msg} ETA {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}
