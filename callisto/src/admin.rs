@@ -222,7 +222,13 @@ impl DevGenerations {
             GenerationRuntime::start(&self.settings, self.log.clone(), self.codec.clone(), generation, starts.clone())
                 .await?;
         let latest = self.latest.clone();
-        let done = catch_up(self.log.as_ref(), &topic, &runtime, &starts, |p| {
+        let reference = {
+            let state = self.state.lock().await;
+            state.runtimes[&state.gens.live].as_reference()
+        };
+        // While writes continue the head keeps moving; "caught up" is level with the live
+        // generation, which its own projector keeps current.
+        let done = catch_up(self.log.as_ref(), &topic, &runtime, Some(&reference), &starts, |p| {
             *latest.lock().expect("progress lock poisoned") = Some(p.clone());
         })
         .await?;

@@ -117,11 +117,34 @@ pub async fn progress(
     })
 }
 
-/// Waits until `runtime` has caught up with the log head, reporting progress as it goes.
+/// The projections of the generation readers use now: (documents, search).
+pub type Reference = (Arc<dyn Projection>, Arc<dyn Projection>);
+
+impl GenerationRuntime {
+    pub fn as_reference(&self) -> Reference {
+        (self.store.clone(), self.search.clone())
+    }
+}
+
+/// Whether `runtime` has applied, in every partition and in both projections, at least as much
+/// as `reference`.
+fn level_with(runtime: &GenerationRuntime, reference: &Reference) -> bool {
+    let ahead = |new: &dyn Projection, old: &dyn Projection| {
+        let (new, old) = (new.progress().borrow().clone(), old.progress().borrow().clone());
+        old.iter().all(|(p, offset)| new.get(p).is_some_and(|n| n >= offset))
+    };
+    ahead(runtime.store.as_ref(), reference.0.as_ref()) && ahead(runtime.search.as_ref(), reference.1.as_ref())
+}
+
+/// Waits until `runtime` has caught up, reporting progress as it goes. With a `reference` (a
+/// live generation kept current by its own projector while writes continue) "caught up" means
+/// level with it in every partition, so switching readers never shows them an older state;
+/// without one (a stopped data dir) it means at the log head.
 pub async fn catch_up(
     log: &dyn EventLog,
     topic: &str,
     runtime: &GenerationRuntime,
+    reference: Option<&Reference>,
     starts: &Option<Vec<u64>>,
     mut report: impl FnMut(&Progress),
 ) -> anyhow::Result<Progress> {
@@ -130,10 +153,14 @@ pub async fn catch_up(
     loop {
         let now = progress(log, topic, runtime, starts, since, done_at_start).await?;
         report(&now);
-        if now.lag == 0 {
+        let caught_up = match reference {
+            Some(reference) => level_with(runtime, reference),
+            None => now.lag == 0,
+        };
+        if caught_up {
             return Ok(now);
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -207,7 +234,7 @@ pub async fn run_direct(settings: &Settings, action: Action, show_progress: bool
                 GenerationRuntime::start(settings, side.log.clone(), side.codec.clone(), generation, starts.clone())
                     .await?;
             let bar = progress_bar(show_progress);
-            let done = catch_up(side.log.as_ref(), &settings.log.topic, &runtime, &starts, |p| {
+            let done = catch_up(side.log.as_ref(), &settings.log.topic, &runtime, None, &starts, |p| {
                 bar.set_length(p.total);
                 bar.set_position(p.done);
                 bar.set_message(format!("lag {}", p.lag));
