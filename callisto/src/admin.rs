@@ -6,7 +6,9 @@
 //! The admin API lives on the dev server's own listener under `/admin/v1/`:
 //! - `POST /admin/v1/replay` `{from?}` starts a rebuild into a new generation (202);
 //! - `GET /admin/v1/replay` reports the generations and the rebuild's progress;
-//! - `POST /admin/v1/replay/rollback` and `POST /admin/v1/replay/drop-old`.
+//! - `POST /admin/v1/replay/rollback` and `POST /admin/v1/replay/drop-old`;
+//! - `GET /admin/v1/dlq`, `GET /admin/v1/dlq/{id}`, `POST /admin/v1/dlq/replay` `{ids?}` and
+//!   `POST /admin/v1/dlq/purge` for `callisto dlq`.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -22,6 +24,7 @@ use callisto_avro::Codec;
 use callisto_core::config::Settings;
 use callisto_core::http::{ApiJsonOrEmpty, Problem, Router};
 use callisto_core::log::EventLog;
+use callisto_core::readmodel::Projection;
 use callisto_core::readmodel::switch::{SwitchedReadStore, SwitchedSearchIndex};
 use callisto_core::replay::Position;
 use serde::{Deserialize, Serialize};
@@ -116,6 +119,56 @@ async fn replay_via(base: &str, action: Action, show_progress: bool) -> anyhow::
             _ => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
+}
+
+/// A `callisto dlq` request.
+#[derive(Debug, Clone)]
+pub enum DlqCommand {
+    List,
+    Show(String),
+    Replay(Option<Vec<String>>),
+    Purge,
+}
+
+/// `callisto dlq`, through the running dev server when there is one; the answer as JSON.
+pub async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<serde_json::Value> {
+    let dlq_topic = callisto_projectors::dlq::topic_for(&settings.log.topic);
+    if let Some(base) = running_dev(&settings.storage.data_dir).await {
+        let client = reqwest::Client::new();
+        let request = match &command {
+            DlqCommand::List => client.get(format!("{base}/admin/v1/dlq")),
+            DlqCommand::Show(id) => client.get(format!("{base}/admin/v1/dlq/{id}")),
+            DlqCommand::Replay(ids) => {
+                client.post(format!("{base}/admin/v1/dlq/replay")).json(&serde_json::json!({"ids": ids}))
+            }
+            DlqCommand::Purge => client.post(format!("{base}/admin/v1/dlq/purge")),
+        };
+        let response = request.send().await?;
+        let status = response.status();
+        let body: serde_json::Value = response.json().await?;
+        anyhow::ensure!(status.is_success(), "{}", body["detail"].as_str().unwrap_or("the dev server refused"));
+        return Ok(body);
+    }
+    let side = crate::backends::open_log(settings)?;
+    let (log, codec) = (side.log.as_ref(), side.codec.as_ref());
+    Ok(match command {
+        DlqCommand::List => serde_json::to_value(crate::dlq::list(log, &dlq_topic).await?)?,
+        DlqCommand::Show(id) => {
+            serde_json::to_value(crate::dlq::show(log, codec, &dlq_topic, &id).await.map_err(anyhow::Error::msg)?)?
+        }
+        DlqCommand::Replay(ids) => {
+            let read = crate::backends::open_read_models(settings)?;
+            let projections: HashMap<&'static str, Arc<dyn Projection>> = HashMap::from([
+                ("documents", read.store as Arc<dyn Projection>),
+                ("search", read.search as Arc<dyn Projection>),
+            ]);
+            let report = crate::dlq::redrive(log, codec, &dlq_topic, &projections, ids.as_deref())
+                .await
+                .map_err(anyhow::Error::msg)?;
+            serde_json::to_value(report)?
+        }
+        DlqCommand::Purge => serde_json::to_value(crate::dlq::purge(log, &dlq_topic).await?)?,
+    })
 }
 
 /// A rebuild running inside the dev server.
@@ -290,6 +343,10 @@ impl DevGenerations {
             .route("/admin/v1/replay", post(start_replay).get(replay_status))
             .route("/admin/v1/replay/rollback", post(rollback))
             .route("/admin/v1/replay/drop-old", post(drop_old))
+            .route("/admin/v1/dlq", axum::routing::get(dlq_list))
+            .route("/admin/v1/dlq/replay", post(dlq_replay))
+            .route("/admin/v1/dlq/purge", post(dlq_purge))
+            .route("/admin/v1/dlq/{id}", axum::routing::get(dlq_show))
             .with_state(self)
     }
 }
@@ -324,4 +381,54 @@ async fn rollback(State(dev): State<Arc<DevGenerations>>) -> Result<Json<serde_j
 
 async fn drop_old(State(dev): State<Arc<DevGenerations>>) -> Result<Json<serde_json::Value>, Problem> {
     Ok(Json(serde_json::json!({"summary": dev.drop_old().await?})))
+}
+
+impl DevGenerations {
+    fn dlq_topic(&self) -> String {
+        callisto_projectors::dlq::topic_for(&self.settings.log.topic)
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Problem {
+    Problem::unavailable(e.to_string(), 1)
+}
+
+async fn dlq_list(State(dev): State<Arc<DevGenerations>>) -> Result<Json<crate::dlq::Listing>, Problem> {
+    Ok(Json(crate::dlq::list(dev.log.as_ref(), &dev.dlq_topic()).await.map_err(unavailable)?))
+}
+
+async fn dlq_show(
+    State(dev): State<Arc<DevGenerations>>,
+    callisto_core::http::ApiPath(id): callisto_core::http::ApiPath<String>,
+) -> Result<Json<crate::dlq::Detail>, Problem> {
+    crate::dlq::parse_id(&id).map_err(|e| Problem::malformed(e.clone()).with_field("id", e))?;
+    crate::dlq::show(dev.log.as_ref(), &dev.codec, &dev.dlq_topic(), &id).await.map(Json).map_err(Problem::not_found)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RedriveBody {
+    ids: Option<Vec<String>>,
+}
+
+async fn dlq_replay(
+    State(dev): State<Arc<DevGenerations>>,
+    body: ApiJsonOrEmpty<RedriveBody>,
+) -> Result<Json<crate::dlq::Redrive>, Problem> {
+    for id in body.value.ids.iter().flatten() {
+        crate::dlq::parse_id(id).map_err(|e| Problem::invalid_field("ids", e))?;
+    }
+    let projections: HashMap<&'static str, Arc<dyn Projection>> = HashMap::from([
+        ("documents", dev.store.clone() as Arc<dyn Projection>),
+        ("search", dev.search.clone() as Arc<dyn Projection>),
+    ]);
+    let report =
+        crate::dlq::redrive(dev.log.as_ref(), &dev.codec, &dev.dlq_topic(), &projections, body.value.ids.as_deref())
+            .await
+            .map_err(Problem::not_found)?;
+    Ok(Json(report))
+}
+
+async fn dlq_purge(State(dev): State<Arc<DevGenerations>>) -> Result<Json<crate::dlq::Purge>, Problem> {
+    Ok(Json(crate::dlq::purge(dev.log.as_ref(), &dev.dlq_topic()).await.map_err(unavailable)?))
 }

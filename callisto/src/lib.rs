@@ -6,6 +6,7 @@
 //! ## Layout
 //! - [`admin`]: batch commands through a running `callisto dev`, and its admin API.
 //! - [`backends`]: opens the embedded stand-ins (log, registry, read models) under the data dir.
+//! - [`dlq`]: `callisto dlq`: list, show, re-drive and purge dead letters.
 //! - [`export`]: `callisto export`, JSON Lines or Avro out of the log, on the replay API.
 //! - [`generations`]: live, previous and building generations of the read models.
 //! - [`replay`]: `callisto replay`, blue/green rebuilds of the read models.
@@ -15,6 +16,7 @@
 
 pub mod admin;
 pub mod backends;
+pub mod dlq;
 pub mod export;
 pub mod generations;
 pub mod replay;

@@ -36,6 +36,9 @@ enum Command {
     /// Rebuild the read models into a new generation with no downtime, then switch readers to it
     /// (blue/green). Works on a stopped data dir, or through a running `callisto dev` on it.
     Replay(ReplayArgs),
+    /// Inspect and re-drive the dead-letter topic. Works on a stopped data dir, or through a
+    /// running `callisto dev` on it.
+    Dlq(DlqArgs),
     /// Export a topic's events for batch jobs: JSON Lines or an Avro container file, in
     /// partition order, then offset order within each partition.
     Export(ExportArgs),
@@ -49,6 +52,41 @@ struct ServeArgs {
     /// Directory for embedded state (overrides storage.data_dir).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct DlqArgs {
+    /// Directory of the embedded data (overrides storage.data_dir).
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: DlqCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// Every dead letter, with counts by projection and error.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One dead letter: original bytes, headers, error and decoded payload.
+    Show { id: String },
+    /// Re-drive dead letters through their projections after a fix.
+    Replay {
+        /// Dead-letter ids (`partition:offset`), as `list` shows them.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete every dead letter.
+    Purge {
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -121,6 +159,9 @@ fn main() -> anyhow::Result<()> {
         if let Command::Replay(args) = &cli.command {
             return replay(cli.config.as_deref(), args).await;
         }
+        if let Command::Dlq(args) = &cli.command {
+            return dlq(cli.config.as_deref(), args).await;
+        }
         let (Command::Dev(args) | Command::Writer(args) | Command::Projector(args) | Command::QueryApi(args)) =
             &cli.command
         else {
@@ -134,7 +175,9 @@ fn main() -> anyhow::Result<()> {
             Command::Writer(_) => callisto::services::run_writer(settings, shutdown).await,
             Command::Projector(_) => callisto::services::run_projector(settings, shutdown).await,
             Command::QueryApi(_) => callisto::services::run_query_api(settings, shutdown).await,
-            Command::Export(_) | Command::Replay(_) => unreachable!("batch commands returned above"),
+            Command::Export(_) | Command::Replay(_) | Command::Dlq(_) => {
+                unreachable!("batch commands returned above")
+            }
         }
     })
 }
@@ -205,6 +248,55 @@ async fn replay(config: Option<&std::path::Path>, args: &ReplayArgs) -> anyhow::
         if let (Some(events), Some(rate)) = (summary.events, summary.events_per_second) {
             eprintln!("rebuilt {events} events at {rate:.0} events/s");
         }
+    }
+    Ok(())
+}
+
+async fn dlq(config: Option<&std::path::Path>, args: &DlqArgs) -> anyhow::Result<()> {
+    use callisto::admin::DlqCommand as Request;
+    let settings = batch_settings(config, &args.data_dir)?;
+    let request = match &args.command {
+        DlqCommand::List { .. } => Request::List,
+        DlqCommand::Show { id } => Request::Show(id.clone()),
+        DlqCommand::Replay { ids, all } => Request::Replay((!*all).then(|| ids.clone())),
+        DlqCommand::Purge { yes } => {
+            if !*yes {
+                let listing = callisto::admin::dlq(&settings, Request::List).await?;
+                let count = listing["entries"].as_array().map_or(0, Vec::len);
+                eprint!("delete all {count} dead letters? type `purge` to confirm: ");
+                let mut answer = String::new();
+                std::io::stdin().read_line(&mut answer)?;
+                anyhow::ensure!(answer.trim() == "purge", "not confirmed; nothing deleted");
+            }
+            Request::Purge
+        }
+    };
+    let answer = callisto::admin::dlq(&settings, request).await?;
+    match &args.command {
+        DlqCommand::List { json: false } => {
+            println!("{:<8} {:<10} {:<6} {:<24} error", "id", "projection", "count", "source");
+            for count in answer["counts"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<8} {:<10} {:<6} {:<24} {}",
+                    "*",
+                    count["projection"].as_str().unwrap_or(""),
+                    count["count"],
+                    "",
+                    count["error"].as_str().unwrap_or("")
+                );
+            }
+            for entry in answer["entries"].as_array().into_iter().flatten() {
+                let error = entry["error"].as_str().unwrap_or("").lines().next().unwrap_or("");
+                println!(
+                    "{:<8} {:<10} {:<6} {:<24} {error}",
+                    entry["id"].as_str().unwrap_or(""),
+                    entry["projection"].as_str().unwrap_or(""),
+                    "",
+                    entry["source"].as_str().unwrap_or("")
+                );
+            }
+        }
+        _ => println!("{}", serde_json::to_string_pretty(&answer)?),
     }
     Ok(())
 }

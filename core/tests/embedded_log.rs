@@ -218,3 +218,18 @@ async fn concurrent_appends_share_commits() {
     let commits = log.commit_count() - commits_before;
     assert!(commits < 200, "200 concurrent appends took {commits} commits; group commit is not grouping");
 }
+
+#[tokio::test]
+async fn deleting_records_removes_only_those_below_the_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    log.ensure_topic(TOPIC, 1).await.unwrap();
+    for i in 0..6 {
+        log.append(request("k", &format!("{i}"))).await.unwrap();
+    }
+    log.delete_records(TOPIC, 0, 4).await.unwrap();
+    let left = log.read(TOPIC, 0, 0, 100, Duration::ZERO).await.unwrap();
+    assert_eq!(left.iter().map(|r| r.offset).collect::<Vec<_>>(), [4, 5]);
+    assert_eq!(log.end_offsets(TOPIC).await.unwrap(), [6], "offsets are never reused");
+    assert_eq!(log.append(request("k", "next")).await.unwrap().offset, 6);
+}

@@ -415,6 +415,9 @@ impl EventLog for BrokenLog {
     async fn committed_offsets(&self, _: &str, _: &str) -> Result<Vec<(u32, u64)>, LogError> {
         Ok(vec![])
     }
+    async fn delete_records(&self, _: &str, _: u32, _: u64) -> Result<(), LogError> {
+        Err(LogError::Unavailable("disk on fire".into()))
+    }
     async fn health(&self) -> Result<(), LogError> {
         Err(LogError::Unavailable("disk on fire".into()))
     }

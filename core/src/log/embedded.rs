@@ -400,6 +400,30 @@ impl EventLog for EmbeddedLog {
         .await
     }
 
+    async fn delete_records(&self, topic: &str, partition: u32, before: u64) -> Result<(), LogError> {
+        let topic = topic.to_owned();
+        self.blocking(move |db| {
+            let partitions = topic_partitions(db, &topic)?;
+            if partition >= partitions {
+                return Err(LogError::UnknownPartition { topic, partition });
+            }
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut records = txn.open_table(RECORDS).map_err(unavailable)?;
+                let doomed: Vec<u64> = records
+                    .range((topic.as_str(), partition, 0)..(topic.as_str(), partition, before))
+                    .map_err(unavailable)?
+                    .map(|entry| entry.map(|(k, _)| k.value().2).map_err(unavailable))
+                    .collect::<Result<_, _>>()?;
+                for offset in doomed {
+                    records.remove((topic.as_str(), partition, offset)).map_err(unavailable)?;
+                }
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
     async fn health(&self) -> Result<(), LogError> {
         match (&self.queue, &self.writer) {
             (Some(queue), Some(writer)) if !queue.is_closed() && !writer.is_finished() => Ok(()),

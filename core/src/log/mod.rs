@@ -121,6 +121,10 @@ pub trait EventLog: Send + Sync + 'static {
     /// A consumer group's committed offsets, as (partition, offset).
     async fn committed_offsets(&self, group: &str, topic: &str) -> Result<Vec<(u32, u64)>, LogError>;
 
+    /// Deletes a partition's records below `before` (Kafka's `DeleteRecords`): what `dlq purge`
+    /// does to the dead-letter topic. Offsets are never reused.
+    async fn delete_records(&self, topic: &str, partition: u32, before: u64) -> Result<(), LogError>;
+
     /// Whether the log can take appends now; backs `/readyz`.
     async fn health(&self) -> Result<(), LogError>;
 }
