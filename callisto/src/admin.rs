@@ -7,6 +7,8 @@
 //! - `POST /admin/v1/replay` `{from?}` starts a rebuild into a new generation (202);
 //! - `GET /admin/v1/replay` reports the generations and the rebuild's progress;
 //! - `POST /admin/v1/replay/rollback` and `POST /admin/v1/replay/drop-old`;
+//! - `GET /admin/v1/export?format=&partitions=&from=&to=` streams what `callisto export`
+//!   writes;
 //! - `GET /admin/v1/dlq`, `GET /admin/v1/dlq/{id}`, `POST /admin/v1/dlq/replay` `{ids?}` and
 //!   `POST /admin/v1/dlq/purge` for `callisto dlq`.
 
@@ -15,6 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -119,6 +122,55 @@ async fn replay_via(base: &str, action: Action, show_progress: bool) -> anyhow::
             _ => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
+}
+
+/// `callisto export`, streamed from the running dev server when there is one.
+pub async fn export(
+    settings: &Settings,
+    selection: &crate::export::Selection,
+    output: Option<std::path::PathBuf>,
+    progress: bool,
+) -> anyhow::Result<crate::export::ExportSummary> {
+    use std::io::Write;
+    let Some(base) = running_dev(&settings.storage.data_dir).await else {
+        return crate::export::run_direct(settings, selection, output, progress).await;
+    };
+    let mut query: Vec<(&str, String)> =
+        vec![("format", serde_json::to_value(selection.format)?.as_str().unwrap_or("jsonl").to_owned())];
+    if let Some(partitions) = &selection.partitions {
+        query.push(("partitions", partitions.iter().map(u32::to_string).collect::<Vec<_>>().join(",")));
+    }
+    for (name, position) in [("from", selection.from), ("to", selection.to)] {
+        match position {
+            Some(Position::Offset(o)) => query.push((name, o.to_string())),
+            Some(Position::Timestamp(t)) => query.push((name, t.to_rfc3339())),
+            None => {}
+        }
+    }
+    let mut response = reqwest::Client::new().get(format!("{base}/admin/v1/export")).query(&query).send().await?;
+    if !response.status().is_success() {
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        anyhow::bail!("{}", body["detail"].as_str().unwrap_or("the dev server refused"));
+    }
+    let mut sink: Box<dyn Write> = match &output {
+        Some(path) => Box::new(std::fs::File::create(path)?),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let (mut bytes, mut lines) = (0u64, 0u64);
+    while let Some(chunk) = response.chunk().await.context("the export stream broke off")? {
+        bytes += chunk.len() as u64;
+        lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
+        sink.write_all(&chunk)?;
+    }
+    sink.flush()?;
+    let records = if selection.format == crate::export::Format::Jsonl { lines } else { 0 };
+    Ok(crate::export::ExportSummary {
+        topic: settings.log.topic.clone(),
+        format: selection.format,
+        records,
+        undecodable: 0,
+        bytes,
+    })
 }
 
 /// A `callisto dlq` request.
@@ -343,6 +395,7 @@ impl DevGenerations {
             .route("/admin/v1/replay", post(start_replay).get(replay_status))
             .route("/admin/v1/replay/rollback", post(rollback))
             .route("/admin/v1/replay/drop-old", post(drop_old))
+            .route("/admin/v1/export", axum::routing::get(export_stream))
             .route("/admin/v1/dlq", axum::routing::get(dlq_list))
             .route("/admin/v1/dlq/replay", post(dlq_replay))
             .route("/admin/v1/dlq/purge", post(dlq_purge))
@@ -431,4 +484,80 @@ async fn dlq_replay(
 
 async fn dlq_purge(State(dev): State<Arc<DevGenerations>>) -> Result<Json<crate::dlq::Purge>, Problem> {
     Ok(Json(crate::dlq::purge(dev.log.as_ref(), &dev.dlq_topic()).await.map_err(unavailable)?))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportParams {
+    format: Option<String>,
+    partitions: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+}
+
+async fn export_stream(
+    State(dev): State<Arc<DevGenerations>>,
+    callisto_core::http::ApiQuery(params): callisto_core::http::ApiQuery<ExportParams>,
+) -> Result<Response, Problem> {
+    let format = match params.format.as_deref() {
+        None | Some("jsonl") => crate::export::Format::Jsonl,
+        Some("avro") => crate::export::Format::Avro,
+        Some(other) => {
+            return Err(Problem::malformed(format!("format {other:?} is not jsonl or avro"))
+                .with_field("format", "jsonl or avro"));
+        }
+    };
+    let partitions = params
+        .partitions
+        .map(|list| list.split(',').map(|p| p.trim().parse::<u32>()).collect::<Result<Vec<_>, _>>())
+        .transpose()
+        .map_err(|_| {
+            Problem::malformed("partitions must be numbers separated by commas").with_field("partitions", "e.g. 0,3")
+        })?;
+    let position = |field: &str, raw: Option<String>| {
+        raw.map(|r| r.parse::<Position>().map_err(|e| Problem::malformed(e.clone()).with_field(field, e))).transpose()
+    };
+    let selection = crate::export::Selection {
+        partitions,
+        from: position("from", params.from)?,
+        to: position("to", params.to)?,
+        format,
+    };
+    // Planning errors (an unknown partition) are answered before the stream starts.
+    let request = callisto_core::replay::ReplayRequest {
+        topic: dev.settings.log.topic.clone(),
+        partitions: selection.partitions.clone(),
+        from: selection.from,
+        to: selection.to,
+    };
+    callisto_core::replay::plan(dev.log.as_ref(), &request)
+        .await
+        .map_err(|e| Problem::malformed(e.to_string()).with_field("partitions", e.to_string()))?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(8);
+    let (log, codec, topic) = (dev.log.clone(), dev.codec.clone(), dev.settings.log.topic.clone());
+    tokio::spawn(async move {
+        let mut sink = ChannelSink(tx.clone());
+        let sent = crate::export::export(log, codec, &topic, &selection, |_| {}, || {}, &mut sink).await;
+        if let Err(e) = sent {
+            // Aborting the body tells the client the export is incomplete.
+            let _ = tx.send(Err(std::io::Error::other(format!("{e:#}")))).await;
+        }
+    });
+    let body = axum::body::Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }));
+    let content_type = match format {
+        crate::export::Format::Jsonl => "application/x-ndjson",
+        crate::export::Format::Avro => "application/avro",
+    };
+    Ok(([(axum::http::header::CONTENT_TYPE, content_type)], body).into_response())
+}
+
+/// Export chunks onto an HTTP response body.
+struct ChannelSink(tokio::sync::mpsc::Sender<Result<axum::body::Bytes, std::io::Error>>);
+
+impl crate::export::ChunkSink for ChannelSink {
+    fn send(&mut self, chunk: Vec<u8>) -> futures::future::BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async move { self.0.send(Ok(chunk.into())).await.map_err(|_| anyhow::anyhow!("client went away")) })
+    }
 }

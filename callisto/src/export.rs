@@ -2,22 +2,29 @@
 //! JSON Lines or as an Avro object container file, built on [`callisto_core::replay`].
 //!
 //! Output order is partition by partition, then offset (see [`callisto_core::replay`]).
+//! The bytes are produced in chunks, so the same code writes a file directly or streams an
+//! HTTP body from a running `callisto dev` (`GET /admin/v1/export`).
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use apache_avro::types::Value;
-use callisto_avro::EventKind;
+use callisto_avro::{Codec, EventKind};
 use callisto_core::config::Settings;
+use callisto_core::log::{EventLog, LogError, Record};
 use callisto_core::readmodel::{ProjectedEvent, timeline_entry};
-use callisto_core::replay::{Position, ReplayRequest, plan, stream};
+use callisto_core::replay::{Position, ReplayRequest, Replayed, plan, stream};
 use futures::StreamExt;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::backends;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+/// Bytes handed to the sink at a time.
+const CHUNK: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     /// One JSON object per line: position, timestamp, key and the decoded event.
@@ -26,15 +33,13 @@ pub enum Format {
     Avro,
 }
 
+/// What to export.
 #[derive(Debug, Clone)]
-pub struct ExportOptions {
+pub struct Selection {
     pub partitions: Option<Vec<u32>>,
     pub from: Option<Position>,
     pub to: Option<Position>,
     pub format: Format,
-    /// `None` writes to standard output.
-    pub output: Option<PathBuf>,
-    pub progress: bool,
 }
 
 /// What an export wrote; printed at the end (as JSON with `--quiet`).
@@ -46,115 +51,141 @@ pub struct ExportSummary {
     /// Records whose payload did not decode: in JSON Lines they carry an `error` field, in Avro
     /// they are left out (the container's schema has no place for them).
     pub undecodable: u64,
-    pub spans: Vec<SpanSummary>,
+    pub bytes: u64,
 }
 
-#[derive(Debug, Serialize)]
-pub struct SpanSummary {
-    pub partition: u32,
-    pub start: u64,
-    pub end: u64,
+/// Where export output goes, a chunk at a time.
+pub trait ChunkSink {
+    fn send(&mut self, chunk: Vec<u8>) -> futures::future::BoxFuture<'_, anyhow::Result<()>>;
 }
 
-pub async fn run(settings: &Settings, options: ExportOptions) -> anyhow::Result<ExportSummary> {
-    let side = backends::open_log(settings)?;
-    let topic = settings.log.topic.clone();
+/// A file or standard output.
+pub struct WriteSink(pub Box<dyn Write + Send>);
+
+impl ChunkSink for WriteSink {
+    fn send(&mut self, chunk: Vec<u8>) -> futures::future::BoxFuture<'_, anyhow::Result<()>> {
+        let written = self.0.write_all(&chunk).map_err(anyhow::Error::from);
+        Box::pin(async move { written })
+    }
+}
+
+/// Exports the selection of `topic`, handing the output to `sink` in chunks; `on_planned` gets
+/// the number of records the export will read, `on_record` ticks once per record.
+pub async fn export(
+    log: Arc<dyn EventLog>,
+    codec: Arc<Codec>,
+    topic: &str,
+    selection: &Selection,
+    on_planned: impl FnOnce(u64),
+    mut on_record: impl FnMut(),
+    sink: &mut (dyn ChunkSink + Send),
+) -> anyhow::Result<ExportSummary> {
     let request = ReplayRequest {
-        topic: topic.clone(),
-        partitions: options.partitions.clone(),
-        from: options.from,
-        to: options.to,
+        topic: topic.to_owned(),
+        partitions: selection.partitions.clone(),
+        from: selection.from,
+        to: selection.to,
     };
-    let spans = plan(side.log.as_ref(), &request).await?;
-    let total: u64 = spans.iter().map(|s| s.len()).sum();
-    let bar = if options.progress {
-        let bar = indicatif::ProgressBar::new(total);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} {pos}/{len} events [{bar:40}] {per_sec} ETA {eta}")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    let sink: Box<dyn Write> = match &options.output {
-        Some(path) => Box::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?),
-        None => Box::new(std::io::stdout().lock()),
-    };
-    let mut sink = std::io::BufWriter::new(sink);
-    let mut summary = ExportSummary {
-        topic: topic.clone(),
-        format: options.format,
-        records: 0,
-        undecodable: 0,
-        spans: spans.iter().map(|s| SpanSummary { partition: s.partition, start: s.start, end: s.end }).collect(),
-    };
-    let codec = side.codec.clone();
-    let mut records = std::pin::pin!(stream(side.log.clone(), codec.clone(), topic.clone(), spans));
-    match options.format {
+    let spans = plan(log.as_ref(), &request).await?;
+    on_planned(spans.iter().map(|s| s.len()).sum());
+    let mut summary =
+        ExportSummary { topic: topic.to_owned(), format: selection.format, records: 0, undecodable: 0, bytes: 0 };
+    let mut records = std::pin::pin!(stream(log, codec.clone(), topic.to_owned(), spans));
+    match selection.format {
         Format::Jsonl => {
-            let mut line_buffer = Vec::new();
-            drain(&mut records, &bar, &mut summary, |replayed| {
-                line_buffer.clear();
-                serde_json::to_writer(&mut line_buffer, &jsonl_line(&replayed.record, &replayed.event))?;
-                line_buffer.push(b'\n');
-                sink.write_all(&line_buffer)?;
-                Ok(())
-            })
-            .await?;
+            let mut buffer = Vec::with_capacity(CHUNK + 1024);
+            while let Some(replayed) = next(&mut records, &mut summary).await? {
+                on_record();
+                serde_json::to_writer(&mut buffer, &jsonl_line(&replayed.record, &replayed.event))?;
+                buffer.push(b'\n');
+                if buffer.len() >= CHUNK {
+                    summary.bytes += buffer.len() as u64;
+                    sink.send(std::mem::take(&mut buffer)).await?;
+                }
+            }
+            summary.bytes += buffer.len() as u64;
+            sink.send(buffer).await?;
         }
         Format::Avro => {
-            let mut writer = apache_avro::Writer::new(callisto_avro::schemas::export_schema(), &mut sink);
-            drain(&mut records, &bar, &mut summary, |replayed| {
-                let record = &replayed.record;
-                let Ok((kind, value)) = codec.decode_value(&record.payload) else { return Ok(()) };
-                let branch = EventKind::ALL.iter().position(|k| *k == kind).expect("every kind is in ALL") as u32;
-                let row = Value::Record(vec![
-                    ("topic".into(), Value::String(record.topic.clone())),
-                    ("partition".into(), Value::Int(record.partition as i32)),
-                    ("offset".into(), Value::Long(record.offset as i64)),
-                    ("timestamp".into(), Value::TimestampMillis(record.timestamp_ms)),
-                    ("key".into(), Value::String(String::from_utf8_lossy(&record.key).into_owned())),
-                    ("event".into(), Value::Union(branch, Box::new(value))),
-                ]);
-                writer.append(row).context("writing an Avro record")?;
-                Ok(())
-            })
-            .await?;
-            writer.into_inner().context("finishing the Avro file")?;
+            let mut writer = apache_avro::Writer::new(callisto_avro::schemas::export_schema(), Vec::new());
+            while let Some(replayed) = next(&mut records, &mut summary).await? {
+                on_record();
+                if let Some(row) = avro_row(&codec, &replayed.record) {
+                    writer.append(row).context("writing an Avro record")?;
+                }
+                if writer.get_ref().len() >= CHUNK {
+                    let chunk = std::mem::take(writer.get_mut());
+                    summary.bytes += chunk.len() as u64;
+                    sink.send(chunk).await?;
+                }
+            }
+            let rest = writer.into_inner().context("finishing the Avro file")?;
+            summary.bytes += rest.len() as u64;
+            sink.send(rest).await?;
         }
     }
-    sink.flush()?;
+    Ok(summary)
+}
+
+/// The next record, counted in the summary.
+async fn next(
+    records: &mut (impl futures::Stream<Item = Result<Replayed, LogError>> + Unpin),
+    summary: &mut ExportSummary,
+) -> anyhow::Result<Option<Replayed>> {
+    let Some(replayed) = records.next().await else { return Ok(None) };
+    let replayed = replayed?;
+    summary.records += 1;
+    if replayed.event.is_err() {
+        summary.undecodable += 1;
+    }
+    Ok(Some(replayed))
+}
+
+/// `callisto export` on a stopped data dir: to a file, or standard output when `output` is
+/// `None`, with a progress bar on stderr when `progress`.
+pub async fn run_direct(
+    settings: &Settings,
+    selection: &Selection,
+    output: Option<PathBuf>,
+    progress: bool,
+) -> anyhow::Result<ExportSummary> {
+    let side = backends::open_log(settings)?;
+    let bar = crate::replay::progress_bar(progress);
+    let file: Box<dyn Write + Send> = match &output {
+        Some(path) => Box::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?),
+        None => Box::new(std::io::stdout()),
+    };
+    let mut sink = WriteSink(Box::new(std::io::BufWriter::new(file)));
+    let summary = export(
+        side.log.clone(),
+        side.codec.clone(),
+        &settings.log.topic,
+        selection,
+        |total| bar.set_length(total),
+        || bar.inc(1),
+        &mut sink,
+    )
+    .await?;
+    sink.0.flush()?;
     bar.finish_and_clear();
     Ok(summary)
 }
 
-/// Feeds every replayed record to `emit`, counting and ticking the progress bar.
-async fn drain(
-    records: &mut (
-             impl futures::Stream<Item = Result<callisto_core::replay::Replayed, callisto_core::log::LogError>> + Unpin
-         ),
-    bar: &indicatif::ProgressBar,
-    summary: &mut ExportSummary,
-    mut emit: impl FnMut(&callisto_core::replay::Replayed) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    while let Some(replayed) = records.next().await {
-        let replayed = replayed?;
-        bar.inc(1);
-        summary.records += 1;
-        if replayed.event.is_err() {
-            summary.undecodable += 1;
-        }
-        emit(&replayed)?;
-    }
-    Ok(())
+/// The Avro row of one record, or `None` when its payload does not decode.
+fn avro_row(codec: &Codec, record: &Record) -> Option<Value> {
+    let (kind, value) = codec.decode_value(&record.payload).ok()?;
+    let branch = EventKind::ALL.iter().position(|k| *k == kind)? as u32;
+    Some(Value::Record(vec![
+        ("topic".into(), Value::String(record.topic.clone())),
+        ("partition".into(), Value::Int(record.partition as i32)),
+        ("offset".into(), Value::Long(record.offset as i64)),
+        ("timestamp".into(), Value::TimestampMillis(record.timestamp_ms)),
+        ("key".into(), Value::String(String::from_utf8_lossy(&record.key).into_owned())),
+        ("event".into(), Value::Union(branch, Box::new(value))),
+    ]))
 }
 
-fn jsonl_line(
-    record: &callisto_core::log::Record,
-    event: &Result<callisto_avro::PersonEvent, String>,
-) -> serde_json::Value {
+fn jsonl_line(record: &Record, event: &Result<callisto_avro::PersonEvent, String>) -> serde_json::Value {
     let timestamp = chrono::DateTime::from_timestamp_millis(record.timestamp_ms).map(|t| t.to_rfc3339());
     let mut line = serde_json::json!({
         "topic": record.topic,

@@ -194,24 +194,20 @@ async fn export(config: Option<&std::path::Path>, args: &ExportArgs) -> anyhow::
     // Logs would interleave with the progress bar; keep only warnings.
     settings.telemetry.log_level = "warn".into();
     callisto_core::telemetry::init_tracing(&settings.telemetry);
-    let options = callisto::export::ExportOptions {
+    let selection = callisto::export::Selection {
         partitions: args.partitions.clone(),
         from: args.from,
         to: args.to,
         format: args.format,
-        output: args.output.clone().filter(|p| p.as_os_str() != "-"),
-        progress: !args.quiet,
     };
-    let summary = callisto::export::run(&settings, options).await?;
+    let output = args.output.clone().filter(|p| p.as_os_str() != "-");
+    let summary = callisto::admin::export(&settings, &selection, output, !args.quiet).await?;
     if args.quiet {
         eprintln!("{}", serde_json::to_string(&summary)?);
     } else {
         eprintln!(
-            "exported {} events of topic {:?} ({} undecodable) from {} partitions",
-            summary.records,
-            summary.topic,
-            summary.undecodable,
-            summary.spans.len()
+            "exported {} events of topic {:?} ({} undecodable, {} bytes)",
+            summary.records, summary.topic, summary.undecodable, summary.bytes
         );
     }
     Ok(())

@@ -179,3 +179,36 @@ async fn bad_ranges_are_clear_errors() {
     assert!(!status.success());
     assert!(stderr.contains("partition 9 does not exist"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_goes_through_a_running_dev_that_owns_the_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = callisto_core::config::Settings::default();
+    settings.storage.data_dir = dir.path().to_path_buf();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dev = callisto::services::Dev::start(&settings, listener).await.unwrap();
+    let client = reqwest::Client::new();
+    for i in 0..7 {
+        let r = client
+            .post(format!("http://{}/v1/persons", dev.addr))
+            .json(&serde_json::json!({"given_name": format!("Live{i}"), "family_name": "Export"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    let out = dir.path().join("live.jsonl");
+    let (status, stderr) = export(dir.path(), &["--output", out.to_str().unwrap(), "--quiet"]);
+    assert!(status.success(), "{stderr}");
+    let exported = lines(&out);
+    assert_eq!(exported.len(), 7, "every event, read through the running server");
+    assert!(exported.iter().all(|l| l["event"]["event_type"] == "PersonRegistered"));
+    let avro = dir.path().join("live.avro");
+    let (status, stderr) = export(dir.path(), &["--format", "avro", "--output", avro.to_str().unwrap(), "--quiet"]);
+    assert!(status.success(), "{stderr}");
+    assert_eq!(apache_avro::Reader::new(std::fs::File::open(&avro).unwrap()).unwrap().count(), 7);
+    let (status, stderr) = export(dir.path(), &["--partitions", "99"]);
+    assert!(!status.success());
+    assert!(stderr.contains("partition 99"), "{stderr}");
+    dev.stop().await.unwrap();
+}
