@@ -21,12 +21,8 @@ struct App {
     client: reqwest::Client,
 }
 
-fn settings(dir: &std::path::Path) -> Settings {
-    let mut settings = Settings::default();
-    settings.storage.data_dir = dir.to_path_buf();
-    settings.http.listen = "127.0.0.1:0".into();
-    settings
-}
+mod common;
+use common::settings;
 
 async fn start(settings: &Settings) -> App {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -4,19 +4,14 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use callisto::services::Dev;
 use callisto_avro::PersonEvent;
 use callisto_avro::events::NoteAdded;
-use callisto_core::config::Settings;
 use callisto_core::log::{AppendRequest, Record};
 use callisto_core::readmodel::ReadStore;
 use serde_json::{Value, json};
 
-fn settings(dir: &Path) -> Settings {
-    let mut settings = Settings::default();
-    settings.storage.data_dir = dir.to_path_buf();
-    settings
-}
+mod common;
+use common::{post_json, start_dev};
 
 /// Runs `callisto dlq ARGS` on the data dir and returns its stdout as JSON.
 fn cli(dir: &Path, args: &[&str]) -> Value {
@@ -29,19 +24,11 @@ fn cli(dir: &Path, args: &[&str]) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_listed_shown_redriven_and_purged_through_a_running_dev() {
     let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let dev = Dev::start(&settings(dir.path()), listener).await.unwrap();
+    let dev = start_dev(dir.path()).await;
     let base = format!("http://{}", dev.addr);
     let client = reqwest::Client::new();
-    let person: Value = client
-        .post(format!("{base}/v1/persons"))
-        .json(&json!({"given_name": "Dee", "family_name": "Ell"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let person =
+        post_json(&client, format!("{base}/v1/persons"), json!({"given_name": "Dee", "family_name": "Ell"})).await;
     let id = person["person_id"].as_str().unwrap().to_owned();
     let corrupt = vec![0u8, 0, 0, 0, 1, 0xff, 0xfe];
     let poisoned = dev
@@ -99,18 +86,10 @@ async fn a_fixed_dead_letter_is_redriven_on_a_stopped_data_dir_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let person_id;
     {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let dev = Dev::start(&settings(dir.path()), listener).await.unwrap();
+        let dev = start_dev(dir.path()).await;
         let base = format!("http://{}", dev.addr);
-        let person: Value = reqwest::Client::new()
-            .post(format!("{base}/v1/persons"))
-            .json(&json!({"given_name": "Fix", "family_name": "Later"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body = json!({"given_name": "Fix", "family_name": "Later"});
+        let person = post_json(&reqwest::Client::new(), format!("{base}/v1/persons"), body).await;
         person_id = uuid::Uuid::parse_str(person["person_id"].as_str().unwrap()).unwrap();
         let token = person["consistency_token"].as_str().unwrap();
         reqwest::get(format!("{base}/v1/persons/{person_id}?after={token}")).await.unwrap();

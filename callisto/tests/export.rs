@@ -14,6 +14,8 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
+mod common;
+
 /// (partition, offset, timestamp, event_id) of every appended event.
 type Written = Vec<(u32, u64, i64, String)>;
 
@@ -183,10 +185,7 @@ async fn bad_ranges_are_clear_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_goes_through_a_running_dev_that_owns_the_data_dir() {
     let dir = tempfile::tempdir().unwrap();
-    let mut settings = callisto_core::config::Settings::default();
-    settings.storage.data_dir = dir.path().to_path_buf();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let dev = callisto::services::Dev::start(&settings, listener).await.unwrap();
+    let dev = common::start_dev(dir.path()).await;
     let client = reqwest::Client::new();
     for i in 0..7 {
         let r = client

@@ -15,6 +15,9 @@ use callisto_core::readmodel::ReadStore;
 use callisto_core::readmodel::embedded::EmbeddedReadStore;
 use serde_json::{Value, json};
 
+mod common;
+use common::post_json;
+
 struct Writer {
     child: Child,
     base: String,
@@ -58,10 +61,6 @@ impl Writer {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
     }
-}
-
-async fn post_json(client: &reqwest::Client, url: String, body: Value) -> Value {
-    client.post(url).json(&body).send().await.unwrap().json().await.unwrap()
 }
 
 /// (partition, offset, event_id) of an acknowledged command.

@@ -10,18 +10,14 @@ use std::time::Duration;
 
 use callisto::services::Dev;
 use callisto_avro::{Codec, EmbeddedRegistry};
-use callisto_core::config::Settings;
 use callisto_core::log::{AppendRequest, EmbeddedLog, EmbeddedLogOptions, EventLog};
 use callisto_core::readmodel::embedded::EmbeddedReadStore;
 use callisto_core::readmodel::{ListFilter, PersonDoc, ProjectedEvent, ReadStore, fold};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-fn settings(dir: &Path) -> Settings {
-    let mut settings = Settings::default();
-    settings.storage.data_dir = dir.to_path_buf();
-    settings
-}
+mod common;
+use common::{post_json, start_dev};
 
 /// The documents a fold over the whole log gives, with the same version guard.
 async fn fold_log(log: &dyn EventLog, codec: &Codec) -> BTreeMap<Uuid, PersonDoc> {
@@ -70,21 +66,13 @@ async fn settle(dev: &Dev) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_under_load_switches_without_failed_reads_and_rolls_back() {
     let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let dev = Dev::start(&settings(dir.path()), listener).await.unwrap();
+    let dev = start_dev(dir.path()).await;
     let base = format!("http://{}", dev.addr);
     let client = reqwest::Client::new();
     let mut ids = Vec::new();
     for i in 0..30 {
-        let answer: Value = client
-            .post(format!("{base}/v1/persons"))
-            .json(&json!({"given_name": format!("Blue{i}"), "family_name": "Green", "tags": ["bg"]}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body = json!({"given_name": format!("Blue{i}"), "family_name": "Green", "tags": ["bg"]});
+        let answer = post_json(&client, format!("{base}/v1/persons"), body).await;
         ids.push(answer["person_id"].as_str().unwrap().to_owned());
     }
     let old_generation_docs = {
@@ -269,8 +257,7 @@ async fn an_interrupted_rebuild_resumes_and_never_touches_the_live_generation() 
     fill_log(dir.path(), 400, 40).await;
     // A live generation 0 built by a projector run, as `callisto dev` would have left it.
     {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let dev = Dev::start(&settings(dir.path()), listener).await.unwrap();
+        let dev = start_dev(dir.path()).await;
         settle(&dev).await;
         dev.stop().await.unwrap();
     }
