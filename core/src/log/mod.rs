@@ -4,6 +4,7 @@
 //! never decreasing within a partition, so offset lookup by time is well defined.
 
 pub mod embedded;
+pub mod kafka;
 
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub use embedded::{EmbeddedLog, EmbeddedLogOptions};
+pub use kafka::{KafkaLog, KafkaLogOptions};
 
 /// A Kafka-style record header: a name and raw bytes.
 pub type Header = (String, Vec<u8>);
