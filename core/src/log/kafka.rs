@@ -68,8 +68,11 @@ pub struct KafkaLog {
     admin: AdminClient<DefaultClientContext>,
     /// For metadata, watermarks and time lookups.
     meta: BaseConsumer,
-    readers: Arc<Mutex<HashMap<(String, u32), (BaseConsumer, u64)>>>,
+    readers: Arc<Mutex<Readers>>,
 }
+
+/// (topic, partition) → an assigned consumer and the offset its next message will have.
+type Readers = HashMap<(String, u32), (BaseConsumer, u64)>;
 
 impl std::fmt::Debug for KafkaLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
