@@ -1,5 +1,6 @@
-//! Opens the embedded stand-ins under `storage.data_dir`:
-//! - `log.redb`: the event log;
+//! Opens the backends: the event log (Kafka when `kafka.brokers` is set) and the embedded
+//! stand-ins under `storage.data_dir`:
+//! - `log.redb`: the embedded event log;
 //! - `schemas.redb`: the schema registry;
 //! - `readmodel.redb`: person documents, timelines and their checkpoints;
 //! - `search/`: the tantivy index, its checkpoint in its commit payload.
@@ -11,11 +12,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use callisto_avro::{Codec, EmbeddedRegistry};
 use callisto_core::config::Settings;
-use callisto_core::log::{EmbeddedLog, EmbeddedLogOptions, EventLog};
+use callisto_core::log::{EmbeddedLog, EmbeddedLogOptions, EventLog, KafkaLog, KafkaLogOptions};
 use callisto_core::readmodel::embedded::EmbeddedReadStore;
 use callisto_core::readmodel::search::TantivySearchIndex;
 
-pub struct EmbeddedLogSide {
+pub struct LogSide {
     pub log: Arc<dyn EventLog>,
     pub codec: Arc<Codec>,
 }
@@ -29,7 +30,7 @@ fn in_use(what: &str, dir: &std::path::Path) -> String {
     format!("opening the {what} in {} (is another callisto process using this data dir?)", dir.display())
 }
 
-pub fn open_log(settings: &Settings) -> anyhow::Result<EmbeddedLogSide> {
+pub fn open_log(settings: &Settings) -> anyhow::Result<LogSide> {
     let dir = &settings.storage.data_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
     anyhow::ensure!(
@@ -38,13 +39,27 @@ pub fn open_log(settings: &Settings) -> anyhow::Result<EmbeddedLogSide> {
     );
     let registry = EmbeddedRegistry::open(&dir.join("schemas.redb")).with_context(|| in_use("schema registry", dir))?;
     let codec = Codec::new(Arc::new(registry), &settings.log.topic).context("registering event schemas")?;
-    let options = EmbeddedLogOptions {
-        queue_capacity: settings.log.queue_capacity,
-        max_batch: settings.log.max_batch,
-        ..EmbeddedLogOptions::default()
+    let log: Arc<dyn EventLog> = match &settings.kafka.brokers {
+        Some(brokers) => {
+            let kafka = &settings.kafka;
+            let mut options = KafkaLogOptions::new(brokers.clone());
+            options.properties = kafka.properties.clone();
+            options.replication_factor = kafka.replication_factor;
+            options.min_insync_replicas = kafka.min_insync_replicas;
+            options.request_timeout = std::time::Duration::from_millis(kafka.request_timeout_ms);
+            options.message_timeout = std::time::Duration::from_millis(kafka.message_timeout_ms);
+            Arc::new(KafkaLog::new(options).context("creating the Kafka clients")?)
+        }
+        None => {
+            let options = EmbeddedLogOptions {
+                queue_capacity: settings.log.queue_capacity,
+                max_batch: settings.log.max_batch,
+                ..EmbeddedLogOptions::default()
+            };
+            Arc::new(EmbeddedLog::open(&dir.join("log.redb"), options).with_context(|| in_use("event log", dir))?)
+        }
     };
-    let log = EmbeddedLog::open(&dir.join("log.redb"), options).with_context(|| in_use("event log", dir))?;
-    Ok(EmbeddedLogSide { log: Arc::new(log), codec: Arc::new(codec) })
+    Ok(LogSide { log, codec: Arc::new(codec) })
 }
 
 /// The live generation's read models (see [`crate::generations`]).

@@ -26,7 +26,7 @@ struct Cli {
 enum Command {
     /// Run the whole backbone in one process: writer, projectors and query API on one port,
     /// with embedded stand-ins for Kafka, MongoDB and Elasticsearch.
-    Dev(ServeArgs),
+    Dev(DevArgs),
     /// Run the command API: validate person commands and append them to the event log.
     Writer(ServeArgs),
     /// Run the projectors: build the read models and search index from the event log.
@@ -45,6 +45,15 @@ enum Command {
 }
 
 #[derive(Debug, Args)]
+struct DevArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// Use an in-process Kafka mock cluster of N brokers as the event log.
+    #[arg(long, value_name = "N")]
+    kafka_mock: Option<u32>,
+}
+
+#[derive(Debug, Args)]
 struct ServeArgs {
     /// Address to listen on (overrides http.listen), e.g. 127.0.0.1:8080; port 0 picks one.
     #[arg(long)]
@@ -52,6 +61,9 @@ struct ServeArgs {
     /// Directory for embedded state (overrides storage.data_dir).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Kafka bootstrap servers (overrides kafka.brokers); the embedded log when absent.
+    #[arg(long)]
+    kafka_brokers: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -145,6 +157,9 @@ impl ServeArgs {
         if let Some(dir) = &self.data_dir {
             out.push(("storage.data_dir", dir.display().to_string()));
         }
+        if let Some(brokers) = &self.kafka_brokers {
+            out.push(("kafka.brokers", brokers.clone()));
+        }
         out
     }
 }
@@ -162,8 +177,10 @@ fn main() -> anyhow::Result<()> {
         if let Command::Dlq(args) = &cli.command {
             return dlq(cli.config.as_deref(), args).await;
         }
-        let (Command::Dev(args) | Command::Writer(args) | Command::Projector(args) | Command::QueryApi(args)) =
-            &cli.command
+        let (Command::Dev(DevArgs { serve: args, .. })
+        | Command::Writer(args)
+        | Command::Projector(args)
+        | Command::QueryApi(args)) = &cli.command
         else {
             unreachable!("batch commands returned above")
         };
@@ -171,7 +188,9 @@ fn main() -> anyhow::Result<()> {
         callisto_core::telemetry::init_tracing(&settings.telemetry);
         let shutdown = callisto::services::shutdown_signal();
         match cli.command {
-            Command::Dev(_) => callisto::services::run_dev(settings, shutdown).await,
+            Command::Dev(DevArgs { kafka_mock, .. }) => {
+                callisto::services::run_dev(settings, kafka_mock, shutdown).await
+            }
             Command::Writer(_) => callisto::services::run_writer(settings, shutdown).await,
             Command::Projector(_) => callisto::services::run_projector(settings, shutdown).await,
             Command::QueryApi(_) => callisto::services::run_query_api(settings, shutdown).await,

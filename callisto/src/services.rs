@@ -80,12 +80,42 @@ pub async fn run_query_api(
     Ok(())
 }
 
-/// `callisto dev`: everything in one process until `shutdown`.
-pub async fn run_dev(settings: Settings, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+/// `callisto dev`: everything in one process until `shutdown`. With `kafka_mock`, the event
+/// log is an in-process librdkafka mock cluster of that many brokers, to show and test the
+/// Kafka path with no servers.
+pub async fn run_dev(
+    mut settings: Settings,
+    kafka_mock: Option<u32>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let _cluster = match kafka_mock {
+        Some(brokers) => Some(start_kafka_mock(&mut settings, brokers)?),
+        None => None,
+    };
     let listener = bind(&settings, "dev").await?;
     let dev = Dev::start(&settings, listener).await?;
     shutdown.await;
     dev.stop().await
+}
+
+/// Starts a mock cluster, points `settings` at it, and creates the topics (the mock has no
+/// admin API to create them through).
+pub fn start_kafka_mock(
+    settings: &mut Settings,
+    brokers: u32,
+) -> anyhow::Result<rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>> {
+    anyhow::ensure!(brokers >= 1, "--kafka-mock needs at least one broker");
+    let cluster = rdkafka::mocking::MockCluster::new(brokers as i32).context("starting the Kafka mock cluster")?;
+    let replication = brokers.min(3) as i32;
+    let partitions = settings.log.partitions as i32;
+    for topic in [settings.log.topic.clone(), callisto_projectors::dlq::topic_for(&settings.log.topic)] {
+        cluster.create_topic(&topic, partitions, replication).context("creating a mock topic")?;
+    }
+    settings.kafka.brokers = Some(cluster.bootstrap_servers());
+    settings.kafka.replication_factor = replication;
+    settings.kafka.min_insync_replicas = None;
+    tracing::info!(brokers, bootstrap = %cluster.bootstrap_servers(), "kafka mock cluster started");
+    Ok(cluster)
 }
 
 /// The whole backbone in one process: writer, projectors and query API on one port, over the

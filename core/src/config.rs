@@ -20,6 +20,12 @@ pub const ENVIRONMENT: &[(&str, &str)] = &[
     ("CALLISTO__LOG__APPEND_TIMEOUT_MS", "how long a command waits for a durable append before 503"),
     ("CALLISTO__LOG__QUEUE_CAPACITY", "appends queued for group commit before new ones get 503"),
     ("CALLISTO__LOG__MAX_BATCH", "most appends committed in one group commit"),
+    ("CALLISTO__KAFKA__BROKERS", "Kafka bootstrap servers; unset uses the embedded log"),
+    ("CALLISTO__KAFKA__PROPERTIES__<name>", "a librdkafka property passed through, e.g. SECURITY.PROTOCOL"),
+    ("CALLISTO__KAFKA__REPLICATION_FACTOR", "replication factor for topics Callisto creates"),
+    ("CALLISTO__KAFKA__MIN_INSYNC_REPLICAS", "min.insync.replicas for topics Callisto creates"),
+    ("CALLISTO__KAFKA__REQUEST_TIMEOUT_MS", "bound on every Kafka request"),
+    ("CALLISTO__KAFKA__MESSAGE_TIMEOUT_MS", "how long the producer tries to deliver an append"),
     ("CALLISTO__QUERY__CONSISTENCY_WAIT_MS", "longest wait of a read for its consistency token"),
     ("CALLISTO__SCHEMA_REGISTRY__URL", "Confluent-compatible registry; unset uses the embedded one"),
     ("CALLISTO__TELEMETRY__LOG_FORMAT", "json (default) or text"),
@@ -33,8 +39,47 @@ pub struct Settings {
     pub storage: StorageSettings,
     pub log: LogSettings,
     pub schema_registry: SchemaRegistrySettings,
+    pub kafka: KafkaSettings,
     pub query: QuerySettings,
     pub telemetry: TelemetrySettings,
+}
+
+/// Kafka as the event log. Unset `brokers` means the embedded log.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSettings {
+    pub brokers: Option<String>,
+    /// librdkafka properties passed through to every client (security.protocol, sasl.*, ssl.*).
+    pub properties: std::collections::BTreeMap<String, String>,
+    pub replication_factor: i32,
+    pub min_insync_replicas: Option<u32>,
+    pub request_timeout_ms: u64,
+    pub message_timeout_ms: u64,
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        Self {
+            brokers: None,
+            properties: Default::default(),
+            replication_factor: 3,
+            min_insync_replicas: Some(2),
+            request_timeout_ms: 10_000,
+            message_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// Pass-through properties may hold credentials (`sasl.password`), so only their names print.
+impl std::fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSettings")
+            .field("brokers", &self.brokers)
+            .field("properties", &self.properties.keys().collect::<Vec<_>>())
+            .field("replication_factor", &self.replication_factor)
+            .field("min_insync_replicas", &self.min_insync_replicas)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

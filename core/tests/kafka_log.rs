@@ -114,6 +114,6 @@ async fn appends_to_a_missing_topic_or_with_idempotency_keys_are_refused() {
         idempotency: Some(callisto_core::log::IdempotencyKey { key: "k".into(), fingerprint: [0; 32] }),
         ..request("anything", "k", "v")
     };
-    assert!(matches!(log.append(keyed).await, Err(LogError::Unavailable(_))));
+    assert!(matches!(log.append(keyed).await, Err(LogError::Unsupported(_))));
     assert!(matches!(log.partitions("no-such-topic").await, Err(LogError::UnknownTopic(_))));
 }

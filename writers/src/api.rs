@@ -263,6 +263,13 @@ impl WriterState {
                 format!("Idempotency-Key {key:?} was already used with a different request"),
             )
             .with_field("Idempotency-Key", "already used with a different request")),
+            Err(failsafe::Error::Inner(LogError::Unsupported(why))) => Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unsupported",
+                "Not supported by this event log",
+                why.clone(),
+            )
+            .with_field("Idempotency-Key", why)),
             Err(failsafe::Error::Inner(e @ LogError::Timeout(_))) => Err(Problem::unavailable(
                 format!("{e}; the command may or may not have been stored, retry with the same Idempotency-Key"),
                 RETRY_AFTER_SECS,

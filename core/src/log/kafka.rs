@@ -183,7 +183,7 @@ impl EventLog for KafkaLog {
 
     async fn append(&self, request: AppendRequest) -> Result<Appended, LogError> {
         if request.idempotency.is_some() {
-            return Err(LogError::Unavailable("idempotency keys are not supported on the Kafka log".into()));
+            return Err(LogError::Unsupported("Idempotency-Key is not supported with the Kafka event log yet".into()));
         }
         let mut headers = OwnedHeaders::new();
         for (key, value) in &request.headers {

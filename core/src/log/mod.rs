@@ -78,6 +78,9 @@ pub enum LogError {
     PartitionCountMismatch { topic: String, actual: u32, requested: u32 },
     #[error("idempotency key {0:?} was already used for a different request")]
     IdempotencyConflict(String),
+    /// The request needs something this log does not offer.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl LogError {
