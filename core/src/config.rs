@@ -21,7 +21,6 @@ pub const ENVIRONMENT: &[(&str, &str)] = &[
     ("CALLISTO__LOG__QUEUE_CAPACITY", "appends queued for group commit before new ones get 503"),
     ("CALLISTO__LOG__MAX_BATCH", "most appends committed in one group commit"),
     ("CALLISTO__KAFKA__BROKERS", "Kafka bootstrap servers; unset uses the embedded log"),
-    ("CALLISTO__KAFKA__PROPERTIES__<name>", "a librdkafka property passed through, e.g. SECURITY.PROTOCOL"),
     ("CALLISTO__KAFKA__REPLICATION_FACTOR", "replication factor for topics Callisto creates"),
     ("CALLISTO__KAFKA__MIN_INSYNC_REPLICAS", "min.insync.replicas for topics Callisto creates"),
     ("CALLISTO__KAFKA__REQUEST_TIMEOUT_MS", "bound on every Kafka request"),
@@ -249,6 +248,20 @@ mod tests {
         let file = dir.path().join("c.toml");
         std::fs::write(&file, "[htp]\nlisten = \"x\"\n").unwrap();
         assert!(Settings::load_from(Some(&file), &[], env(&[])).is_err());
+    }
+
+    #[test]
+    fn kafka_properties_pass_through_from_the_file_and_do_not_print() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "[kafka]\nbrokers = \"b1:9092\"\n[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.password\" = \"hunter2\"\n",
+        )
+        .unwrap();
+        let settings = Settings::load_from(Some(&file), &[], env(&[])).unwrap();
+        assert_eq!(settings.kafka.properties.get("security.protocol").map(String::as_str), Some("SASL_SSL"));
+        assert!(!format!("{settings:?}").contains("hunter2"), "secrets never print");
     }
 
     #[test]
