@@ -194,28 +194,17 @@ async fn faults_under_load_lose_nothing_and_duplicate_nothing() {
         by_person.entry(id).or_default().push(event);
     }
     for (id, events) in by_person {
-        let timeline: Value = client
-            .get(format!("{base}/v1/persons/{id}/timeline?limit=100"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let mut seen: Vec<String> =
-            timeline["items"].as_array().unwrap().iter().map(|e| e["event_id"].as_str().unwrap().to_owned()).collect();
-        let mut cursor = timeline["next_cursor"].as_str().map(str::to_owned);
-        while let Some(c) = cursor {
-            let page: Value = client
-                .get(format!("{base}/v1/persons/{id}/timeline?limit=100&cursor={c}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+        let mut seen: Vec<String> = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let page_query = cursor.as_ref().map(|c| format!("&cursor={c}")).unwrap_or_default();
+            let url = format!("{base}/v1/persons/{id}/timeline?limit=100{page_query}");
+            let page: Value = client.get(url).send().await.unwrap().json().await.unwrap();
             seen.extend(page["items"].as_array().unwrap().iter().map(|e| e["event_id"].as_str().unwrap().to_owned()));
-            cursor = page["next_cursor"].as_str().map(str::to_owned);
+            match page["next_cursor"].as_str() {
+                Some(next) => cursor = Some(next.to_owned()),
+                None => break,
+            }
         }
         let unique: HashSet<&String> = seen.iter().collect();
         assert_eq!(unique.len(), seen.len(), "{id}: an event was applied twice");

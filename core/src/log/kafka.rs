@@ -117,6 +117,11 @@ impl KafkaLog {
             .map_err(kafka_error)
     }
 
+    /// A consumer in `group` used only to commit or fetch the group's offsets.
+    fn group_member(&self, group: &str) -> Result<BaseConsumer, LogError> {
+        self.options.base().set("group.id", group).set("enable.auto.commit", "false").create().map_err(kafka_error)
+    }
+
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> Result<T, LogError> + Send + 'static,
@@ -317,13 +322,7 @@ impl EventLog for KafkaLog {
     }
 
     async fn commit_offsets(&self, group: &str, topic: &str, offsets: &[(u32, u64)]) -> Result<(), LogError> {
-        let consumer: BaseConsumer = self
-            .options
-            .base()
-            .set("group.id", group)
-            .set("enable.auto.commit", "false")
-            .create()
-            .map_err(kafka_error)?;
+        let consumer = self.group_member(group)?;
         let mut list = TopicPartitionList::new();
         for (partition, offset) in offsets {
             list.add_partition_offset(topic, *partition as i32, Offset::Offset(*offset as i64)).map_err(kafka_error)?;
@@ -334,13 +333,7 @@ impl EventLog for KafkaLog {
     async fn committed_offsets(&self, group: &str, topic: &str) -> Result<Vec<(u32, u64)>, LogError> {
         let partitions = self.partitions(topic).await?;
         let timeout = self.options.request_timeout;
-        let consumer: BaseConsumer = self
-            .options
-            .base()
-            .set("group.id", group)
-            .set("enable.auto.commit", "false")
-            .create()
-            .map_err(kafka_error)?;
+        let consumer = self.group_member(group)?;
         let topic = topic.to_owned();
         self.blocking(move || {
             let mut query = TopicPartitionList::new();
