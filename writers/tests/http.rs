@@ -428,7 +428,7 @@ async fn spawn_broken(hang: bool) -> TestApp {
     let registry = Arc::new(EmbeddedRegistry::open(&dir.path().join("schemas.redb")).unwrap());
     let codec = Arc::new(Codec::new(registry, "persons").unwrap());
     let mut settings = Settings::default();
-    settings.log.append_timeout_ms = 200;
+    settings.log.append_timeout_ms = 1_000;
     spawn_with(Arc::new(BrokenLog { hang }), codec, settings, dir).await
 }
 
@@ -445,13 +445,13 @@ async fn an_unavailable_log_gets_a_prompt_503_with_retry_after() {
             assert_problem(status, &headers, &answer, StatusCode::SERVICE_UNAVAILABLE, None);
             assert_eq!(headers["retry-after"], "1");
         }
-        // Bounded by the 200 ms append timeout, not by the hang; the breaker then answers at once.
-        assert!(slowest < Duration::from_secs(3), "hang={hang}: a 503 took {slowest:?}");
+        // Bounded by the 1 s append timeout, not by the hang; the breaker then answers at once.
+        assert!(slowest < Duration::from_secs(4), "hang={hang}: a 503 took {slowest:?}");
         let started = Instant::now();
         let (status, _, answer) = app.post("/v1/persons", body.clone()).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(answer["detail"].as_str().unwrap().contains("refused until it recovers"), "breaker is open: {answer}");
-        assert!(started.elapsed() < Duration::from_millis(150), "an open breaker answers without waiting");
+        assert!(started.elapsed() < Duration::from_millis(500), "an open breaker answers without waiting for the 1 s timeout");
         let (status, _, _) = app.send(reqwest::Method::GET, "/readyz", None).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     }
