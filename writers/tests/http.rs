@@ -451,7 +451,10 @@ async fn an_unavailable_log_gets_a_prompt_503_with_retry_after() {
         let (status, _, answer) = app.post("/v1/persons", body.clone()).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(answer["detail"].as_str().unwrap().contains("refused until it recovers"), "breaker is open: {answer}");
-        assert!(started.elapsed() < Duration::from_millis(500), "an open breaker answers without waiting for the 1 s timeout");
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "an open breaker answers without waiting for the 1 s timeout"
+        );
         let (status, _, _) = app.send(reqwest::Method::GET, "/readyz", None).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     }
