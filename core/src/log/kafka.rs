@@ -71,8 +71,13 @@ pub struct KafkaLog {
     readers: Arc<Mutex<Readers>>,
 }
 
-/// (topic, partition) → an assigned consumer and the offset its next message will have.
-type Readers = HashMap<(String, u32), (BaseConsumer, u64)>;
+/// (topic, partition) → idle assigned consumers, each with the offset its next message will
+/// have. Several readers of one partition (one per projection) each keep their own, so a
+/// sequential reader never pays a seek or a new connection.
+type Readers = HashMap<(String, u32), Vec<(BaseConsumer, u64)>>;
+
+/// Idle consumers kept per partition; more are closed when returned.
+const IDLE_READERS_PER_PARTITION: usize = 4;
 
 impl std::fmt::Debug for KafkaLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -222,7 +227,14 @@ impl EventLog for KafkaLog {
             return Err(LogError::UnknownPartition { topic: topic.into(), partition });
         }
         let key = (topic.to_owned(), partition);
-        let reused = self.readers.lock().map_err(|e| LogError::Unavailable(e.to_string()))?.remove(&key);
+        let reused = {
+            let mut readers = self.readers.lock().map_err(|e| LogError::Unavailable(e.to_string()))?;
+            readers.get_mut(&key).and_then(|idle| {
+                // Prefer the consumer that stopped exactly where this read starts.
+                let at = idle.iter().position(|(_, next)| *next == from).unwrap_or(0);
+                (!idle.is_empty()).then(|| idle.swap_remove(at))
+            })
+        };
         let (consumer, position) = match reused {
             Some(found) => found,
             None => (self.reader()?, u64::MAX),
@@ -277,7 +289,10 @@ impl EventLog for KafkaLog {
             }
             let next = records.last().map_or(from, |r| r.offset + 1);
             if let Ok(mut readers) = readers.lock() {
-                readers.insert((topic, partition), (consumer, next));
+                let idle = readers.entry((topic, partition)).or_default();
+                if idle.len() < IDLE_READERS_PER_PARTITION {
+                    idle.push((consumer, next));
+                }
             }
             Ok(records)
         })
