@@ -202,17 +202,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn export(config: Option<&std::path::Path>, args: &ExportArgs) -> anyhow::Result<()> {
-    let mut overrides = Vec::new();
-    if let Some(dir) = &args.data_dir {
-        overrides.push(("storage.data_dir", dir.display().to_string()));
-    }
-    if let Some(topic) = &args.topic {
-        overrides.push(("log.topic", topic.clone()));
-    }
-    let mut settings = Settings::load(config, &overrides)?;
-    // Logs would interleave with the progress bar; keep only warnings.
-    settings.telemetry.log_level = "warn".into();
-    callisto_core::telemetry::init_tracing(&settings.telemetry);
+    let topic = args.topic.iter().map(|t| ("log.topic", t.clone()));
+    let settings = batch_settings(config, &args.data_dir, topic)?;
     let selection = callisto::export::Selection {
         partitions: args.partitions.clone(),
         from: args.from,
@@ -234,8 +225,12 @@ async fn export(config: Option<&std::path::Path>, args: &ExportArgs) -> anyhow::
 
 /// Settings for a batch command: its data dir, and only warnings logged (they would interleave
 /// with the progress bar).
-fn batch_settings(config: Option<&std::path::Path>, data_dir: &Option<PathBuf>) -> anyhow::Result<Settings> {
-    let mut overrides = Vec::new();
+fn batch_settings(
+    config: Option<&std::path::Path>,
+    data_dir: &Option<PathBuf>,
+    more: impl IntoIterator<Item = (&'static str, String)>,
+) -> anyhow::Result<Settings> {
+    let mut overrides: Vec<(&str, String)> = more.into_iter().collect();
     if let Some(dir) = data_dir {
         overrides.push(("storage.data_dir", dir.display().to_string()));
     }
@@ -247,7 +242,7 @@ fn batch_settings(config: Option<&std::path::Path>, data_dir: &Option<PathBuf>) 
 
 async fn replay(config: Option<&std::path::Path>, args: &ReplayArgs) -> anyhow::Result<()> {
     use callisto::replay::Action;
-    let settings = batch_settings(config, &args.data_dir)?;
+    let settings = batch_settings(config, &args.data_dir, [])?;
     let action = if args.rollback {
         Action::Rollback
     } else if args.drop_old {
@@ -269,7 +264,7 @@ async fn replay(config: Option<&std::path::Path>, args: &ReplayArgs) -> anyhow::
 
 async fn dlq(config: Option<&std::path::Path>, args: &DlqArgs) -> anyhow::Result<()> {
     use callisto::admin::DlqCommand as Request;
-    let settings = batch_settings(config, &args.data_dir)?;
+    let settings = batch_settings(config, &args.data_dir, [])?;
     let request = match &args.command {
         DlqCommand::List { .. } => Request::List,
         DlqCommand::Show { id } => Request::Show(id.clone()),

@@ -19,7 +19,7 @@ pub struct Worker {
     pub partition: u32,
 }
 
-/// Why a single event is being dead-lettered.
+/// How applying a batch ended.
 enum Outcome {
     Applied,
     Stopped,

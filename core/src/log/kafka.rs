@@ -66,8 +66,13 @@ pub struct KafkaLog {
     options: KafkaLogOptions,
     producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
-    /// For metadata, watermarks and time lookups.
-    meta: BaseConsumer,
+    /// For metadata, watermarks and time lookups; shared by every call.
+    meta: Arc<BaseConsumer>,
+    /// Partition counts seen in metadata. A live topic's count never changes (a repartition
+    /// is a migration to a new topic), so each topic's is fetched once.
+    partition_counts: Mutex<HashMap<String, u32>>,
+    /// One member per consumer group whose offsets this log commits or reads.
+    group_members: Mutex<HashMap<String, Arc<BaseConsumer>>>,
     readers: Arc<Mutex<Readers>>,
 }
 
@@ -105,7 +110,15 @@ impl KafkaLog {
             .map_err(kafka_error)?;
         let admin = options.base().create().map_err(kafka_error)?;
         let meta = options.base().set("enable.auto.commit", "false").create().map_err(kafka_error)?;
-        Ok(Self { options, producer, admin, meta, readers: Arc::new(Mutex::new(HashMap::new())) })
+        Ok(Self {
+            options,
+            producer,
+            admin,
+            meta: Arc::new(meta),
+            partition_counts: Mutex::new(HashMap::new()),
+            group_members: Mutex::new(HashMap::new()),
+            readers: Arc::new(Mutex::new(HashMap::new())),
+        })
     }
 
     /// A consumer for position reads. It is only ever assigned partitions and never commits;
@@ -122,9 +135,22 @@ impl KafkaLog {
             .map_err(kafka_error)
     }
 
-    /// A consumer in `group` used only to commit or fetch the group's offsets.
-    fn group_member(&self, group: &str) -> Result<BaseConsumer, LogError> {
-        self.options.base().set("group.id", group).set("enable.auto.commit", "false").create().map_err(kafka_error)
+    /// The consumer in `group` used only to commit or fetch the group's offsets, created once.
+    fn group_member(&self, group: &str) -> Result<Arc<BaseConsumer>, LogError> {
+        let mut members = self.group_members.lock().map_err(|e| LogError::Unavailable(e.to_string()))?;
+        if let Some(member) = members.get(group) {
+            return Ok(member.clone());
+        }
+        let member: BaseConsumer = self
+            .options
+            .base()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(kafka_error)?;
+        let member = Arc::new(member);
+        members.insert(group.to_owned(), member.clone());
+        Ok(member)
     }
 
     async fn blocking<T: Send + 'static>(
@@ -188,7 +214,14 @@ impl EventLog for KafkaLog {
     }
 
     async fn partitions(&self, topic: &str) -> Result<u32, LogError> {
-        Self::partition_count(&self.meta, topic, self.options.request_timeout)
+        if let Some(count) = self.partition_counts.lock().ok().and_then(|c| c.get(topic).copied()) {
+            return Ok(count);
+        }
+        let count = Self::partition_count(&self.meta, topic, self.options.request_timeout)?;
+        if let Ok(mut counts) = self.partition_counts.lock() {
+            counts.insert(topic.to_owned(), count);
+        }
+        Ok(count)
     }
 
     async fn append(&self, request: AppendRequest) -> Result<Appended, LogError> {
@@ -302,7 +335,7 @@ impl EventLog for KafkaLog {
     async fn end_offsets(&self, topic: &str) -> Result<Vec<u64>, LogError> {
         let partitions = self.partitions(topic).await?;
         let timeout = self.options.request_timeout;
-        let meta = self.reader()?;
+        let meta = self.meta.clone();
         let topic = topic.to_owned();
         self.blocking(move || {
             (0..partitions)
@@ -318,7 +351,7 @@ impl EventLog for KafkaLog {
     async fn offsets_for_timestamp(&self, topic: &str, timestamp_ms: i64) -> Result<Vec<Option<u64>>, LogError> {
         let partitions = self.partitions(topic).await?;
         let timeout = self.options.request_timeout;
-        let meta = self.reader()?;
+        let meta = self.meta.clone();
         let topic = topic.to_owned();
         self.blocking(move || {
             let mut query = TopicPartitionList::new();
@@ -379,7 +412,7 @@ impl EventLog for KafkaLog {
 
     async fn health(&self) -> Result<(), LogError> {
         let timeout = self.options.request_timeout.min(Duration::from_secs(2));
-        let meta = self.reader()?;
+        let meta = self.meta.clone();
         self.blocking(move || meta.fetch_metadata(None, timeout).map(|_| ()).map_err(kafka_error)).await
     }
 }

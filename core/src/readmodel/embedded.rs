@@ -144,22 +144,24 @@ impl Projection for EmbeddedReadStore {
 
     async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {
         let events = events.to_vec();
-        let checkpoints = self
-            .blocking(move |db| {
-                let txn = db.begin_write().map_err(unavailable)?;
-                apply_in(&txn, &events)?;
-                {
-                    let mut table = txn.open_table(CHECKPOINTS).map_err(unavailable)?;
-                    let current = table.get(partition).map_err(unavailable)?.map(|g| g.value());
-                    if current.is_none_or(|c| c < through) {
-                        table.insert(partition, through).map_err(unavailable)?;
-                    }
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            apply_in(&txn, &events)?;
+            {
+                let mut table = txn.open_table(CHECKPOINTS).map_err(unavailable)?;
+                let current = table.get(partition).map_err(unavailable)?.map(|g| g.value());
+                if current.is_none_or(|c| c < through) {
+                    table.insert(partition, through).map_err(unavailable)?;
                 }
-                txn.commit().map_err(unavailable)?;
-                read_checkpoints(db)
-            })
-            .await?;
-        self.progress.send_replace(checkpoints);
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await?;
+        // The same never-backwards rule as the table above, without reading it back.
+        self.progress.send_modify(|checkpoints| {
+            let entry = checkpoints.entry(partition).or_insert(through);
+            *entry = (*entry).max(through);
+        });
         Ok(())
     }
 
