@@ -183,11 +183,7 @@ async fn fill_log(dir: &Path, persons: usize, notes_each: usize) {
                 for p in (0..persons).filter(|p| p % 16 == t) {
                     let id = Uuid::new_v4();
                     for n in 0..=notes_each {
-                        let event = if n == 0 {
-                            callisto_benches_fixture::registered(id)
-                        } else {
-                            callisto_benches_fixture::note(id, n, p)
-                        };
+                        let event = if n == 0 { fill_events::registered(id) } else { fill_events::note(id, n, p) };
                         let request = AppendRequest {
                             topic: "persons".into(),
                             key: id.to_string().into_bytes(),
@@ -207,7 +203,7 @@ async fn fill_log(dir: &Path, persons: usize, notes_each: usize) {
 }
 
 /// Minimal event builders for filling a log.
-mod callisto_benches_fixture {
+mod fill_events {
     use callisto_avro::PersonEvent;
     use callisto_avro::events::{NoteAdded, PersonRegistered};
     use chrono::Utc;
