@@ -2,9 +2,7 @@
 //! mid-load. Every command answered 202 must still be in the log, at the offset the answer
 //! named, and the read models must hold each event exactly once after recovery.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -16,51 +14,14 @@ use callisto_core::readmodel::embedded::EmbeddedReadStore;
 use serde_json::{Value, json};
 
 mod common;
-use common::post_json;
+use common::{Service, post_json};
 
-struct Writer {
-    child: Child,
-    base: String,
-}
-
-fn start_writer(data_dir: &Path) -> Writer {
+fn start_writer(data_dir: &Path) -> Service {
     start("writer", data_dir)
 }
 
-fn start(subcommand: &str, data_dir: &Path) -> Writer {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_callisto"))
-        .args([subcommand, "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .env("CALLISTO__TELEMETRY__LOG_LEVEL", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("callisto binary starts");
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let base = line
-        .trim()
-        .rsplit(' ')
-        .next()
-        .filter(|u| u.starts_with("http://"))
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_owned();
-    Writer { child, base }
-}
-
-impl Writer {
-    fn terminate(mut self) {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "graceful stop exits 0, got {status}");
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
+fn start(subcommand: &str, data_dir: &Path) -> Service {
+    Service::start(subcommand, data_dir, &[])
 }
 
 /// (partition, offset, event_id) of an acknowledged command.

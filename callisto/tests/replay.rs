@@ -12,46 +12,11 @@ use callisto::services::Dev;
 use callisto_avro::{Codec, EmbeddedRegistry};
 use callisto_core::log::{AppendRequest, EmbeddedLog, EmbeddedLogOptions, EventLog};
 use callisto_core::readmodel::embedded::EmbeddedReadStore;
-use callisto_core::readmodel::{ListFilter, PersonDoc, ProjectedEvent, ReadStore, fold};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 mod common;
-use common::{post_json, start_dev};
-
-/// The documents a fold over the whole log gives, with the same version guard.
-async fn fold_log(log: &dyn EventLog, codec: &Codec) -> BTreeMap<Uuid, PersonDoc> {
-    let mut docs: BTreeMap<Uuid, PersonDoc> = BTreeMap::new();
-    for (partition, end) in log.end_offsets("persons").await.unwrap().into_iter().enumerate() {
-        for record in log.read("persons", partition as u32, 0, end as usize, Duration::ZERO).await.unwrap() {
-            let event = codec.decode(&record.payload).unwrap();
-            let id = event.meta().person_id;
-            let projected = ProjectedEvent {
-                partition: record.partition,
-                offset: record.offset,
-                timestamp_ms: record.timestamp_ms,
-                event,
-            };
-            if let Some(doc) = fold(docs.get(&id).cloned(), &projected) {
-                docs.insert(id, doc);
-            }
-        }
-    }
-    docs
-}
-
-async fn all_persons(store: &dyn ReadStore) -> BTreeMap<Uuid, PersonDoc> {
-    let mut out = BTreeMap::new();
-    let mut cursor = None;
-    loop {
-        let page = store.list(&ListFilter::default(), 100, cursor).await.unwrap();
-        out.extend(page.items.into_iter().map(|d| (d.person_id, d)));
-        match page.next_cursor {
-            Some(next) => cursor = Some(Uuid::parse_str(&next).unwrap()),
-            None => return out,
-        }
-    }
-}
+use common::{all_persons, fold_log, post_json, start_dev};
 
 /// Waits until the live generation has applied everything in the log.
 async fn settle(dev: &Dev) {

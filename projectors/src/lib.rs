@@ -4,20 +4,25 @@
 //! partition; workers run in parallel across partitions and projections.
 //!
 //! ## Layout
-//! - [`worker`]: the per-(projection, partition) loop: read a batch from the projection's own
-//!   checkpoint, decode, apply with the checkpoint, repeat.
+//! - [`member`]: a projection as a consumer-group member: starts a worker for each partition
+//!   the log assigns (at the projection's checkpoint + 1), drains it on revoke.
+//! - [`worker`]: the per-(projection, partition) loop: take a batch from the partition's feed,
+//!   decode, apply with the checkpoint, record the group position, repeat.
 //! - [`dlq`]: dead-lettering events that cannot be decoded or applied, with their original bytes.
 //! - [`retry`]: back-off with jitter for dependency calls.
 //!
 //! ## Guarantees
 //! - Memory is bounded: workers pull at most `batch_max` records at a time; nothing queues.
 //! - A checkpoint is written with (or after) the batch that reached it, and workers resume from
-//!   the projection's checkpoint, never from the log's consumer-group offsets (those are only a
-//!   lag signal).
+//!   the projection's checkpoint, never from the log's consumer-group offsets (those trail it).
+//! - On Kafka each projection is its own consumer group (`<group>.<projection>`), so projector
+//!   processes share partitions and scale out and in; a revoked partition's batch in hand is
+//!   finished before the next owner starts after it.
 //! - A store that is down pauses its partitions, retrying with back-off; it never loses events.
 //! - A poison event is dead-lettered and its partition moves on.
 
 pub mod dlq;
+pub mod member;
 pub mod retry;
 pub mod worker;
 
@@ -25,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use callisto_avro::Codec;
-use callisto_core::log::{EventLog, LogError};
+use callisto_core::log::{EventLog, GroupHandler, LogError, PartitionFeed, PositionFeed};
 use callisto_core::readmodel::Projection;
 use tokio_util::sync::CancellationToken;
 
@@ -38,7 +43,7 @@ pub struct ProjectorSettings {
     pub poll_wait: Duration,
     /// Attempts to decode or apply before a single event is dead-lettered.
     pub event_attempts: usize,
-    /// Consumer group under which offsets are committed, for lag visibility only.
+    /// Consumer-group prefix; each projection's group is `<group>.<projection>`.
     pub group: String,
     /// Per partition, where a projection with no checkpoint starts (a rebuild from a point in
     /// time); offset 0 when absent.
@@ -80,34 +85,68 @@ impl Projector {
         Self { log, codec, projections, settings }
     }
 
-    /// Ensures the dead-letter topic exists (with the source topic's partition count) and spawns
-    /// the workers. The returned handle finishes once every worker has stopped.
+    /// Ensures the dead-letter topic exists (with the source topic's partition count), joins
+    /// each projection's consumer group and starts working on what it is given. The returned
+    /// handle finishes once every worker has stopped and the groups are left.
     pub async fn start(self, shutdown: CancellationToken) -> Result<tokio::task::JoinHandle<()>, LogError> {
-        let partitions = self.log.partitions(&self.settings.topic).await?;
+        let topic = self.settings.topic.clone();
+        let partitions = self.log.partitions(&topic).await?;
         self.log.ensure_topic(&self.settings.dlq_topic(), partitions).await?;
-        let mut workers = tokio::task::JoinSet::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut members = Vec::new();
         for projection in &self.projections {
-            for partition in 0..partitions {
-                let worker = worker::Worker {
-                    log: self.log.clone(),
-                    codec: self.codec.clone(),
-                    projection: projection.clone(),
-                    settings: self.settings.clone(),
-                    partition,
-                };
-                workers.spawn(worker.run(shutdown.clone()));
+            let member = Arc::new(member::Member::new(
+                self.log.clone(),
+                self.codec.clone(),
+                projection.clone(),
+                self.settings.clone(),
+                shutdown.clone(),
+            ));
+            members.push(member.clone());
+            let group = member.group();
+            match self.log.join_group(&topic, &group, member.clone(), shutdown.clone()).await? {
+                Some(membership) => {
+                    tasks.spawn(async move {
+                        if let Err(e) = membership.await {
+                            tracing::error!(group, error = %e, "consumer group member crashed");
+                        }
+                        member.stop_all().await;
+                    });
+                }
+                // No consumer groups: this process owns every partition.
+                None => {
+                    let log = self.log.clone();
+                    let topic = topic.clone();
+                    let shutdown = shutdown.clone();
+                    tasks.spawn(async move {
+                        let all: Vec<u32> = (0..partitions).collect();
+                        if let Some(starts) = member.start_offsets(&all).await {
+                            let feeds = all
+                                .iter()
+                                .zip(starts)
+                                .map(|(&partition, next)| {
+                                    Box::new(PositionFeed {
+                                        log: log.clone(),
+                                        topic: topic.clone(),
+                                        group: group.clone(),
+                                        partition,
+                                        next,
+                                    }) as Box<dyn PartitionFeed>
+                                })
+                                .collect();
+                            member.assigned(feeds);
+                        }
+                        shutdown.cancelled().await;
+                        member.stop_all().await;
+                    });
+                }
             }
         }
-        workers.spawn(worker::report_lag(
-            self.log.clone(),
-            self.projections.clone(),
-            self.settings.topic.clone(),
-            shutdown,
-        ));
+        tasks.spawn(worker::report_lag(self.log.clone(), members, topic, shutdown));
         Ok(tokio::spawn(async move {
-            while let Some(result) = workers.join_next().await {
+            while let Some(result) = tasks.join_next().await {
                 if let Err(e) = result {
-                    tracing::error!(error = %e, "projector worker crashed");
+                    tracing::error!(error = %e, "projector task crashed");
                 }
             }
         }))

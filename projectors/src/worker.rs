@@ -4,19 +4,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use callisto_avro::Codec;
-use callisto_core::log::{EventLog, Record};
+use callisto_core::log::{AppendRequest, EventLog, LogError, PartitionFeed, Record};
 use callisto_core::readmodel::{ProjectedEvent, Projection, StoreError};
 use tokio_util::sync::CancellationToken;
 
+use crate::member::Member;
 use crate::retry::{backoff, until_ok};
 use crate::{ProjectorSettings, dlq};
 
 pub struct Worker {
+    /// For dead letters.
     pub log: Arc<dyn EventLog>,
     pub codec: Arc<Codec>,
     pub projection: Arc<dyn Projection>,
     pub settings: ProjectorSettings,
     pub partition: u32,
+    /// The partition's records, starting after the projection's checkpoint.
+    pub feed: Box<dyn PartitionFeed>,
 }
 
 /// How applying a batch ended.
@@ -26,50 +30,64 @@ enum Outcome {
 }
 
 impl Worker {
-    pub async fn run(self, shutdown: CancellationToken) {
+    /// Projects the feed until `stop` is cancelled. A batch being applied when `stop` arrives is
+    /// finished and recorded first, so whoever takes the partition next starts after it.
+    pub async fn run(mut self, stop: CancellationToken) {
         let name = self.projection.name();
         let partition = self.partition;
-        let Some(checkpoints) = until_ok("reading checkpoints", &shutdown, || self.projection.checkpoints()).await
-        else {
-            return;
-        };
-        let start = self.settings.start_offsets.as_ref().and_then(|s| s.get(partition as usize).copied()).unwrap_or(0);
-        let mut next = checkpoints.get(&partition).map_or(start, |last| last + 1);
-        tracing::debug!(projection = name, partition, next, "projector worker starting");
-        let topic = self.settings.topic.clone();
-        while !shutdown.is_cancelled() {
-            let read = || self.log.read(&topic, partition, next, self.settings.batch_max, self.settings.poll_wait);
-            let records = tokio::select! {
-                () = shutdown.cancelled() => return,
-                records = until_ok("reading the log", &shutdown, read) => records,
-            };
-            let Some(records) = records else { return };
+        tracing::debug!(projection = name, partition, "projector worker starting");
+        while !stop.is_cancelled() {
+            let Some(records) = self.next_batch(&stop).await else { return };
             let Some(last) = records.last() else { continue };
             let through = last.offset;
             let started = Instant::now();
             let mut batch = Vec::with_capacity(records.len());
             for record in &records {
-                match self.decode(record, &shutdown).await {
+                match self.decode(record, &stop).await {
                     Some(Ok(event)) => batch.push((record, event)),
                     Some(Err(error)) => {
-                        if !self.dead_letter(record, &error, &shutdown).await {
+                        if !self.dead_letter(record, &error, &stop).await {
                             return;
                         }
                     }
                     None => return,
                 }
             }
-            if let Outcome::Stopped = self.apply(&batch, through, &shutdown).await {
+            if let Outcome::Stopped = self.apply(&batch, through, &stop).await {
                 return;
             }
             metrics::counter!("callisto_projected_events_total", "projection" => name).increment(records.len() as u64);
             metrics::histogram!("callisto_projection_batch_seconds", "projection" => name)
                 .record(started.elapsed().as_secs_f64());
-            next = through + 1;
-            // A lag signal for operators; the projection's own checkpoint is what we resume from.
-            let group = format!("{}.{name}", self.settings.group);
-            if let Err(e) = self.log.commit_offsets(&group, &topic, &[(partition, next)]).await {
-                tracing::debug!(error = %e, "committing consumer offsets failed");
+            // The group's position: a lag signal and where a consumer without the read model's
+            // checkpoint would start. Resuming always uses the projection's own checkpoint.
+            if let Err(e) = self.feed.processed(through + 1).await {
+                tracing::debug!(error = %e, "recording the group position failed");
+            }
+        }
+    }
+
+    /// The next batch, retried with back-off while the log fails. `None` on stop.
+    async fn next_batch(&mut self, stop: &CancellationToken) -> Option<Vec<Record>> {
+        let mut delays = backoff();
+        let mut failures = 0u32;
+        loop {
+            let read = tokio::select! {
+                () = stop.cancelled() => return None,
+                read = self.feed.next_batch(self.settings.batch_max, self.settings.poll_wait) => read,
+            };
+            match read {
+                Ok(records) => return Some(records),
+                Err(e) => {
+                    failures += 1;
+                    if failures == 3 {
+                        tracing::warn!(partition = self.partition, error = %e, "reading the log keeps failing; retrying with back-off");
+                    }
+                    tokio::select! {
+                        () = stop.cancelled() => return None,
+                        () = tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5))) => {}
+                    }
+                }
             }
         }
     }
@@ -178,7 +196,21 @@ impl Worker {
             "dead-lettering event"
         );
         let request = dlq::dead_letter(record, name, error);
-        let appended = until_ok("dead-lettering an event", shutdown, || self.log.append(request.clone())).await;
+        let append = || {
+            let request = request.clone();
+            async move {
+                match self.log.append(request.clone()).await {
+                    // A log without idempotency keys (Kafka): a worker that crashes between
+                    // this append and its checkpoint may dead-letter the event twice, which
+                    // `dlq replay` absorbs through the version guard.
+                    Err(LogError::Unsupported(_)) => {
+                        self.log.append(AppendRequest { idempotency: None, ..request }).await
+                    }
+                    other => other,
+                }
+            }
+        };
+        let appended = until_ok("dead-lettering an event", shutdown, append).await;
         if appended.is_some() {
             metrics::counter!("callisto_dead_letters_total", "projection" => name).increment(1);
         }
@@ -186,14 +218,9 @@ impl Worker {
     }
 }
 
-/// Publishes `callisto_projection_lag{projection, partition}` once a second: records in the log
-/// that the projection has not applied yet.
-pub async fn report_lag(
-    log: Arc<dyn EventLog>,
-    projections: Vec<Arc<dyn Projection>>,
-    topic: String,
-    shutdown: CancellationToken,
-) {
+/// Publishes `callisto_projection_lag{projection, partition}` once a second for the partitions
+/// this process works on: records in the log that the projection has not applied yet.
+pub async fn report_lag(log: Arc<dyn EventLog>, members: Vec<Arc<Member>>, topic: String, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -201,11 +228,12 @@ pub async fn report_lag(
             _ = tick.tick() => {}
         }
         let Ok(ends) = log.end_offsets(&topic).await else { continue };
-        for projection in &projections {
-            let checkpoints = projection.progress().borrow().clone();
-            for (partition, end) in ends.iter().enumerate() {
-                let applied = checkpoints.get(&(partition as u32)).map_or(0, |last| last + 1);
-                metrics::gauge!("callisto_projection_lag", "projection" => projection.name(), "partition" => partition.to_string())
+        for member in &members {
+            let checkpoints = member.projection.progress().borrow().clone();
+            for partition in member.owned() {
+                let Some(end) = ends.get(partition as usize) else { continue };
+                let applied = checkpoints.get(&partition).map_or(0, |last| last + 1);
+                metrics::gauge!("callisto_projection_lag", "projection" => member.projection.name(), "partition" => partition.to_string())
                     .set(end.saturating_sub(applied) as f64);
             }
         }

@@ -1,11 +1,19 @@
 //! Helpers shared by the integration tests: every test gets its own data dir and port.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use callisto::services::Dev;
+use callisto_avro::Codec;
 use callisto_core::config::Settings;
+use callisto_core::log::EventLog;
+use callisto_core::readmodel::{ListFilter, PersonDoc, ProjectedEvent, ReadStore, fold};
 use serde_json::Value;
+use uuid::Uuid;
 
 /// Default settings on the data dir `dir`.
 pub fn settings(dir: &Path) -> Settings {
@@ -24,4 +32,86 @@ pub async fn start_dev(dir: &Path) -> Dev {
 /// POSTs `body` as JSON and returns the answer's JSON.
 pub async fn post_json(client: &reqwest::Client, url: impl reqwest::IntoUrl, body: Value) -> Value {
     client.post(url).json(&body).send().await.unwrap().json().await.unwrap()
+}
+
+/// The documents a fold over the whole `persons` topic gives, with the same version guard.
+pub async fn fold_log(log: &dyn EventLog, codec: &Codec) -> BTreeMap<Uuid, PersonDoc> {
+    let mut docs: BTreeMap<Uuid, PersonDoc> = BTreeMap::new();
+    for (partition, end) in log.end_offsets("persons").await.unwrap().into_iter().enumerate() {
+        for record in log.read("persons", partition as u32, 0, end as usize, Duration::ZERO).await.unwrap() {
+            let event = codec.decode(&record.payload).unwrap();
+            let id = event.meta().person_id;
+            let projected = ProjectedEvent {
+                partition: record.partition,
+                offset: record.offset,
+                timestamp_ms: record.timestamp_ms,
+                event,
+            };
+            if let Some(doc) = fold(docs.get(&id).cloned(), &projected) {
+                docs.insert(id, doc);
+            }
+        }
+    }
+    docs
+}
+
+/// Every document in the store, through paging.
+pub async fn all_persons(store: &dyn ReadStore) -> BTreeMap<Uuid, PersonDoc> {
+    let mut out = BTreeMap::new();
+    let mut cursor = None;
+    loop {
+        let page = store.list(&ListFilter::default(), 100, cursor).await.unwrap();
+        out.extend(page.items.into_iter().map(|d| (d.person_id, d)));
+        match page.next_cursor {
+            Some(next) => cursor = Some(Uuid::parse_str(&next).unwrap()),
+            None => return out,
+        }
+    }
+}
+
+/// The `callisto` binary running one service on a free port, as a user runs it.
+pub struct Service {
+    pub child: Child,
+    pub base: String,
+}
+
+impl Service {
+    /// Starts `callisto <subcommand> --listen 127.0.0.1:0 --data-dir <data_dir> <extra…>` and
+    /// waits for the line announcing its address.
+    pub fn start(subcommand: &str, data_dir: &Path, extra: &[&str]) -> Service {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_callisto"))
+            .args([subcommand, "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env("CALLISTO__TELEMETRY__LOG_LEVEL", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("callisto binary starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let base = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .filter(|u| u.starts_with("http://"))
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        Service { child, base }
+    }
+
+    /// SIGTERM, and a clean exit.
+    pub fn terminate(mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "graceful stop exits 0, got {status}");
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
 }

@@ -6,6 +6,7 @@
 //! - Reads by position use one assigned (group-less) consumer per partition, kept between reads
 //!   and re-seeked only when a read does not continue where the last one ended.
 //! - Consumer-group offsets are committed and fetched with a consumer in that group.
+//! - Projectors join consumer groups through [`super::kafka_group`].
 //!
 //! Every call is bounded by `request_timeout`; librdkafka retries transient broker errors
 //! within it. Extra librdkafka properties (SASL, TLS, …) pass through unchanged.
@@ -27,7 +28,9 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::{AppendRequest, Appended, EventLog, LogError, Record};
+use tokio_util::sync::CancellationToken;
+
+use super::{AppendRequest, Appended, EventLog, GroupHandler, LogError, Record};
 
 #[derive(Debug, Clone)]
 pub struct KafkaLogOptions {
@@ -38,6 +41,9 @@ pub struct KafkaLogOptions {
     pub message_timeout: Duration,
     pub replication_factor: i32,
     pub min_insync_replicas: Option<u32>,
+    /// How long a consumer-group member waits for in-flight batches when partitions are
+    /// revoked; kept well under the session timeout (45 s by default).
+    pub drain_timeout: Duration,
 }
 
 impl KafkaLogOptions {
@@ -49,16 +55,25 @@ impl KafkaLogOptions {
             message_timeout: Duration::from_secs(30),
             replication_factor: 3,
             min_insync_replicas: Some(2),
+            drain_timeout: Duration::from_secs(10),
         }
     }
 
-    fn base(&self) -> ClientConfig {
+    /// `defaults` first, so the pass-through properties can tune them.
+    pub(super) fn config_with_defaults(&self, defaults: &[(&str, &str)]) -> ClientConfig {
         let mut config = ClientConfig::new();
+        for (key, value) in defaults {
+            config.set(*key, *value);
+        }
         config.set("bootstrap.servers", &self.brokers);
         for (key, value) in &self.properties {
             config.set(key, value);
         }
         config
+    }
+
+    fn base(&self) -> ClientConfig {
+        self.config_with_defaults(&[])
     }
 }
 
@@ -90,7 +105,7 @@ impl std::fmt::Debug for KafkaLog {
     }
 }
 
-fn kafka_error(e: KafkaError) -> LogError {
+pub(super) fn kafka_error(e: KafkaError) -> LogError {
     LogError::Unavailable(e.to_string())
 }
 
@@ -414,5 +429,16 @@ impl EventLog for KafkaLog {
         let timeout = self.options.request_timeout.min(Duration::from_secs(2));
         let meta = self.meta.clone();
         self.blocking(move || meta.fetch_metadata(None, timeout).map(|_| ()).map_err(kafka_error)).await
+    }
+
+    async fn join_group(
+        &self,
+        topic: &str,
+        group: &str,
+        handler: Arc<dyn GroupHandler>,
+        shutdown: CancellationToken,
+    ) -> Result<Option<tokio::task::JoinHandle<()>>, LogError> {
+        self.partitions(topic).await?;
+        super::kafka_group::join(&self.options, topic, group, handler, shutdown).map(Some)
     }
 }

@@ -2,14 +2,22 @@
 //!
 //! Offsets are per partition and dense from 0. Timestamps are log-append times in milliseconds,
 //! never decreasing within a partition, so offset lookup by time is well defined.
+//!
+//! Consumers that build state from a topic take partitions through [`EventLog::join_group`]:
+//! on Kafka that is a consumer group whose members share the partitions; a log without groups
+//! (the embedded one) leaves every partition to the one process that owns it, read through
+//! [`PositionFeed`].
 
 pub mod embedded;
 pub mod kafka;
+mod kafka_group;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 pub use embedded::{EmbeddedLog, EmbeddedLogOptions};
 pub use kafka::{KafkaLog, KafkaLogOptions};
@@ -132,4 +140,76 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// Whether the log can take appends now; backs `/readyz`.
     async fn health(&self) -> Result<(), LogError>;
+
+    /// Joins consumer group `group` on `topic`, handing partitions to `handler` as the group
+    /// assigns and revokes them, until `shutdown`; the handle finishes once this member has
+    /// drained, committed and left. `Ok(None)` when the log has no consumer groups: the caller
+    /// then owns every partition and reads it by position.
+    async fn join_group(
+        &self,
+        _topic: &str,
+        _group: &str,
+        _handler: Arc<dyn GroupHandler>,
+        _shutdown: CancellationToken,
+    ) -> Result<Option<tokio::task::JoinHandle<()>>, LogError> {
+        Ok(None)
+    }
+}
+
+/// One partition's records, in order, as one consumer receives them.
+#[async_trait]
+pub trait PartitionFeed: Send + Sync {
+    fn partition(&self) -> u32;
+
+    /// The next records after the last batch returned (the first batch starts where the
+    /// handler said). When none are there yet, waits up to `max_wait` and may return none.
+    /// Cancelling the call loses nothing.
+    async fn next_batch(&mut self, max_records: usize, max_wait: Duration) -> Result<Vec<Record>, LogError>;
+
+    /// Everything before `next` is durable downstream: record it as the group's position.
+    async fn processed(&mut self, next: u64) -> Result<(), LogError>;
+}
+
+/// What a member of a consumer group does as partitions come and go.
+#[async_trait]
+pub trait GroupHandler: Send + Sync + 'static {
+    /// Where each of `partitions` should start, in the same order: the consumer seeks there
+    /// instead of trusting the group's committed offsets. `None` when shutting down.
+    async fn start_offsets(&self, partitions: &[u32]) -> Option<Vec<u64>>;
+
+    /// The partitions' feeds, positioned where `start_offsets` said.
+    fn assigned(&self, feeds: Vec<Box<dyn PartitionFeed>>);
+
+    /// `partitions` are leaving this member: stop reading them and finish in-flight work
+    /// before returning, so the next owner starts after it.
+    async fn revoked(&self, partitions: &[u32]);
+}
+
+/// A [`PartitionFeed`] that reads by position, for logs without consumer groups; its
+/// progress is committed under `group` as a lag signal.
+pub struct PositionFeed {
+    pub log: Arc<dyn EventLog>,
+    pub topic: String,
+    pub group: String,
+    pub partition: u32,
+    pub next: u64,
+}
+
+#[async_trait]
+impl PartitionFeed for PositionFeed {
+    fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    async fn next_batch(&mut self, max_records: usize, max_wait: Duration) -> Result<Vec<Record>, LogError> {
+        let records = self.log.read(&self.topic, self.partition, self.next, max_records, max_wait).await?;
+        if let Some(last) = records.last() {
+            self.next = last.offset + 1;
+        }
+        Ok(records)
+    }
+
+    async fn processed(&mut self, next: u64) -> Result<(), LogError> {
+        self.log.commit_offsets(&self.group, &self.topic, &[(self.partition, next)]).await
+    }
 }
