@@ -20,6 +20,12 @@ pub enum RegistryError {
     Storage(String),
     #[error("schema registry holds an unparsable schema under id {id}: {reason}")]
     Corrupt { id: u32, reason: String },
+    /// The registry cannot be reached or keeps failing; retry later.
+    #[error("schema registry unavailable: {0}")]
+    Unavailable(String),
+    /// The registry answered no (e.g. an incompatible schema under a subject).
+    #[error("schema registry refused: {0}")]
+    Refused(String),
 }
 
 /// A registry of Avro schemas keyed by numeric id, as in Confluent's Schema Registry.

@@ -1,7 +1,8 @@
 //! Opens the backends: the event log (Kafka when `kafka.brokers` is set) and the embedded
 //! stand-ins under `storage.data_dir`:
 //! - `log.redb`: the embedded event log;
-//! - `schemas.redb`: the schema registry;
+//! - `schemas.redb`: the schema registry, unless `schema_registry.url` names a
+//!   Confluent-compatible one;
 //! - `readmodel.redb`: person documents, timelines and their checkpoints;
 //! - `search/`: the tantivy index, its checkpoint in its commit payload.
 //!
@@ -10,7 +11,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use callisto_avro::{Codec, EmbeddedRegistry};
+use callisto_avro::{Codec, ConfluentOptions, ConfluentRegistry, EmbeddedRegistry, SchemaRegistry};
 use callisto_core::config::Settings;
 use callisto_core::log::{EmbeddedLog, EmbeddedLogOptions, EventLog, KafkaLog, KafkaLogOptions};
 use callisto_core::readmodel::embedded::EmbeddedReadStore;
@@ -33,12 +34,19 @@ fn in_use(what: &str, dir: &std::path::Path) -> String {
 pub fn open_log(settings: &Settings) -> anyhow::Result<LogSide> {
     let dir = &settings.storage.data_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
-    anyhow::ensure!(
-        settings.schema_registry.url.is_none(),
-        "schema_registry.url is set, but this build only has the embedded registry"
-    );
-    let registry = EmbeddedRegistry::open(&dir.join("schemas.redb")).with_context(|| in_use("schema registry", dir))?;
-    let codec = Codec::new(Arc::new(registry), &settings.log.topic).context("registering event schemas")?;
+    let registry: Arc<dyn SchemaRegistry> = match &settings.schema_registry.url {
+        Some(url) => {
+            let sr = &settings.schema_registry;
+            let mut options = ConfluentOptions::new(url.clone());
+            options.timeout = std::time::Duration::from_millis(sr.timeout_ms);
+            options.basic_auth = sr.username.clone().map(|user| (user, sr.password.clone().unwrap_or_default()));
+            Arc::new(ConfluentRegistry::new(options).context("creating the schema registry client")?)
+        }
+        None => {
+            Arc::new(EmbeddedRegistry::open(&dir.join("schemas.redb")).with_context(|| in_use("schema registry", dir))?)
+        }
+    };
+    let codec = Codec::new(registry, &settings.log.topic).context("registering event schemas")?;
     let log: Arc<dyn EventLog> = match &settings.kafka.brokers {
         Some(brokers) => {
             let kafka = &settings.kafka;

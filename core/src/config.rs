@@ -27,6 +27,9 @@ pub const ENVIRONMENT: &[(&str, &str)] = &[
     ("CALLISTO__KAFKA__MESSAGE_TIMEOUT_MS", "how long the producer tries to deliver an append"),
     ("CALLISTO__QUERY__CONSISTENCY_WAIT_MS", "longest wait of a read for its consistency token"),
     ("CALLISTO__SCHEMA_REGISTRY__URL", "Confluent-compatible registry; unset uses the embedded one"),
+    ("CALLISTO__SCHEMA_REGISTRY__USERNAME", "registry basic-auth user (Confluent Cloud API key)"),
+    ("CALLISTO__SCHEMA_REGISTRY__PASSWORD", "registry basic-auth password (API secret); never printed"),
+    ("CALLISTO__SCHEMA_REGISTRY__TIMEOUT_MS", "bound on every registry call"),
     ("CALLISTO__TELEMETRY__LOG_FORMAT", "json (default) or text"),
     ("CALLISTO__TELEMETRY__LOG_LEVEL", "tracing filter, e.g. info or callisto_core=debug"),
 ];
@@ -141,10 +144,33 @@ impl Default for LogSettings {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SchemaRegistrySettings {
+    /// A Confluent-compatible Schema Registry; the embedded registry when unset.
     pub url: Option<String>,
+    /// Basic auth (Confluent Cloud: the API key and secret).
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub timeout_ms: u64,
+}
+
+impl Default for SchemaRegistrySettings {
+    fn default() -> Self {
+        Self { url: None, username: None, password: None, timeout_ms: 5_000 }
+    }
+}
+
+/// The password never prints.
+impl std::fmt::Debug for SchemaRegistrySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SchemaRegistrySettings")
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

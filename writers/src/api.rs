@@ -27,7 +27,9 @@ use crate::commands::*;
 /// Trips after this many consecutive failed appends; then appends fail fast until a probe
 /// succeeds after the (jittered, growing) back-off.
 const BREAKER_FAILURES: u32 = 5;
-const BREAKER_BACKOFF_MIN: Duration = Duration::from_secs(1);
+// failsafe's jittered back-off works in whole seconds and halves the first step: a 1 s start
+// could open the breaker for 0 s, so 2 s (an open period of 1–2 s) is the smallest useful one.
+const BREAKER_BACKOFF_MIN: Duration = Duration::from_secs(2);
 const BREAKER_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// What a 503 tells clients to wait before retrying.
 const RETRY_AFTER_SECS: u64 = 1;

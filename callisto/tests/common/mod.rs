@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: every test gets its own data dir and port.
 #![allow(dead_code)]
 
+pub mod registry;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
