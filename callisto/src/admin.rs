@@ -209,7 +209,7 @@ pub async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ser
             serde_json::to_value(crate::dlq::show(log, codec, &dlq_topic, &id).await.map_err(anyhow::Error::msg)?)?
         }
         DlqCommand::Replay(ids) => {
-            let read = crate::backends::open_read_models(settings)?;
+            let read = crate::backends::open_serving_read_models(settings).await?;
             let projections: HashMap<&'static str, Arc<dyn Projection>> = HashMap::from([
                 ("documents", read.store as Arc<dyn Projection>),
                 ("search", read.search as Arc<dyn Projection>),

@@ -7,6 +7,9 @@
 //! - `search/`: the tantivy index, its checkpoint in its commit payload.
 //!
 //! Each is locked by the process that opens it: one Callisto process per data dir.
+//!
+//! With `mongodb.uri` and `elasticsearch.url` set, the projector and query API use MongoDB and
+//! Elasticsearch instead of `readmodel.redb` and `search/` ([`open_serving_read_models`]).
 
 use std::sync::Arc;
 
@@ -14,8 +17,13 @@ use anyhow::Context;
 use callisto_avro::{Codec, ConfluentOptions, ConfluentRegistry, EmbeddedRegistry, SchemaRegistry};
 use callisto_core::config::Settings;
 use callisto_core::log::{EmbeddedLog, EmbeddedLogOptions, EventLog, KafkaLog, KafkaLogOptions};
+use std::time::Duration;
+
+use callisto_core::readmodel::elastic::{ElasticOptions, ElasticSearchIndex};
 use callisto_core::readmodel::embedded::EmbeddedReadStore;
+use callisto_core::readmodel::mongo::{MongoOptions, MongoReadStore};
 use callisto_core::readmodel::search::TantivySearchIndex;
+use callisto_core::readmodel::{ReadStore, SearchIndex};
 
 pub struct LogSide {
     pub log: Arc<dyn EventLog>,
@@ -70,7 +78,63 @@ pub fn open_log(settings: &Settings) -> anyhow::Result<LogSide> {
     Ok(LogSide { log, codec: Arc::new(codec) })
 }
 
-/// The live generation's read models (see [`crate::generations`]).
+/// The read models the projector and query API serve from: MongoDB and Elasticsearch where
+/// configured, the live embedded generation otherwise (each independently).
+pub struct ReadSide {
+    pub store: Arc<dyn ReadStore>,
+    pub search: Arc<dyn SearchIndex>,
+}
+
+pub async fn open_serving_read_models(settings: &Settings) -> anyhow::Result<ReadSide> {
+    let embedded = if settings.mongodb.uri.is_none() || settings.elasticsearch.url.is_none() {
+        Some(open_read_models(settings)?)
+    } else {
+        None
+    };
+    let store: Arc<dyn ReadStore> = match (&settings.mongodb.uri, &embedded) {
+        (Some(uri), _) => {
+            let m = &settings.mongodb;
+            let mut options = MongoOptions::new(uri.clone(), m.database.clone());
+            options.write_concern = m.write_concern.clone();
+            options.read_concern = m.read_concern.clone();
+            options.timeout = Duration::from_millis(m.timeout_ms);
+            MongoReadStore::connect(&options).await.context("connecting to MongoDB")?
+        }
+        (None, Some(embedded)) => embedded.store.clone(),
+        (None, None) => unreachable!("embedded read models are opened when MongoDB is not configured"),
+    };
+    let search: Arc<dyn SearchIndex> = match (&settings.elasticsearch.url, &embedded) {
+        (Some(url), _) => {
+            let e = &settings.elasticsearch;
+            let mut options = ElasticOptions::new(url.clone());
+            options.username = e.username.clone();
+            options.password = e.password.clone();
+            options.api_key = e.api_key_id.clone().zip(e.api_key_secret.clone());
+            options.prefix = e.prefix.clone();
+            options.refresh = e.refresh.clone();
+            options.timeout = Duration::from_millis(e.timeout_ms);
+            options.bulk_max_actions = e.bulk_max_actions;
+            options.bulk_max_bytes = e.bulk_max_bytes;
+            ElasticSearchIndex::connect(&options).await.context("connecting to Elasticsearch")?
+        }
+        (None, Some(embedded)) => embedded.search.clone(),
+        (None, None) => unreachable!("embedded read models are opened when Elasticsearch is not configured"),
+    };
+    Ok(ReadSide { store, search })
+}
+
+/// `what` works on the embedded read models only; with MongoDB or Elasticsearch configured it
+/// says so instead of silently using the embedded ones.
+pub fn require_embedded_read_models(settings: &Settings, what: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        settings.mongodb.uri.is_none() && settings.elasticsearch.url.is_none(),
+        "{what} works on the embedded read models; with mongodb.uri or elasticsearch.url set, run \
+         `callisto projector` and `callisto query-api` instead"
+    );
+    Ok(())
+}
+
+/// The live generation's embedded read models (see [`crate::generations`]).
 pub fn open_read_models(settings: &Settings) -> anyhow::Result<EmbeddedReadSide> {
     let live = crate::generations::Generations::load(&settings.storage.data_dir)?.live;
     open_generation(settings, live)

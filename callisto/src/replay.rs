@@ -195,6 +195,7 @@ pub fn summary(action: &str, generations: &Generations) -> Summary {
 
 /// Runs a replay action on a stopped data dir, opening it directly.
 pub async fn run_direct(settings: &Settings, action: Action, show_progress: bool) -> anyhow::Result<Summary> {
+    crate::backends::require_embedded_read_models(settings, "callisto replay")?;
     let data_dir = &settings.storage.data_dir;
     let mut gens = Generations::load(data_dir)?;
     match action {

@@ -36,7 +36,7 @@ pub async fn run_projector(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let log_side = backends::open_log(&settings)?;
-    let read_side = backends::open_read_models(&settings)?;
+    let read_side = backends::open_serving_read_models(&settings).await?;
     let stop = CancellationToken::new();
     let projections: Vec<Arc<dyn Projection>> = vec![read_side.store.clone(), read_side.search.clone()];
     let settings_for_projector = callisto_projectors::ProjectorSettings::new(&settings.log.topic);
@@ -66,7 +66,7 @@ pub async fn run_query_api(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let read_side = backends::open_read_models(&settings)?;
+    let read_side = backends::open_serving_read_models(&settings).await?;
     let state = callisto_query_api::QueryState {
         store: read_side.store,
         search: read_side.search,
@@ -135,6 +135,7 @@ pub struct Dev {
 
 impl Dev {
     pub async fn start(settings: &Settings, listener: TcpListener) -> anyhow::Result<Self> {
+        backends::require_embedded_read_models(settings, "callisto dev")?;
         let log_side = backends::open_log(settings)?;
         let (log, codec) = (log_side.log, log_side.codec);
         let writer = callisto_writers::state(settings, log.clone(), codec.clone()).await?;

@@ -30,6 +30,19 @@ pub const ENVIRONMENT: &[(&str, &str)] = &[
     ("CALLISTO__SCHEMA_REGISTRY__USERNAME", "registry basic-auth user (Confluent Cloud API key)"),
     ("CALLISTO__SCHEMA_REGISTRY__PASSWORD", "registry basic-auth password (API secret); never printed"),
     ("CALLISTO__SCHEMA_REGISTRY__TIMEOUT_MS", "bound on every registry call"),
+    ("CALLISTO__MONGODB__URI", "MongoDB URI for the document read model; unset uses the embedded store"),
+    ("CALLISTO__MONGODB__DATABASE", "MongoDB database holding persons, timeline and checkpoints"),
+    ("CALLISTO__MONGODB__WRITE_CONCERN", "majority (default) or a node count"),
+    ("CALLISTO__MONGODB__READ_CONCERN", "majority (default), local, …"),
+    ("CALLISTO__MONGODB__TIMEOUT_MS", "bound on every MongoDB call"),
+    ("CALLISTO__ELASTICSEARCH__URL", "Elasticsearch URL for search; unset uses the embedded index"),
+    ("CALLISTO__ELASTICSEARCH__USERNAME", "Elasticsearch basic-auth user"),
+    ("CALLISTO__ELASTICSEARCH__PASSWORD", "Elasticsearch basic-auth password; never printed"),
+    ("CALLISTO__ELASTICSEARCH__API_KEY_ID", "Elastic Cloud API key id (instead of basic auth)"),
+    ("CALLISTO__ELASTICSEARCH__API_KEY_SECRET", "Elastic Cloud API key secret; never printed"),
+    ("CALLISTO__ELASTICSEARCH__PREFIX", "prefix of Callisto's index, alias and template names"),
+    ("CALLISTO__ELASTICSEARCH__REFRESH", "bulk refresh policy: wait_for (default), true or false"),
+    ("CALLISTO__ELASTICSEARCH__TIMEOUT_MS", "bound on every Elasticsearch call"),
     ("CALLISTO__TELEMETRY__LOG_FORMAT", "json (default) or text"),
     ("CALLISTO__TELEMETRY__LOG_LEVEL", "tracing filter, e.g. info or callisto_core=debug"),
 ];
@@ -43,7 +56,99 @@ pub struct Settings {
     pub schema_registry: SchemaRegistrySettings,
     pub kafka: KafkaSettings,
     pub query: QuerySettings,
+    pub mongodb: MongoSettings,
+    pub elasticsearch: ElasticsearchSettings,
     pub telemetry: TelemetrySettings,
+}
+
+/// The MongoDB document read model; the embedded store when `uri` is unset.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MongoSettings {
+    pub uri: Option<String>,
+    pub database: String,
+    pub write_concern: String,
+    pub read_concern: String,
+    pub timeout_ms: u64,
+}
+
+impl Default for MongoSettings {
+    fn default() -> Self {
+        Self {
+            uri: None,
+            database: "callisto".into(),
+            write_concern: "majority".into(),
+            read_concern: "majority".into(),
+            timeout_ms: 10_000,
+        }
+    }
+}
+
+/// A URI's credentials never print.
+impl std::fmt::Debug for MongoSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let uri = self.uri.as_ref().map(|u| match (u.find("://"), u.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => format!("{}://<redacted>@{}", &u[..scheme], &u[at + 1..]),
+            _ => u.clone(),
+        });
+        f.debug_struct("MongoSettings")
+            .field("uri", &uri)
+            .field("database", &self.database)
+            .field("write_concern", &self.write_concern)
+            .field("read_concern", &self.read_concern)
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
+}
+
+/// The Elasticsearch search read model; the embedded index when `url` is unset.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ElasticsearchSettings {
+    pub url: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub api_key_id: Option<String>,
+    pub api_key_secret: Option<String>,
+    pub prefix: String,
+    pub refresh: String,
+    pub timeout_ms: u64,
+    pub bulk_max_actions: usize,
+    pub bulk_max_bytes: usize,
+}
+
+impl Default for ElasticsearchSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            username: None,
+            password: None,
+            api_key_id: None,
+            api_key_secret: None,
+            prefix: "callisto".into(),
+            refresh: "wait_for".into(),
+            timeout_ms: 30_000,
+            bulk_max_actions: 1000,
+            bulk_max_bytes: 5 * 1024 * 1024,
+        }
+    }
+}
+
+/// Secrets never print.
+impl std::fmt::Debug for ElasticsearchSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |s: &Option<String>| s.as_ref().map(|_| "<redacted>");
+        f.debug_struct("ElasticsearchSettings")
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("password", &redacted(&self.password))
+            .field("api_key_id", &self.api_key_id)
+            .field("api_key_secret", &redacted(&self.api_key_secret))
+            .field("prefix", &self.prefix)
+            .field("refresh", &self.refresh)
+            .field("timeout_ms", &self.timeout_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Kafka as the event log. Unset `brokers` means the embedded log.

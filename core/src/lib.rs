@@ -1,10 +1,12 @@
 //! # callisto-core — ports, adapters and the plumbing every service shares
 //!
 //! ## Layout
-//! - [`log`]: the [`EventLog`](log::EventLog) port and its embedded, redb-backed adapter.
+//! - [`log`]: the [`EventLog`](log::EventLog) port and its adapters: embedded (redb) and Kafka.
 //! - [`partition`]: Kafka's murmur2 key → partition function.
 //! - [`readmodel`]: person documents, timelines and search; the `Projection`, `ReadStore` and
-//!   `SearchIndex` ports with their embedded adapters (redb, tantivy).
+//!   `SearchIndex` ports with their embedded adapters (redb, tantivy) and production ones
+//!   (MongoDB, Elasticsearch).
+//! - [`resilience`]: timeout, retries and circuit breaker around read-model server calls.
 //! - [`config`]: layered settings (defaults, file, `CALLISTO__…` environment).
 //! - [`telemetry`]: JSON logs and the Prometheus recorder, set up in one place.
 //! - [`http`]: `application/problem+json` errors and the JSON/query extractors that produce them.
@@ -17,5 +19,6 @@ pub mod log;
 pub mod partition;
 pub mod readmodel;
 pub mod replay;
+pub mod resilience;
 pub mod telemetry;
 pub mod token;

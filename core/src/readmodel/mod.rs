@@ -8,12 +8,17 @@
 //! - [`ReadStore`] (documents, lists, timelines) and [`SearchIndex`] (full text) are the two
 //!   projection ports the query API reads from.
 //!
+//! Adapters: [`embedded`] (redb) and [`mongo`] for documents, [`search`] (tantivy) and
+//! [`elastic`] for search.
+//!
 //! [`switch`] puts a generation switch in front of both, for blue/green rebuilds.
 //!
 //! Every document stores the (partition, offset) that last changed it, and adapters refuse
 //! events at or below it, so redeliveries and replays are harmless.
 
+pub mod elastic;
 pub mod embedded;
+pub mod mongo;
 pub mod search;
 pub mod switch;
 

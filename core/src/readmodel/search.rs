@@ -579,7 +579,7 @@ fn prefix_form(token: &str, expand: &dyn Fn(Option<&str>, &str) -> Vec<String>) 
     format!("{sign}({})", alternatives.join(" OR "))
 }
 
-fn display_name(person: &PersonDoc) -> String {
+pub(crate) fn display_name(person: &PersonDoc) -> String {
     format!("{} {}", person.given_name, person.family_name)
 }
 

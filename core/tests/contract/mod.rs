@@ -1,0 +1,275 @@
+//! One contract per read-model port, run against every adapter so the embedded stand-ins and
+//! the production servers cannot drift apart: get, list and pagination; search semantics and
+//! facets; the version guard and idempotent replays; checkpoint round-trips; bad input.
+//!
+//! A suite takes an opener: the same name opens the same storage again (a restart).
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::io::Write;
+use std::sync::Arc;
+
+use callisto_avro::PersonEvent;
+use callisto_avro::events::{NoteAdded, PersonArchived, PersonRegistered, TagChanged};
+use callisto_core::readmodel::{ListFilter, ProjectedEvent, ReadStore, SearchIndex, SearchRequest, Status, StoreError};
+use chrono::Utc;
+use uuid::Uuid;
+
+/// The production half of a suite runs only with its server configured; otherwise it says so
+/// in one line, outside the test harness's output capture.
+pub fn server_url(variable: &str) -> Option<String> {
+    match std::env::var(variable) {
+        Ok(url) if !url.trim().is_empty() => Some(url),
+        _ => {
+            let _ = writeln!(std::io::stderr(), "skipped: set {variable} to run");
+            None
+        }
+    }
+}
+
+/// A name no other run uses, for databases and index prefixes on shared servers.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", Uuid::new_v4().simple())
+}
+
+pub fn at(partition: u32, offset: u64, event: PersonEvent) -> ProjectedEvent {
+    ProjectedEvent { partition, offset, timestamp_ms: 0, event }
+}
+
+pub fn registered(id: Uuid, name: &str, tags: &[&str]) -> PersonEvent {
+    PersonEvent::Registered(PersonRegistered {
+        event_id: Uuid::new_v4(),
+        person_id: id,
+        occurred_at: Utc::now(),
+        correlation_id: "c".into(),
+        given_name: name.into(),
+        family_name: "Contract".into(),
+        email: Some(format!("{}@example.org", name.to_lowercase())),
+        phone: None,
+        date_of_birth: None,
+        address: None,
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+    })
+}
+
+pub fn note(id: Uuid, text: &str) -> PersonEvent {
+    PersonEvent::NoteAdded(NoteAdded {
+        event_id: Uuid::new_v4(),
+        person_id: id,
+        occurred_at: Utc::now(),
+        correlation_id: "c".into(),
+        note_id: Uuid::new_v4(),
+        text: text.into(),
+    })
+}
+
+pub fn tagged(id: Uuid, tag: &str) -> PersonEvent {
+    PersonEvent::Tagged(TagChanged {
+        event_id: Uuid::new_v4(),
+        person_id: id,
+        occurred_at: Utc::now(),
+        correlation_id: "c".into(),
+        tag: tag.into(),
+    })
+}
+
+pub fn archived(id: Uuid) -> PersonEvent {
+    PersonEvent::Archived(PersonArchived {
+        event_id: Uuid::new_v4(),
+        person_id: id,
+        occurred_at: Utc::now(),
+        correlation_id: "c".into(),
+        reason: None,
+    })
+}
+
+pub fn history(id: Uuid) -> Vec<ProjectedEvent> {
+    vec![
+        at(3, 10, registered(id, "Ada", &["vip"])),
+        at(3, 11, note(id, "the analytical engine")),
+        at(3, 12, tagged(id, "math")),
+        at(3, 13, note(id, "bernoulli numbers")),
+        at(3, 14, archived(id)),
+    ]
+}
+
+fn request(query: &str) -> SearchRequest {
+    SearchRequest { query: query.into(), tag: None, status: None, limit: 50, offset: 0 }
+}
+
+pub async fn read_store_contract<F, Fut>(open: F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn ReadStore>>,
+{
+    guard_and_redelivery(open("guard".into()).await).await;
+    checkpoints_round_trip(&open).await;
+    listing(open("listing".into()).await).await;
+    bad_input(open("bad-input".into()).await).await;
+}
+
+async fn guard_and_redelivery(store: Arc<dyn ReadStore>) {
+    let id = Uuid::new_v4();
+    let events = history(id);
+    store.apply(3, &events, 14).await.unwrap();
+    let doc = store.get(id).await.unwrap().unwrap();
+    assert_eq!(
+        (doc.note_count, doc.status, doc.tags.clone()),
+        (2, Status::Archived, vec!["math".into(), "vip".into()])
+    );
+    assert_eq!(doc.version.offset, 14);
+
+    // The whole batch again, then an older event alone: both are refused by the version guard.
+    store.apply(3, &events, 14).await.unwrap();
+    store.apply(3, &[at(3, 12, note(id, "late duplicate"))], 14).await.unwrap();
+    assert_eq!(store.get(id).await.unwrap().unwrap(), doc);
+    let timeline = store.timeline(id, 100, None).await.unwrap();
+    assert_eq!(
+        timeline.items.iter().map(|e| e.offset).collect::<Vec<_>>(),
+        vec![10, 11, 12, 13, 14],
+        "one entry per offset"
+    );
+    let first = store.timeline(id, 2, None).await.unwrap();
+    assert_eq!(first.items.len(), 2);
+    let cursor = first.next_cursor.expect("more entries follow").parse::<u64>().unwrap();
+    let rest = store.timeline(id, 10, Some(cursor)).await.unwrap();
+    assert_eq!(rest.items.iter().map(|e| e.offset).collect::<Vec<_>>(), vec![12, 13, 14]);
+    assert!(rest.next_cursor.is_none());
+}
+
+async fn checkpoints_round_trip<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn ReadStore>>,
+{
+    {
+        let store = open("checkpoints".into()).await;
+        store.apply(0, &[], 41).await.unwrap();
+        store.apply(5, &[], 7).await.unwrap();
+        store.apply(5, &[], 3).await.unwrap();
+        assert_eq!(*store.progress().borrow(), [(0, 41), (5, 7)].into());
+    }
+    let reopened = open("checkpoints".into()).await;
+    assert_eq!(
+        reopened.checkpoints().await.unwrap(),
+        [(0, 41), (5, 7)].into(),
+        "checkpoints survive a restart and never move back"
+    );
+}
+
+async fn listing(store: Arc<dyn ReadStore>) {
+    let mut ids: Vec<Uuid> = (0..25).map(|_| Uuid::new_v4()).collect();
+    let events: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| at(0, i as u64, registered(*id, &format!("P{i}"), if i % 2 == 0 { &["even"] } else { &[] })))
+        .collect();
+    store.apply(0, &events, 24).await.unwrap();
+    store.apply(0, &[at(0, 25, archived(ids[0]))], 25).await.unwrap();
+    ids.sort();
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store.list(&ListFilter::default(), 10, cursor).await.unwrap();
+        assert!(page.items.len() <= 10);
+        seen.extend(page.items.iter().map(|d| d.person_id));
+        match page.next_cursor {
+            Some(next) => cursor = Some(Uuid::parse_str(&next).unwrap()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids, "every person once, in id order");
+    let even = store.list(&ListFilter { tag: Some("even".into()), status: None }, 100, None).await.unwrap();
+    assert_eq!(even.items.len(), 13);
+    assert!(even.next_cursor.is_none());
+    let archived = store.list(&ListFilter { tag: None, status: Some(Status::Archived) }, 100, None).await.unwrap();
+    assert_eq!(archived.items.len(), 1);
+    let both =
+        store.list(&ListFilter { tag: Some("even".into()), status: Some(Status::Active) }, 100, None).await.unwrap();
+    assert_eq!(both.items.len(), 12);
+}
+
+async fn bad_input(store: Arc<dyn ReadStore>) {
+    let unknown = Uuid::new_v4();
+    assert!(store.get(unknown).await.unwrap().is_none());
+    assert!(store.timeline(unknown, 10, None).await.unwrap().items.is_empty());
+    // Events for a person never registered change no document but stay on the timeline.
+    store.apply(7, &[at(7, 0, note(unknown, "orphan")), at(7, 1, tagged(unknown, "x"))], 1).await.unwrap();
+    assert!(store.get(unknown).await.unwrap().is_none());
+    assert_eq!(store.timeline(unknown, 10, None).await.unwrap().items.len(), 2);
+    assert!(store.list(&ListFilter { tag: Some("x".into()), status: None }, 10, None).await.unwrap().items.is_empty());
+}
+
+pub async fn search_index_contract<F, Fut>(open: F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn SearchIndex>>,
+{
+    search_guard_and_redelivery(open("guard".into()).await).await;
+    search_checkpoints_round_trip(&open).await;
+    search_semantics(open("semantics".into()).await).await;
+}
+
+async fn search_guard_and_redelivery(index: Arc<dyn SearchIndex>) {
+    let id = Uuid::new_v4();
+    let events = history(id);
+    index.apply(3, &events, 14).await.unwrap();
+    let before = index.search(&request("")).await.unwrap();
+    assert_eq!(before.total, 3, "the person and two notes");
+    index.apply(3, &events, 14).await.unwrap();
+    index.apply(3, &[at(3, 12, note(id, "late duplicate"))], 14).await.unwrap();
+    let after = index.search(&request("")).await.unwrap();
+    assert_eq!((after.total, after.facets), (before.total, before.facets));
+    assert_eq!(index.search(&request("duplicate")).await.unwrap().total, 0);
+    // Tagged after the notes were written: the notes carry the new tag too.
+    let math = SearchRequest { tag: Some("math".into()), ..request("") };
+    assert_eq!(index.search(&math).await.unwrap().total, 3);
+}
+
+async fn search_checkpoints_round_trip<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn SearchIndex>>,
+{
+    {
+        let index = open("checkpoints".into()).await;
+        index.apply(0, &[], 41).await.unwrap();
+        index.apply(5, &[], 7).await.unwrap();
+        index.apply(5, &[], 3).await.unwrap();
+        assert_eq!(*index.progress().borrow(), [(0, 41), (5, 7)].into());
+    }
+    let reopened = open("checkpoints".into()).await;
+    assert_eq!(reopened.checkpoints().await.unwrap(), [(0, 41), (5, 7)].into());
+}
+
+async fn search_semantics(index: Arc<dyn SearchIndex>) {
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let events = vec![
+        at(1, 0, registered(a, "Zoë", &["vip"])),
+        at(1, 1, note(a, "engine engine engine design review")),
+        at(1, 2, registered(b, "Bob", &["ops"])),
+        at(1, 3, note(b, "one mention of the engine among many other words in a long note")),
+        at(1, 4, archived(b)),
+    ];
+    index.apply(1, &events, 4).await.unwrap();
+    let results = index.search(&request("engine")).await.unwrap();
+    assert_eq!(results.total, 2);
+    assert_eq!(results.hits[0].person_id, a, "denser match ranks first");
+    assert!(results.hits[0].score >= results.hits[1].score);
+    assert!(results.hits[0].highlights["text"].contains("<b>engine</b>"));
+    assert_eq!(results.facets.tags.get("vip"), Some(&1));
+    assert_eq!(results.facets.status.get("archived"), Some(&1));
+
+    let archived_only = SearchRequest { status: Some(Status::Archived), ..request("engine") };
+    let archived_hits = index.search(&archived_only).await.unwrap();
+    assert_eq!(archived_hits.total, 1);
+    assert_eq!(archived_hits.hits[0].person_id, b, "notes carry their person's current status");
+    let vip = SearchRequest { tag: Some("vip".into()), ..request("") };
+    assert_eq!(index.search(&vip).await.unwrap().total, 2, "Zoë and her note");
+    assert_eq!(index.search(&request("zoe")).await.unwrap().hits[0].person_id, a, "accents fold");
+    assert_eq!(index.search(&request("email:bob")).await.unwrap().total, 1);
+    let second_page = SearchRequest { limit: 1, offset: 1, ..request("engine") };
+    assert_eq!(index.search(&second_page).await.unwrap().hits[0].person_id, b);
+    // Bad input is the caller's error, not an outage.
+    assert!(matches!(index.search(&request("name:(")).await, Err(StoreError::InvalidRequest(_))));
+}
