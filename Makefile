@@ -3,7 +3,7 @@ CARGO ?= cargo
 LISTEN ?= 127.0.0.1:8080
 DATA_DIR ?= ./data
 
-.PHONY: run test lint fmt bench clean-data
+.PHONY: run test lint fmt bench clean-data up down test-integration
 
 ## Run Callisto on this machine with embedded stand-ins (no servers needed).
 run:
@@ -34,6 +34,22 @@ bench:
 	$(TARGET_DIR)/release/loadgen http --callisto $(TARGET_DIR)/release/callisto --seconds $(BENCH_SECONDS) --json $(TARGET_DIR)/bench-http.json
 	$(TARGET_DIR)/release/loadgen rebuild --events $(BENCH_EVENTS) --json $(TARGET_DIR)/bench-rebuild.json
 	$(TARGET_DIR)/release/bench_report $(TARGET_DIR)/criterion $(TARGET_DIR)/bench-search-p99.json $(TARGET_DIR)/bench-http.json $(TARGET_DIR)/bench-rebuild.json
+
+## The full stack with Docker: Kafka, Schema Registry, MongoDB, Elasticsearch and Callisto's
+## writer, projector and query API (see docker-compose.yml).
+up:
+	docker compose up -d --build --wait
+
+down:
+	docker compose down -v
+
+## The contract suites and the end-to-end test against `make up`'s stack.
+test-integration:
+	MONGODB_URI='mongodb://localhost:27017/?directConnection=true' \
+	ELASTICSEARCH_URL=http://localhost:9200 ELASTICSEARCH_USERNAME=elastic ELASTICSEARCH_PASSWORD=callisto-dev \
+	CALLISTO_STACK_WRITER_URL=http://localhost:8080 CALLISTO_STACK_QUERY_URL=http://localhost:8082 \
+	$(CARGO) test --locked -p callisto-core -p callisto \
+		--test read_store_contract --test search_index_contract --test stack
 
 clean-data:
 	rm -rf $(DATA_DIR)

@@ -105,6 +105,23 @@ impl std::fmt::Debug for KafkaLog {
     }
 }
 
+/// A consumed message as an owned [`Record`].
+pub(super) fn to_record(message: &impl Message, topic: &str, partition: u32) -> Record {
+    let headers = message
+        .headers()
+        .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec())).collect())
+        .unwrap_or_default();
+    Record {
+        topic: topic.to_owned(),
+        partition,
+        offset: message.offset() as u64,
+        timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
+        key: message.key().unwrap_or_default().to_vec(),
+        headers,
+        payload: message.payload().unwrap_or_default().to_vec(),
+    }
+}
+
 pub(super) fn kafka_error(e: KafkaError) -> LogError {
     LogError::Unavailable(e.to_string())
 }
@@ -320,20 +337,7 @@ impl EventLog for KafkaLog {
                     }
                     continue;
                 };
-                let message = message.map_err(kafka_error)?;
-                let headers = message
-                    .headers()
-                    .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec())).collect())
-                    .unwrap_or_default();
-                records.push(Record {
-                    topic: topic.clone(),
-                    partition,
-                    offset: message.offset() as u64,
-                    timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
-                    key: message.key().unwrap_or_default().to_vec(),
-                    headers,
-                    payload: message.payload().unwrap_or_default().to_vec(),
-                });
+                records.push(to_record(&message.map_err(kafka_error)?, &topic, partition));
             }
             let next = records.last().map_or(from, |r| r.offset + 1);
             if let Ok(mut readers) = readers.lock() {

@@ -18,7 +18,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::Notify;
@@ -243,20 +243,7 @@ impl KafkaFeed {
     fn drain_queued(&self, records: &mut Vec<Record>, max_records: usize) -> Result<(), LogError> {
         while records.len() < max_records {
             let Some(message) = self.queue.poll(Duration::ZERO) else { return Ok(()) };
-            let message = message.map_err(kafka_error)?;
-            let headers = message
-                .headers()
-                .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec())).collect())
-                .unwrap_or_default();
-            records.push(Record {
-                topic: self.topic.clone(),
-                partition: self.partition,
-                offset: message.offset() as u64,
-                timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
-                key: message.key().unwrap_or_default().to_vec(),
-                headers,
-                payload: message.payload().unwrap_or_default().to_vec(),
-            });
+            records.push(super::kafka::to_record(&message.map_err(kafka_error)?, &self.topic, self.partition));
         }
         Ok(())
     }

@@ -24,7 +24,7 @@
 //! what a consistency token waits for.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -391,7 +391,7 @@ impl ElasticSearchIndex {
         index.install().await?;
         let loaded = index.checkpoints().await?;
         index.progress.send_replace(loaded);
-        tokio::spawn(follow_checkpoints(Arc::downgrade(&index), options.checkpoint_poll));
+        tokio::spawn(super::follow_checkpoints(Arc::downgrade(&index), |p| &p.progress, options.checkpoint_poll));
         Ok(index)
     }
 
@@ -426,14 +426,26 @@ impl ElasticSearchIndex {
             .await
     }
 
-    async fn install(&self) -> Result<(), StoreError> {
-        let template = body::index_template(&self.options);
-        let path = format!("/_index_template/{}", self.options.alias());
-        let (status, answer) =
-            self.call("installing the index template", Method::Put, &path, &[], Some(&template)).await?;
+    /// [`Self::call`], with any answer but 2xx an error.
+    async fn call_ok(
+        &self,
+        what: &str,
+        method: Method,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Option<&Value>,
+    ) -> Result<Value, StoreError> {
+        let (status, answer) = self.call(what, method, path, query, body).await?;
         if status >= 300 {
             return Err(body::request_error(status, &answer));
         }
+        Ok(answer)
+    }
+
+    async fn install(&self) -> Result<(), StoreError> {
+        let template = body::index_template(&self.options);
+        let path = format!("/_index_template/{}", self.options.alias());
+        self.call_ok("installing the index template", Method::Put, &path, &[], Some(&template)).await?;
         let alias = self.options.alias();
         let (status, _) = self.call("checking the alias", Method::Head, &format!("/_alias/{alias}"), &[], None).await?;
         if status == 404 {
@@ -462,11 +474,8 @@ impl ElasticSearchIndex {
     async fn load(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, PersonDoc>, StoreError> {
         let request = json!({"ids": ids.iter().map(|id| format!("person:{id}")).collect::<Vec<_>>()});
         let path = format!("/{}/_mget", self.options.alias());
-        let (status, answer) =
-            self.call("loading persons", Method::Post, &path, &[("_source", "person")], Some(&request)).await?;
-        if status >= 300 {
-            return Err(body::request_error(status, &answer));
-        }
+        let answer =
+            self.call_ok("loading persons", Method::Post, &path, &[("_source", "person")], Some(&request)).await?;
         Ok(answer["docs"]
             .as_array()
             .into_iter()
@@ -484,10 +493,7 @@ impl ElasticSearchIndex {
             "_source": ["note_id", "text"]
         });
         let path = format!("/{}/_search", self.options.alias());
-        let (status, answer) = self.call("loading notes", Method::Post, &path, &[], Some(&request)).await?;
-        if status >= 300 {
-            return Err(body::request_error(status, &answer));
-        }
+        let answer = self.call_ok("loading notes", Method::Post, &path, &[], Some(&request)).await?;
         Ok(answer["hits"]["hits"]
             .as_array()
             .into_iter()
@@ -610,28 +616,6 @@ impl ElasticSearchIndex {
     }
 }
 
-/// Keeps `progress` in step with checkpoints written by any process, until the index is dropped.
-async fn follow_checkpoints(index: Weak<ElasticSearchIndex>, every: Duration) {
-    let mut tick = tokio::time::interval(every);
-    loop {
-        tick.tick().await;
-        let Some(index) = index.upgrade() else { return };
-        if let Ok(stored) = index.checkpoints().await {
-            index.progress.send_if_modified(|current| {
-                let mut changed = false;
-                for (partition, offset) in stored {
-                    let entry = current.entry(partition).or_insert(offset);
-                    if *entry < offset {
-                        *entry = offset;
-                        changed = true;
-                    }
-                }
-                changed
-            });
-        }
-    }
-}
-
 #[async_trait]
 impl Projection for ElasticSearchIndex {
     fn name(&self) -> &'static str {
@@ -653,10 +637,7 @@ impl Projection for ElasticSearchIndex {
         if status >= 300 && status != 409 {
             return Err(body::request_error(status, &answer));
         }
-        self.progress.send_modify(|c| {
-            let entry = c.entry(partition).or_insert(through);
-            *entry = (*entry).max(through);
-        });
+        super::advance(&self.progress, partition, through);
         Ok(())
     }
 
@@ -688,10 +669,7 @@ impl SearchIndex for ElasticSearchIndex {
     async fn search(&self, request: &SearchRequest) -> Result<SearchResults, StoreError> {
         let query = body::search_body(request);
         let path = format!("/{}/_search", self.options.alias());
-        let (status, answer) = self.call("searching", Method::Post, &path, &[], Some(&query)).await?;
-        if status >= 300 {
-            return Err(body::request_error(status, &answer));
-        }
+        let answer = self.call_ok("searching", Method::Post, &path, &[], Some(&query)).await?;
         body::search_results(&answer)
     }
 }

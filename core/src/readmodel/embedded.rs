@@ -158,10 +158,7 @@ impl Projection for EmbeddedReadStore {
         })
         .await?;
         // The same never-backwards rule as the table above, without reading it back.
-        self.progress.send_modify(|checkpoints| {
-            let entry = checkpoints.entry(partition).or_insert(through);
-            *entry = (*entry).max(through);
-        });
+        super::advance(&self.progress, partition, through);
         Ok(())
     }
 

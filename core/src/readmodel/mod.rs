@@ -269,6 +269,41 @@ pub struct ListFilter {
     pub status: Option<Status>,
 }
 
+/// Publishes `partition` as applied through `through`; progress never moves backwards.
+pub(crate) fn advance(progress: &watch::Sender<Checkpoints>, partition: u32, through: u64) {
+    progress.send_modify(|checkpoints| {
+        let entry = checkpoints.entry(partition).or_insert(through);
+        *entry = (*entry).max(through);
+    });
+}
+
+/// Keeps a server-backed projection's `progress` in step with checkpoints any process wrote
+/// (a query API beside projectors elsewhere), re-reading them every `every` until the
+/// projection is dropped.
+pub(crate) async fn follow_checkpoints<P: Projection>(
+    projection: std::sync::Weak<P>,
+    progress: fn(&P) -> &watch::Sender<Checkpoints>,
+    every: std::time::Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let Some(projection) = projection.upgrade() else { return };
+        let Ok(stored) = projection.checkpoints().await else { continue };
+        progress(&projection).send_if_modified(|current| {
+            let mut changed = false;
+            for (partition, offset) in stored {
+                let entry = current.entry(partition).or_insert(offset);
+                if *entry < offset {
+                    *entry = offset;
+                    changed = true;
+                }
+            }
+            changed
+        });
+    }
+}
+
 /// What the projector runtime drives.
 #[async_trait]
 pub trait Projection: Send + Sync + 'static {

@@ -23,7 +23,7 @@
 //! against the documented server responses without a server.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -265,7 +265,7 @@ impl MongoReadStore {
         store.create_indexes().await?;
         let loaded = store.checkpoints().await?;
         store.progress.send_replace(loaded);
-        tokio::spawn(follow_checkpoints(Arc::downgrade(&store), options.checkpoint_poll));
+        tokio::spawn(super::follow_checkpoints(Arc::downgrade(&store), |p| &p.progress, options.checkpoint_poll));
         Ok(store)
     }
 
@@ -301,42 +301,23 @@ impl MongoReadStore {
             .await
     }
 
-    async fn load(&self, ids: &[String]) -> Result<HashMap<Uuid, PersonDoc>, StoreError> {
-        let found: Vec<Document> = self
-            .guard
-            .call("loading persons", || async {
-                self.persons
-                    .find(doc! { "_id": { "$in": ids } })
-                    .await
-                    .map_err(unavailable)?
-                    .try_collect()
-                    .await
-                    .map_err(unavailable)
+    /// Every document of `collection` matching `filter`.
+    async fn find_all(
+        &self,
+        what: &str,
+        collection: &Collection<Document>,
+        filter: Document,
+    ) -> Result<Vec<Document>, StoreError> {
+        self.guard
+            .call(what, || async {
+                collection.find(filter.clone()).await.map_err(unavailable)?.try_collect().await.map_err(unavailable)
             })
-            .await?;
-        found.into_iter().map(|d| bulk::from_bson_document::<PersonDoc>(d).map(|p| (p.person_id, p))).collect()
+            .await
     }
-}
 
-/// Keeps `progress` in step with checkpoints written by any process, until the store is dropped.
-async fn follow_checkpoints(store: Weak<MongoReadStore>, every: Duration) {
-    let mut tick = tokio::time::interval(every);
-    loop {
-        tick.tick().await;
-        let Some(store) = store.upgrade() else { return };
-        if let Ok(stored) = store.checkpoints().await {
-            store.progress.send_if_modified(|current| {
-                let mut changed = false;
-                for (partition, offset) in stored {
-                    let entry = current.entry(partition).or_insert(offset);
-                    if *entry < offset {
-                        *entry = offset;
-                        changed = true;
-                    }
-                }
-                changed
-            });
-        }
+    async fn load(&self, ids: &[String]) -> Result<HashMap<Uuid, PersonDoc>, StoreError> {
+        let found = self.find_all("loading persons", &self.persons, doc! { "_id": { "$in": ids } }).await?;
+        found.into_iter().map(|d| bulk::from_bson_document::<PersonDoc>(d).map(|p| (p.person_id, p))).collect()
     }
 }
 
@@ -376,26 +357,12 @@ impl Projection for MongoReadStore {
         // Only now, with the batch durable, does the checkpoint move.
         let checkpoint = bulk::advance_checkpoint(PROJECTION, partition, through, &self.write_concern);
         self.command("writing the checkpoint", &checkpoint).await?;
-        self.progress.send_modify(|c| {
-            let entry = c.entry(partition).or_insert(through);
-            *entry = (*entry).max(through);
-        });
+        super::advance(&self.progress, partition, through);
         Ok(())
     }
 
     async fn checkpoints(&self) -> Result<Checkpoints, StoreError> {
-        let stored: Vec<Document> = self
-            .guard
-            .call("reading checkpoints", || async {
-                self.checkpoints
-                    .find(doc! { "projection": PROJECTION })
-                    .await
-                    .map_err(unavailable)?
-                    .try_collect()
-                    .await
-                    .map_err(unavailable)
-            })
-            .await?;
+        let stored = self.find_all("reading checkpoints", &self.checkpoints, doc! { "projection": PROJECTION }).await?;
         Ok(stored
             .iter()
             .filter_map(|d| Some((d.get_i64("partition").ok()? as u32, d.get_i64("offset").ok()? as u64)))
