@@ -179,6 +179,7 @@ fn search_latency(c: &mut Criterion) {
         status: None,
         limit: 10,
         offset: 0,
+        search_after: None,
     };
     let mut group = c.benchmark_group(format!("search_{notes}_notes"));
     group.sample_size(30);
@@ -216,7 +217,14 @@ fn search_p99(runtime: &tokio::runtime::Runtime, index: &TantivySearchIndex, not
         ("phrase", "\"contract review\"", None),
         ("boolean with tag facet", "(invoice OR budget) AND NOT meeting", Some("vip")),
     ] {
-        let request = SearchRequest { query: q.into(), tag: tag.map(Into::into), status: None, limit: 10, offset: 0 };
+        let request = SearchRequest {
+            query: q.into(),
+            tag: tag.map(Into::into),
+            status: None,
+            limit: 10,
+            offset: 0,
+            search_after: None,
+        };
         let mut latencies = histogram();
         for _ in 0..1_000 {
             let started = std::time::Instant::now();

@@ -274,7 +274,8 @@ async fn replaying_the_log_from_zero_rebuilds_identical_read_models() {
         assert_eq!(store.timeline(id, 100, None).await.unwrap(), app.dev.store.timeline(id, 100, None).await.unwrap());
     }
     for query in ["", "widgets", "name:re", "tag:beta"] {
-        let request = SearchRequest { query: query.into(), tag: None, status: None, limit: 100, offset: 0 };
+        let request =
+            SearchRequest { query: query.into(), tag: None, status: None, limit: 100, offset: 0, search_after: None };
         let (a, b) = (app.dev.search.search(&request).await.unwrap(), search.search(&request).await.unwrap());
         assert_eq!((a.total, &a.facets), (b.total, &b.facets), "search for {query:?}");
         let docs = |r: &callisto_core::readmodel::SearchResults| {

@@ -93,9 +93,11 @@ fn search_requests_map_to_query_string_filters_highlights_and_aggregations() {
         status: Some(Status::Archived),
         limit: 20,
         offset: 40,
+        search_after: None,
     };
     let built = body::search_body(&request);
-    assert_eq!(built["from"], 40);
+    assert_eq!(built["from"], 40, "without a sort key, the first pages go by offset");
+    assert_eq!(built["sort"], json!([{"_score": "desc"}, {"doc_key": "asc"}]));
     assert_eq!(built["size"], 20);
     assert_eq!(built["track_total_hits"], true);
     assert_eq!(
@@ -108,9 +110,19 @@ fn search_requests_map_to_query_string_filters_highlights_and_aggregations() {
     assert_eq!(built["aggs"]["tags"], json!({"terms": {"field": "tags", "size": 100}}));
     assert_eq!(built["aggs"]["status"], json!({"terms": {"field": "status", "size": 10}}));
     assert_eq!(built["highlight"]["pre_tags"], json!(["<b>"]));
-    let everything =
-        body::search_body(&SearchRequest { query: " ".into(), tag: None, status: None, limit: 10, offset: 0 });
+    let everything = body::search_body(&SearchRequest {
+        query: " ".into(),
+        tag: None,
+        status: None,
+        limit: 10,
+        offset: 0,
+        search_after: None,
+    });
     assert_eq!(everything["query"], json!({"bool": {"must": [{"match_all": {}}], "filter": []}}));
+    let next = SearchRequest { search_after: Some(vec![json!(1.25), json!("note:n1")]), offset: 60_000, ..request };
+    let built = body::search_body(&next);
+    assert_eq!(built["search_after"], json!([1.25, "note:n1"]));
+    assert!(built.get("from").is_none(), "search_after pages have no depth limit");
 }
 
 #[test]
@@ -125,10 +137,11 @@ fn search_answers_become_hits_and_facets() {
             "hits": [
                 {"_index": "callisto-persons-000001", "_id": format!("note:{note}"), "_score": 1.3862942,
                  "_source": {"kind": "note", "person_id": person.to_string(), "note_id": note.to_string(), "name": "Ada Lovelace", "text": "the analytical engine"},
-                 "highlight": {"text": ["the analytical <b>engine</b>"]}},
+                 "highlight": {"text": ["the analytical <b>engine</b>"]}, "sort": [1.3862942, format!("note:{note}")]},
                 {"_index": "callisto-persons-000001", "_id": format!("person:{person}"), "_score": 0.2876821,
                  "_source": {"kind": "person", "person_id": person.to_string(), "name": "Ada Lovelace"},
-                 "highlight": {"name": ["<b>Ada</b> Lovelace"], "tag": ["<b>engine</b>", "<b>engine</b>ering"]}}
+                 "highlight": {"name": ["<b>Ada</b> Lovelace"], "tag": ["<b>engine</b>", "<b>engine</b>ering"]},
+                 "sort": [0.2876821, format!("person:{person}")]}
             ]
         },
         "aggregations": {
@@ -148,6 +161,11 @@ fn search_answers_become_hits_and_facets() {
     assert!((results.hits[0].score - 1.386_294_2).abs() < 1e-6);
     assert_eq!(results.facets.tags["vip"], 2);
     assert_eq!(results.facets.status["active"], 2);
+    assert_eq!(
+        results.last_sort,
+        Some(vec![json!(0.2876821), json!(format!("person:{person}"))]),
+        "the next page starts after it"
+    );
 }
 
 #[test]

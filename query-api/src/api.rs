@@ -186,15 +186,18 @@ pub async fn search(
         tag: params::tag(query.tag.as_deref())?,
         status: params::status(query.status.as_deref())?,
         limit: params::limit(query.limit.as_deref())?,
-        offset: params::search_cursor(query.cursor.as_deref())?,
+        offset: 0,
+        search_after: None,
     };
+    let (offset, search_after) = params::search_cursor(query.cursor.as_deref())?;
+    let request = SearchRequest { offset, search_after, ..request };
     let token = token_of(&state, &headers, query.after.as_deref())?;
     let stale = wait(&state, token, state.search.as_ref()).await;
     let results = state.search.search(&request).await.map_err(store_problem)?;
     let reached = request.offset + results.hits.len();
-    let next_cursor =
-        (results.hits.len() == request.limit && reached < results.total && reached < params::MAX_SEARCH_WINDOW)
-            .then(|| reached.to_string());
+    let next_cursor = (results.hits.len() == request.limit && reached < results.total)
+        .then(|| params::next_search_cursor(reached, results.last_sort.as_deref()))
+        .flatten();
     let body = SearchResponse { total: results.total, hits: results.hits, facets: results.facets, next_cursor };
     Ok(answer("search", started, stale, axum::Json(body)))
 }

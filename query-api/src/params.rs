@@ -1,6 +1,8 @@
 //! Query parameters. Each arrives as text and is parsed here, so a bad value is answered with a
 //! 400 problem naming the parameter rather than a generic deserialization error.
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use callisto_core::http::Problem;
 use callisto_core::readmodel::Status;
 use callisto_core::token::ConsistencyToken;
@@ -95,16 +97,37 @@ pub fn offset_cursor(raw: Option<&str>) -> Result<Option<u64>, Problem> {
     raw.map(|c| c.parse::<u64>().map_err(|_| bad("cursor", "is not a cursor this API returned"))).transpose()
 }
 
-pub fn search_cursor(raw: Option<&str>) -> Result<usize, Problem> {
-    match raw {
-        None => Ok(0),
-        Some(c) => match c.parse::<usize>() {
-            Ok(n) if n <= MAX_SEARCH_WINDOW => Ok(n),
-            Ok(_) => {
-                Err(bad("cursor", format!("searches page at most {MAX_SEARCH_WINDOW} hits deep; refine the query")))
-            }
-            Err(_) => Err(bad("cursor", "is not a cursor this API returned")),
-        },
+/// Where a search page starts: hits before it, and the index's sort key of the last one when
+/// the index pages by key.
+pub type SearchCursor = (usize, Option<Vec<serde_json::Value>>);
+
+/// A search cursor is `<hits before>` or, for an index that pages by key,
+/// `<hits before>~<base64url JSON sort key>`. Offset paging stops at [`MAX_SEARCH_WINDOW`];
+/// key paging does not.
+pub fn search_cursor(raw: Option<&str>) -> Result<SearchCursor, Problem> {
+    let not_ours = || bad("cursor", "is not a cursor this API returned");
+    let Some(raw) = raw else { return Ok((0, None)) };
+    let (offset, key) = match raw.split_once('~') {
+        Some((offset, key)) => (offset, Some(key)),
+        None => (raw, None),
+    };
+    let offset = offset.parse::<usize>().map_err(|_| not_ours())?;
+    match key {
+        Some(key) => {
+            let bytes = URL_SAFE_NO_PAD.decode(key).map_err(|_| not_ours())?;
+            let key: Vec<serde_json::Value> = serde_json::from_slice(&bytes).map_err(|_| not_ours())?;
+            Ok((offset, Some(key)))
+        }
+        None if offset <= MAX_SEARCH_WINDOW => Ok((offset, None)),
+        None => Err(bad("cursor", format!("searches page at most {MAX_SEARCH_WINDOW} hits deep; refine the query"))),
+    }
+}
+
+/// The cursor of the page after `reached` hits; `None` when offset paging hit its limit.
+pub fn next_search_cursor(reached: usize, last_sort: Option<&[serde_json::Value]>) -> Option<String> {
+    match last_sort {
+        Some(key) => Some(format!("{reached}~{}", URL_SAFE_NO_PAD.encode(serde_json::to_vec(key).ok()?))),
+        None => (reached < MAX_SEARCH_WINDOW).then(|| reached.to_string()),
     }
 }
 
@@ -154,7 +177,15 @@ mod tests {
         assert!(person_cursor(Some("x")).is_err());
         assert!(offset_cursor(Some("-3")).is_err());
         assert!(search_cursor(Some("10001")).is_err());
-        assert_eq!(search_cursor(Some("40")).unwrap(), 40);
+        assert_eq!(search_cursor(Some("40")).unwrap(), (40, None));
+        let keyed = next_search_cursor(20_000, Some(&[serde_json::json!(1.5), serde_json::json!("note:7")])).unwrap();
+        assert_eq!(
+            search_cursor(Some(&keyed)).unwrap(),
+            (20_000, Some(vec![serde_json::json!(1.5), serde_json::json!("note:7")]))
+        );
+        assert!(search_cursor(Some("20~not-base64!")).is_err());
+        assert!(search_cursor(Some("20~e30")).is_err(), "a JSON object is not a sort key");
+        assert_eq!(next_search_cursor(MAX_SEARCH_WINDOW, None), None);
     }
 
     #[test]

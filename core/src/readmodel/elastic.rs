@@ -14,6 +14,8 @@
 //!   partition), written after the batch's bulk request succeeded.
 //!
 //! ## Writes
+//! Searches page with `search_after` on (score, document key), so paging has no depth limit.
+//!
 //! Bulk requests, split by action count and by bytes. Every action uses
 //! `version_type=external` with the event's offset as version, so Elasticsearch itself refuses
 //! anything older. Each item of the answer is checked ([`body::bulk_outcome`]): 409 is stale
@@ -139,6 +141,7 @@ pub mod body {
                     "dynamic": "strict",
                     "properties": {
                         "kind": {"type": "keyword"},
+                        "doc_key": {"type": "keyword"},
                         "person_id": {"type": "keyword"},
                         "note_id": {"type": "keyword"},
                         "name": {"type": "text", "analyzer": "folding", "fields": {"keyword": {"type": "keyword"}}},
@@ -159,6 +162,7 @@ pub mod body {
     pub fn person_source(person: &PersonDoc) -> Value {
         json!({
             "kind": "person",
+            "doc_key": format!("person:{}", person.person_id),
             "person_id": person.person_id.to_string(),
             "name": super::super::search::display_name(person),
             "email": person.email,
@@ -174,6 +178,7 @@ pub mod body {
     pub fn note_source(person: &PersonDoc, note_id: Uuid, text: &str) -> Value {
         json!({
             "kind": "note",
+            "doc_key": format!("note:{note_id}"),
             "person_id": person.person_id.to_string(),
             "note_id": note_id.to_string(),
             "name": super::super::search::display_name(person),
@@ -276,9 +281,10 @@ pub mod body {
         if let Some(status) = request.status {
             filter.push(json!({"term": {"status": status.as_str()}}));
         }
-        json!({
-            "from": request.offset,
+        // Pages by key: score, then the document id as a tiebreak that every document has.
+        let mut body = json!({
             "size": request.limit,
+            "sort": [{"_score": "desc"}, {"doc_key": "asc"}],
             "track_total_hits": true,
             "query": {"bool": {"must": [must], "filter": filter}},
             "_source": ["kind", "person_id", "note_id", "name", "text"],
@@ -291,7 +297,12 @@ pub mod body {
                 "tags": {"terms": {"field": "tags", "size": 100}},
                 "status": {"terms": {"field": "status", "size": 10}}
             }
-        })
+        });
+        match &request.search_after {
+            Some(after) => body["search_after"] = json!(after),
+            None => body["from"] = json!(request.offset),
+        }
+        body
     }
 
     pub fn search_results(answer: &Value) -> Result<SearchResults, StoreError> {
@@ -338,7 +349,14 @@ pub mod body {
                 })
                 .unwrap_or_default()
         };
-        Ok(SearchResults { total, hits, facets: Facets { tags: buckets("tags"), status: buckets("status") } })
+        let last_sort =
+            answer["hits"]["hits"].as_array().and_then(|h| h.last()).and_then(|h| h["sort"].as_array()).cloned();
+        Ok(SearchResults {
+            total,
+            hits,
+            facets: Facets { tags: buckets("tags"), status: buckets("status") },
+            last_sort,
+        })
     }
 
     /// Classifies a failed (non-2xx) answer to a whole request.

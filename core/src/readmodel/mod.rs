@@ -352,8 +352,11 @@ pub struct SearchRequest {
     pub tag: Option<String>,
     pub status: Option<Status>,
     pub limit: usize,
-    /// Hits to skip (from the cursor).
+    /// Hits before this page (from the cursor).
     pub offset: usize,
+    /// Where the previous page ended, as the index's own sort key, for indexes that page by
+    /// key (Elasticsearch's `search_after`); such an index then ignores `offset`.
+    pub search_after: Option<Vec<serde_json::Value>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -388,6 +391,9 @@ pub struct SearchResults {
     pub total: usize,
     pub hits: Vec<SearchHit>,
     pub facets: Facets,
+    /// The sort key of the last hit, for indexes that page by key; the next page passes it
+    /// back as `search_after`.
+    pub last_sort: Option<Vec<serde_json::Value>>,
 }
 
 /// Full-text search over persons and their notes.

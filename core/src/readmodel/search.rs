@@ -485,7 +485,7 @@ impl Inner {
             }
             hits.push(SearchHit { kind, person_id, note_id, score, name, text, highlights });
         }
-        Ok(SearchResults { total, hits, facets })
+        Ok(SearchResults { total, hits, facets, last_sort: None })
     }
 }
 

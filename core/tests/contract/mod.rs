@@ -94,7 +94,7 @@ pub fn history(id: Uuid) -> Vec<ProjectedEvent> {
 }
 
 fn request(query: &str) -> SearchRequest {
-    SearchRequest { query: query.into(), tag: None, status: None, limit: 50, offset: 0 }
+    SearchRequest { query: query.into(), tag: None, status: None, limit: 50, offset: 0, search_after: None }
 }
 
 pub async fn read_store_contract<F, Fut>(open: F)
@@ -270,6 +270,12 @@ async fn search_semantics(index: Arc<dyn SearchIndex>) {
     assert_eq!(index.search(&request("email:bob")).await.unwrap().total, 1);
     let second_page = SearchRequest { limit: 1, offset: 1, ..request("engine") };
     assert_eq!(index.search(&second_page).await.unwrap().hits[0].person_id, b);
+    // Paging as the query API does: the next page starts after the last hit's sort key where
+    // the index pages by key, at the offset otherwise.
+    let first = index.search(&SearchRequest { limit: 1, ..request("engine") }).await.unwrap();
+    let next = SearchRequest { limit: 1, offset: 1, search_after: first.last_sort, ..request("engine") };
+    let next = index.search(&next).await.unwrap();
+    assert_eq!(next.hits.iter().map(|h| h.person_id).collect::<Vec<_>>(), vec![b]);
     // Bad input is the caller's error, not an outage.
     assert!(matches!(index.search(&request("name:(")).await, Err(StoreError::InvalidRequest(_))));
 }
