@@ -5,6 +5,9 @@
 //!   plain `apache-avro` `Value` round trip.
 //! - `partitioning_1024_uuid_keys`: Kafka's murmur2 against std's hasher.
 //! - `log_append/*`: the embedded log with 1, 8 and 64 appenders against raw redb commits.
+//! - `kafka_append/*`: the Kafka log's appends (delivery report awaited, token fields
+//!   extracted) against a raw rdkafka `FutureProducer` with the same producer settings, on a
+//!   3-broker librdkafka mock cluster.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -125,5 +128,77 @@ fn log_appends(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, codec_vs_plain_avro, murmur2_partitioning, log_appends);
+/// 256 appends with 64 in flight: `KafkaLog::append` against the same sends on a raw
+/// `FutureProducer` configured like it (idempotent, acks=all, murmur2_random, lz4, 5 ms linger).
+fn kafka_appends(c: &mut Criterion) {
+    use callisto_core::log::{AppendRequest, EventLog, KafkaLog, KafkaLogOptions};
+    use criterion::Throughput;
+    use futures::StreamExt;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    const APPENDS: usize = 256;
+    const IN_FLIGHT: usize = 64;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let cluster = rdkafka::mocking::MockCluster::new(3).unwrap();
+    cluster.create_topic("persons", 12, 3).unwrap();
+    let mut options = KafkaLogOptions::new(cluster.bootstrap_servers());
+    options.min_insync_replicas = None;
+    let log = runtime.block_on(async { KafkaLog::new(options).unwrap() });
+    let raw: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", cluster.bootstrap_servers())
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("partitioner", "murmur2_random")
+        .set("compression.type", "lz4")
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
+        .create()
+        .unwrap();
+    let payload = vec![7u8; 200];
+    let keys: Vec<Vec<u8>> = (0..APPENDS).map(|n| format!("person-{n}").into_bytes()).collect();
+
+    let mut group = c.benchmark_group("kafka_append/256_appends_64_in_flight");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(APPENDS as u64));
+    group.bench_function("baseline_raw_rdkafka_future_producer", |b| {
+        b.iter(|| {
+            runtime.block_on(async {
+                futures::stream::iter(&keys)
+                    .map(|key| {
+                        let record = FutureRecord::to("persons").key(key).payload(&payload);
+                        raw.send(record, std::time::Duration::from_secs(10))
+                    })
+                    .buffer_unordered(IN_FLIGHT)
+                    .for_each(|delivery| async move {
+                        delivery.unwrap();
+                    })
+                    .await
+            })
+        })
+    });
+    group.bench_function("callisto_kafka_log", |b| {
+        b.iter(|| {
+            runtime.block_on(async {
+                futures::stream::iter(&keys)
+                    .map(|key| {
+                        log.append(AppendRequest {
+                            topic: "persons".into(),
+                            key: key.clone(),
+                            payload: payload.clone(),
+                            headers: vec![],
+                            idempotency: None,
+                        })
+                    })
+                    .buffer_unordered(IN_FLIGHT)
+                    .for_each(|appended| async move {
+                        black_box(appended.unwrap());
+                    })
+                    .await
+            })
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, codec_vs_plain_avro, murmur2_partitioning, log_appends, kafka_appends);
 criterion_main!(benches);
