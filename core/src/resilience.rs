@@ -14,6 +14,10 @@ use crate::readmodel::StoreError;
 type Breaker =
     failsafe::StateMachine<failsafe::failure_policy::ConsecutiveFailures<failsafe::backoff::EqualJittered>, ()>;
 
+/// Bound on one attempt of a read serving an HTTP request, so a query API in front of a dead
+/// server answers 503 within seconds (two attempts) until the breaker answers at once.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Consecutive failed calls (after their retries) that open the breaker.
 const BREAKER_FAILURES: u32 = 5;
 

@@ -239,6 +239,8 @@ mod fake {
         pub seen: Mutex<Vec<Seen>>,
         /// Bulk requests answered so far; the first gets a 429 for its last item.
         pub bulks: Mutex<usize>,
+        /// Searches answer 503, as a cluster without a primary shard does.
+        pub searches_fail: std::sync::atomic::AtomicBool,
     }
 
     async fn handle(State(fake): State<Arc<Fake>>, request: Request) -> Response {
@@ -275,6 +277,12 @@ mod fake {
                     })
                     .collect();
                 answer(StatusCode::OK, json!({"took": 1, "errors": *bulks == 1, "items": items}))
+            }
+            (_, p) if p.ends_with("/_search") && fake.searches_fail.load(std::sync::atomic::Ordering::SeqCst) => {
+                answer(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"error": {"type": "search_phase_execution_exception", "reason": "all shards failed"}, "status": 503}),
+                )
             }
             (_, p) if p.ends_with("/_search") => {
                 answer(StatusCode::OK, json!({"hits": {"total": {"value": 0, "relation": "eq"}, "hits": []}}))
@@ -391,4 +399,29 @@ async fn a_batch_is_bulk_indexed_retried_item_by_item_then_checkpointed() {
     }
     assert_eq!(index.checkpoints().await.unwrap().len(), 0, "the fake stores nothing");
     assert_eq!(*index.progress().borrow(), [(3, 21)].into());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_cluster_turns_searches_into_prompt_unavailable_errors() {
+    use callisto_core::readmodel::SearchIndex;
+    use callisto_core::readmodel::elastic::ElasticSearchIndex;
+    use std::time::{Duration, Instant};
+
+    let (url, fake) = fake::start().await;
+    let index = ElasticSearchIndex::connect(&ElasticOptions::new(url)).await.unwrap();
+    fake.searches_fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let request =
+        SearchRequest { query: "engine".into(), tag: None, status: None, limit: 10, offset: 0, search_after: None };
+    let searches = || fake.seen.lock().unwrap().iter().filter(|s| s.path == "/callisto-persons/_search").count();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let error = index.search(&request).await.unwrap_err();
+        assert!(matches!(error, StoreError::Unavailable(_)), "{error}");
+        assert!(started.elapsed() < Duration::from_secs(3), "a failing search answers within seconds");
+    }
+    assert_eq!(searches(), 10, "two attempts each");
+    // The breaker is open now: no more calls until it probes again.
+    let error = index.search(&request).await.unwrap_err();
+    assert!(error.to_string().contains("paused"), "{error}");
+    assert_eq!(searches(), 10);
 }

@@ -45,7 +45,7 @@ use super::{
     Checkpoints, Facets, HitKind, PersonDoc, ProjectedEvent, Projection, SearchHit, SearchIndex, SearchRequest,
     SearchResults, StoreError, fold,
 };
-use crate::resilience::Guard;
+use crate::resilience::{Guard, READ_TIMEOUT};
 
 const PROJECTION: &str = "search";
 
@@ -377,7 +377,10 @@ pub mod body {
 pub struct ElasticSearchIndex {
     client: Elasticsearch,
     options: ElasticOptions,
+    /// Indexing and start-up: the full timeout, three attempts.
     guard: Guard,
+    /// Searches serving requests: short, two attempts, a breaker of their own.
+    reads: Guard,
     progress: watch::Sender<Checkpoints>,
 }
 
@@ -404,6 +407,7 @@ impl ElasticSearchIndex {
             client: Elasticsearch::new(transport),
             options: options.clone(),
             guard: Guard::new("elasticsearch", options.timeout, 3),
+            reads: Guard::new("elasticsearch", options.timeout.min(READ_TIMEOUT), 2),
             progress: watch::channel(BTreeMap::new()).0,
         });
         index.install().await?;
@@ -422,7 +426,20 @@ impl ElasticSearchIndex {
         query: &[(&str, &str)],
         body: Option<&Value>,
     ) -> Result<(u16, Value), StoreError> {
-        self.guard
+        self.call_via(&self.guard, what, method, path, query, body).await
+    }
+
+    /// [`Self::call`] through a chosen guard.
+    async fn call_via(
+        &self,
+        guard: &Guard,
+        what: &str,
+        method: Method,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Option<&Value>,
+    ) -> Result<(u16, Value), StoreError> {
+        guard
             .call(what, || async {
                 let body = body.map(|b| JsonBody::new(b.clone()));
                 let response = self
@@ -687,7 +704,10 @@ impl SearchIndex for ElasticSearchIndex {
     async fn search(&self, request: &SearchRequest) -> Result<SearchResults, StoreError> {
         let query = body::search_body(request);
         let path = format!("/{}/_search", self.options.alias());
-        let answer = self.call_ok("searching", Method::Post, &path, &[], Some(&query)).await?;
+        let (status, answer) = self.call_via(&self.reads, "searching", Method::Post, &path, &[], Some(&query)).await?;
+        if status >= 300 {
+            return Err(body::request_error(status, &answer));
+        }
         body::search_results(&answer)
     }
 }

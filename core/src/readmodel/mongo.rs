@@ -38,7 +38,7 @@ use super::{
     Checkpoints, ListFilter, Page, PersonDoc, ProjectedEvent, Projection, ReadStore, StoreError, TimelineEntry, fold,
     timeline_entry,
 };
-use crate::resilience::Guard;
+use crate::resilience::{Guard, READ_TIMEOUT};
 
 pub const PERSONS: &str = "persons";
 pub const TIMELINE: &str = "timeline";
@@ -217,7 +217,10 @@ pub struct MongoReadStore {
     timeline: Collection<Document>,
     checkpoints: Collection<Document>,
     write_concern: Document,
+    /// Projector writes and start-up: the full timeout, three attempts.
     guard: Guard,
+    /// Reads serving requests: short, two attempts, a breaker of their own.
+    reads: Guard,
     progress: watch::Sender<Checkpoints>,
 }
 
@@ -259,6 +262,7 @@ impl MongoReadStore {
             checkpoints: db.collection(CHECKPOINTS),
             write_concern: bulk::write_concern(&options.write_concern, options.timeout),
             guard: Guard::new("mongodb", options.timeout, 3),
+            reads: Guard::new("mongodb", options.timeout.min(READ_TIMEOUT), 2),
             progress: watch::channel(BTreeMap::new()).0,
             db,
         });
@@ -420,7 +424,7 @@ impl ReadStore for MongoReadStore {
     async fn get(&self, person_id: Uuid) -> Result<Option<PersonDoc>, StoreError> {
         let id = person_id.to_string();
         let found = self
-            .guard
+            .reads
             .call("reading a person", || async {
                 self.persons.find_one(doc! { "_id": &id }).await.map_err(unavailable)
             })
@@ -435,7 +439,7 @@ impl ReadStore for MongoReadStore {
         cursor: Option<Uuid>,
     ) -> Result<Page<PersonDoc>, StoreError> {
         let (found, more) =
-            page(&self.guard, &self.persons, list_filter(filter, cursor), doc! { "_id": 1 }, limit).await?;
+            page(&self.reads, &self.persons, list_filter(filter, cursor), doc! { "_id": 1 }, limit).await?;
         let items: Vec<PersonDoc> = found.into_iter().map(bulk::from_bson_document).collect::<Result<_, _>>()?;
         let next_cursor = if more { items.last().map(|d| d.person_id.to_string()) } else { None };
         Ok(Page { items, next_cursor })
@@ -451,7 +455,7 @@ impl ReadStore for MongoReadStore {
         if let Some(cursor) = cursor {
             filter.insert("offset", doc! { "$gt": cursor as i64 });
         }
-        let (found, more) = page(&self.guard, &self.timeline, filter, doc! { "offset": 1 }, limit).await?;
+        let (found, more) = page(&self.reads, &self.timeline, filter, doc! { "offset": 1 }, limit).await?;
         let items: Vec<TimelineEntry> = found.into_iter().map(bulk::from_bson_document).collect::<Result<_, _>>()?;
         let next_cursor = if more { items.last().map(|e| e.offset.to_string()) } else { None };
         Ok(Page { items, next_cursor })
