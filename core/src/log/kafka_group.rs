@@ -51,7 +51,11 @@ impl ConsumerContext for GroupContext {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 tracing::info!(group = self.group, ?partitions, "partitions assigned");
-                let feeds = self.prepare_assignment(tpl, &partitions);
+                let Some(feeds) = self.prepare_assignment(tpl, &partitions) else {
+                    // Shutting down: take nothing; leaving the group follows.
+                    tracing::info!(group = self.group, "shutting down; not taking the partitions");
+                    return;
+                };
                 let assigned = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
                 if let Err(e) = assigned {
                     tracing::error!(group = self.group, error = %e, "assigning partitions failed");
@@ -88,9 +92,14 @@ impl ConsumerContext for GroupContext {
 impl GroupContext {
     /// Positions `tpl` at the handler's start offsets and splits each partition's queue off the
     /// main queue before fetching starts, so no record of it is ever delivered to the main queue.
-    fn prepare_assignment(&self, tpl: &mut TopicPartitionList, partitions: &[u32]) -> Vec<Box<dyn PartitionFeed>> {
-        let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else { return Vec::new() };
-        let Some(starts) = self.runtime.block_on(self.handler.start_offsets(partitions)) else { return Vec::new() };
+    /// `None` when the member is shutting down (or being dropped) and should take nothing.
+    fn prepare_assignment(
+        &self,
+        tpl: &mut TopicPartitionList,
+        partitions: &[u32],
+    ) -> Option<Vec<Box<dyn PartitionFeed>>> {
+        let consumer = self.consumer.get().and_then(Weak::upgrade)?;
+        let starts = self.runtime.block_on(self.handler.start_offsets(partitions))?;
         let mut feeds: Vec<Box<dyn PartitionFeed>> = Vec::with_capacity(partitions.len());
         for (&partition, &start) in partitions.iter().zip(&starts) {
             if let Err(e) = tpl.set_partition_offset(&self.topic, partition as i32, Offset::Offset(start as i64)) {
@@ -102,7 +111,7 @@ impl GroupContext {
                 None => tracing::error!(group = self.group, partition, "no queue for partition"),
             }
         }
-        feeds
+        Some(feeds)
     }
 
     fn drain(&self, partitions: &[u32]) {
