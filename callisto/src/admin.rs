@@ -209,7 +209,9 @@ pub async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ser
             serde_json::to_value(crate::dlq::show(log, codec, &dlq_topic, &id).await.map_err(anyhow::Error::msg)?)?
         }
         DlqCommand::Replay(ids) => {
-            let read = crate::backends::open_serving_read_models(settings).await?;
+            let read =
+                crate::backends::open_configured_read_models(settings, crate::backends::ReadModelUse::Projecting)
+                    .await?;
             let projections: HashMap<&'static str, Arc<dyn Projection>> = HashMap::from([
                 ("documents", read.store as Arc<dyn Projection>),
                 ("search", read.search as Arc<dyn Projection>),

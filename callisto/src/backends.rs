@@ -9,7 +9,7 @@
 //! Each is locked by the process that opens it: one Callisto process per data dir.
 //!
 //! With `mongodb.uri` and `elasticsearch.url` set, the projector and query API use MongoDB and
-//! Elasticsearch instead of `readmodel.redb` and `search/` ([`open_serving_read_models`]).
+//! Elasticsearch instead of `readmodel.redb` and `search/` ([`open_configured_read_models`]).
 
 use std::sync::Arc;
 
@@ -85,26 +85,41 @@ pub struct ReadSide {
     pub search: Arc<dyn SearchIndex>,
 }
 
-pub async fn open_serving_read_models(settings: &Settings) -> anyhow::Result<ReadSide> {
+/// What a process does with the read models it opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadModelUse {
+    /// Projecting into them: progress comes from its own applies.
+    Projecting,
+    /// Serving reads while projectors elsewhere write: server-backed read models re-read their
+    /// checkpoints on a short timer so consistency tokens can be waited on.
+    Serving,
+}
+
+/// How often a serving process re-reads checkpoints from MongoDB or Elasticsearch.
+const CHECKPOINT_POLL: Duration = Duration::from_millis(200);
+
+pub async fn open_configured_read_models(settings: &Settings, usage: ReadModelUse) -> anyhow::Result<ReadSide> {
+    let poll = (usage == ReadModelUse::Serving).then_some(CHECKPOINT_POLL);
     let embedded = if settings.mongodb.uri.is_none() || settings.elasticsearch.url.is_none() {
         Some(open_read_models(settings)?)
     } else {
         None
     };
-    let store: Arc<dyn ReadStore> = match (&settings.mongodb.uri, &embedded) {
-        (Some(uri), _) => {
+    let embedded = || embedded.as_ref().expect("opened when a server is not configured");
+    let store: Arc<dyn ReadStore> = match &settings.mongodb.uri {
+        Some(uri) => {
             let m = &settings.mongodb;
             let mut options = MongoOptions::new(uri.clone(), m.database.clone());
             options.write_concern = m.write_concern.clone();
             options.read_concern = m.read_concern.clone();
             options.timeout = Duration::from_millis(m.timeout_ms);
+            options.checkpoint_poll = poll;
             MongoReadStore::connect(&options).await.context("connecting to MongoDB")?
         }
-        (None, Some(embedded)) => embedded.store.clone(),
-        (None, None) => unreachable!("embedded read models are opened when MongoDB is not configured"),
+        None => embedded().store.clone(),
     };
-    let search: Arc<dyn SearchIndex> = match (&settings.elasticsearch.url, &embedded) {
-        (Some(url), _) => {
+    let search: Arc<dyn SearchIndex> = match &settings.elasticsearch.url {
+        Some(url) => {
             let e = &settings.elasticsearch;
             let mut options = ElasticOptions::new(url.clone());
             options.username = e.username.clone();
@@ -115,10 +130,10 @@ pub async fn open_serving_read_models(settings: &Settings) -> anyhow::Result<Rea
             options.timeout = Duration::from_millis(e.timeout_ms);
             options.bulk_max_actions = e.bulk_max_actions;
             options.bulk_max_bytes = e.bulk_max_bytes;
+            options.checkpoint_poll = poll;
             ElasticSearchIndex::connect(&options).await.context("connecting to Elasticsearch")?
         }
-        (None, Some(embedded)) => embedded.search.clone(),
-        (None, None) => unreachable!("embedded read models are opened when Elasticsearch is not configured"),
+        None => embedded().search.clone(),
     };
     Ok(ReadSide { store, search })
 }

@@ -36,7 +36,7 @@ pub async fn run_projector(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let log_side = backends::open_log(&settings)?;
-    let read_side = backends::open_serving_read_models(&settings).await?;
+    let read_side = backends::open_configured_read_models(&settings, backends::ReadModelUse::Projecting).await?;
     let stop = CancellationToken::new();
     let projections: Vec<Arc<dyn Projection>> = vec![read_side.store.clone(), read_side.search.clone()];
     let settings_for_projector = callisto_projectors::ProjectorSettings::new(&settings.log.topic);
@@ -66,7 +66,7 @@ pub async fn run_query_api(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let read_side = backends::open_serving_read_models(&settings).await?;
+    let read_side = backends::open_configured_read_models(&settings, backends::ReadModelUse::Serving).await?;
     let state = callisto_query_api::QueryState {
         store: read_side.store,
         search: read_side.search,

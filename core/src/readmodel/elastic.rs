@@ -63,8 +63,10 @@ pub struct ElasticOptions {
     pub timeout: Duration,
     pub bulk_max_actions: usize,
     pub bulk_max_bytes: usize,
-    /// How often checkpoints are re-read for consistency waits in other processes.
-    pub checkpoint_poll: Duration,
+    /// How often to re-read checkpoints written by other processes, for a query API that
+    /// waits on consistency tokens; `None` (the default) for the projector, which publishes
+    /// its own progress as it applies.
+    pub checkpoint_poll: Option<Duration>,
 }
 
 impl ElasticOptions {
@@ -79,7 +81,7 @@ impl ElasticOptions {
             timeout: Duration::from_secs(30),
             bulk_max_actions: 1000,
             bulk_max_bytes: 5 * 1024 * 1024,
-            checkpoint_poll: Duration::from_millis(200),
+            checkpoint_poll: None,
         }
     }
 
@@ -413,7 +415,9 @@ impl ElasticSearchIndex {
         index.install().await?;
         let loaded = index.checkpoints().await?;
         index.progress.send_replace(loaded);
-        tokio::spawn(super::follow_checkpoints(Arc::downgrade(&index), |p| &p.progress, options.checkpoint_poll));
+        if let Some(every) = options.checkpoint_poll {
+            tokio::spawn(super::follow_checkpoints(Arc::downgrade(&index), |p| &p.progress, every));
+        }
         Ok(index)
     }
 

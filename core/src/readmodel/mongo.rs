@@ -56,9 +56,10 @@ pub struct MongoOptions {
     pub read_concern: String,
     /// Bounds every call.
     pub timeout: Duration,
-    /// How often checkpoints are re-read, so a query API in another process sees projector
-    /// progress for consistency tokens.
-    pub checkpoint_poll: Duration,
+    /// How often to re-read checkpoints written by other processes, for a query API that
+    /// waits on consistency tokens; `None` (the default) for the projector, which publishes
+    /// its own progress as it applies.
+    pub checkpoint_poll: Option<Duration>,
 }
 
 impl MongoOptions {
@@ -69,7 +70,7 @@ impl MongoOptions {
             write_concern: "majority".into(),
             read_concern: "majority".into(),
             timeout: Duration::from_secs(10),
-            checkpoint_poll: Duration::from_millis(200),
+            checkpoint_poll: None,
         }
     }
 }
@@ -269,7 +270,9 @@ impl MongoReadStore {
         store.create_indexes().await?;
         let loaded = store.checkpoints().await?;
         store.progress.send_replace(loaded);
-        tokio::spawn(super::follow_checkpoints(Arc::downgrade(&store), |p| &p.progress, options.checkpoint_poll));
+        if let Some(every) = options.checkpoint_poll {
+            tokio::spawn(super::follow_checkpoints(Arc::downgrade(&store), |p| &p.progress, every));
+        }
         Ok(store)
     }
 
@@ -339,7 +342,7 @@ impl Projection for MongoReadStore {
                 ids.dedup();
                 ids
             };
-            let mut docs = self.load(&ids).await?;
+            let docs = self.load(&ids).await?;
             let mut changed: BTreeMap<Uuid, PersonDoc> = BTreeMap::new();
             for event in events {
                 let id = event.event.meta().person_id;
@@ -350,7 +353,6 @@ impl Projection for MongoReadStore {
                     changed.insert(id, after);
                 }
             }
-            docs.clear();
             if !changed.is_empty() {
                 let docs: Vec<PersonDoc> = changed.into_values().collect();
                 self.command("writing persons", &bulk::upsert_persons(&docs, &self.write_concern)?).await?;
