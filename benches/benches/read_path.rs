@@ -173,14 +173,6 @@ fn search_latency(c: &mut Criterion) {
     let notes = notes_wanted();
     let index = large_index(&runtime, notes);
     let raw = tantivy::Index::open_in_dir(bench_out().join("bench-data").join(format!("search-{notes}")));
-    let request = |q: &str, tag: Option<&str>| SearchRequest {
-        query: q.into(),
-        tag: tag.map(Into::into),
-        status: None,
-        limit: 10,
-        offset: 0,
-        search_after: None,
-    };
     let mut group = c.benchmark_group(format!("search_{notes}_notes"));
     group.sample_size(30);
     if let Ok(raw) = raw {
@@ -200,11 +192,16 @@ fn search_latency(c: &mut Criterion) {
         ("callisto_phrase", "\"contract review\"", None),
         ("callisto_boolean_with_tag_facet", "(invoice OR budget) AND NOT meeting", Some("vip")),
     ] {
-        let request = request(q, tag);
+        let request = top10(q, tag);
         group.bench_function(name, |b| b.iter(|| black_box(runtime.block_on(index.search(&request)).unwrap())));
     }
     group.finish();
     search_p99(&runtime, &index, notes);
+}
+
+/// The first page of ten hits for `q`, optionally filtered by `tag`.
+fn top10(q: &str, tag: Option<&str>) -> SearchRequest {
+    SearchRequest { query: q.into(), tag: tag.map(Into::into), status: None, limit: 10, offset: 0, search_after: None }
 }
 
 /// Criterion reports means; the target is on p99, so time 1,000 single queries of each kind
@@ -217,14 +214,7 @@ fn search_p99(runtime: &tokio::runtime::Runtime, index: &TantivySearchIndex, not
         ("phrase", "\"contract review\"", None),
         ("boolean with tag facet", "(invoice OR budget) AND NOT meeting", Some("vip")),
     ] {
-        let request = SearchRequest {
-            query: q.into(),
-            tag: tag.map(Into::into),
-            status: None,
-            limit: 10,
-            offset: 0,
-            search_after: None,
-        };
+        let request = top10(q, tag);
         let mut latencies = histogram();
         for _ in 0..1_000 {
             let started = std::time::Instant::now();
