@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use apache_avro::Schema;
@@ -62,7 +62,8 @@ type Breaker =
 
 pub struct ConfluentRegistry {
     options: ConfluentOptions,
-    calls: Mutex<mpsc::Sender<Call>>,
+    /// To the client thread; `Sender` is `Sync`, so callers share it directly.
+    calls: mpsc::Sender<Call>,
     parsed: RwLock<HashMap<u32, Arc<Schema>>>,
     /// (subject, Parsing Canonical Form) → id.
     registered: RwLock<HashMap<(String, String), u32>>,
@@ -120,7 +121,7 @@ impl ConfluentRegistry {
         let policy = failsafe::failure_policy::consecutive_failures(3, backoff);
         Ok(Self {
             options,
-            calls: Mutex::new(calls),
+            calls,
             parsed: RwLock::new(HashMap::new()),
             registered: RwLock::new(HashMap::new()),
             breaker: failsafe::Config::new().failure_policy(policy).build(),
@@ -130,8 +131,7 @@ impl ConfluentRegistry {
     /// Runs one call on the client thread, waiting at most a little over its HTTP timeout.
     fn call<T>(&self, make: impl Fn(mpsc::Sender<Result<T, SRCError>>) -> Call) -> Result<T, SRCError> {
         let (reply, answer) = mpsc::channel();
-        let sent =
-            self.calls.lock().map_err(|e| SRCError::non_retryable_without_cause(&e.to_string()))?.send(make(reply));
+        let sent = self.calls.send(make(reply));
         if sent.is_err() {
             return Err(SRCError::non_retryable_without_cause("the schema registry client has stopped"));
         }
