@@ -11,6 +11,9 @@
 //!   writes;
 //! - `GET /admin/v1/dlq`, `GET /admin/v1/dlq/{id}`, `POST /admin/v1/dlq/replay` `{ids?}` and
 //!   `POST /admin/v1/dlq/purge` for `callisto dlq`.
+//!
+//! Every admin route needs the `admin` scope and writes an audit line; the batch commands
+//! present `--api-key` (or `CALLISTO_API_KEY`), else the dev key in the data dir.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -43,11 +46,13 @@ const ADDR_FILE: &str = "admin.json";
 #[derive(Serialize, Deserialize)]
 struct Advertised {
     addr: String,
+    #[serde(default)]
+    tls: bool,
 }
 
 /// Records that the dev server at `addr` owns `data_dir`.
-pub fn advertise(data_dir: &Path, addr: std::net::SocketAddr) -> std::io::Result<()> {
-    let body = serde_json::to_vec(&Advertised { addr: addr.to_string() }).map_err(std::io::Error::other)?;
+pub fn advertise(data_dir: &Path, addr: std::net::SocketAddr, tls: bool) -> std::io::Result<()> {
+    let body = serde_json::to_vec(&Advertised { addr: addr.to_string(), tls }).map_err(std::io::Error::other)?;
     std::fs::write(data_dir.join(ADDR_FILE), body)
 }
 
@@ -55,25 +60,66 @@ pub fn withdraw(data_dir: &Path) {
     let _ = std::fs::remove_file(data_dir.join(ADDR_FILE));
 }
 
-/// The base URL of the live dev server that owns `data_dir`, if one answers.
-async fn running_dev(data_dir: &Path) -> Option<String> {
-    let advertised: Advertised = serde_json::from_slice(&std::fs::read(data_dir.join(ADDR_FILE)).ok()?).ok()?;
-    let base = format!("http://{}", advertised.addr);
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().ok()?;
-    let alive = client.get(format!("{base}/healthz")).send().await.ok()?.status().is_success();
-    alive.then_some(base)
+/// A client of a running dev server's admin API, carrying the caller's API key.
+struct AdminClient {
+    base: String,
+    client: reqwest::Client,
+}
+
+/// A client builder that trusts the dev server's own certificate when it serves HTTPS.
+fn client_builder(settings: &Settings) -> anyhow::Result<reqwest::ClientBuilder> {
+    let mut builder = reqwest::Client::builder();
+    if let Some(cert) = &settings.http.tls.cert_file {
+        let pem = std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+        for cert in reqwest::Certificate::from_pem_bundle(&pem)? {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    Ok(builder)
+}
+
+/// The live dev server that owns the data dir, if one answers, with a client that
+/// authenticates as `api_key` (else the dev key).
+async fn running_dev(settings: &Settings, api_key: Option<&str>) -> anyhow::Result<Option<AdminClient>> {
+    let data_dir = &settings.storage.data_dir;
+    let Some(advertised) = std::fs::read(data_dir.join(ADDR_FILE))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Advertised>(&bytes).ok())
+    else {
+        return Ok(None);
+    };
+    let base = format!("{}://{}", if advertised.tls { "https" } else { "http" }, advertised.addr);
+    let probe = client_builder(settings)?.timeout(Duration::from_secs(2)).build()?;
+    let alive = probe.get(format!("{base}/healthz")).send().await.is_ok_and(|r| r.status().is_success());
+    if !alive {
+        return Ok(None);
+    }
+    let key = crate::keys::batch_key(settings, api_key).with_context(|| {
+        format!("a callisto dev owns {}; pass --api-key or set CALLISTO_API_KEY", data_dir.display())
+    })?;
+    let mut value = reqwest::header::HeaderValue::from_str(&format!("ApiKey {key}"))
+        .map_err(|_| anyhow::anyhow!("the API key holds characters a header cannot carry"))?;
+    value.set_sensitive(true);
+    let headers = reqwest::header::HeaderMap::from_iter([(reqwest::header::AUTHORIZATION, value)]);
+    let client = client_builder(settings)?.default_headers(headers).build()?;
+    Ok(Some(AdminClient { base, client }))
 }
 
 /// `callisto replay`, through the running dev server when there is one.
-pub async fn replay(settings: &Settings, action: Action, show_progress: bool) -> anyhow::Result<Summary> {
-    match running_dev(&settings.storage.data_dir).await {
-        Some(base) => replay_via(&base, action, show_progress).await,
+pub async fn replay(
+    settings: &Settings,
+    action: Action,
+    show_progress: bool,
+    api_key: Option<&str>,
+) -> anyhow::Result<Summary> {
+    match running_dev(settings, api_key).await? {
+        Some(admin) => replay_via(&admin, action, show_progress).await,
         None => run_direct(settings, action, show_progress).await,
     }
 }
 
-async fn replay_via(base: &str, action: Action, show_progress: bool) -> anyhow::Result<Summary> {
-    let client = reqwest::Client::new();
+async fn replay_via(admin: &AdminClient, action: Action, show_progress: bool) -> anyhow::Result<Summary> {
+    let (client, base) = (&admin.client, &admin.base);
     let check = |response: reqwest::Response| async move {
         let status = response.status();
         let body: serde_json::Value = response.json().await.unwrap_or_default();
@@ -130,9 +176,10 @@ pub async fn export(
     selection: &crate::export::Selection,
     output: Option<std::path::PathBuf>,
     progress: bool,
+    api_key: Option<&str>,
 ) -> anyhow::Result<crate::export::ExportSummary> {
     use std::io::Write;
-    let Some(base) = running_dev(&settings.storage.data_dir).await else {
+    let Some(AdminClient { base, client }) = running_dev(settings, api_key).await? else {
         return crate::export::run_direct(settings, selection, output, progress).await;
     };
     let mut query: Vec<(&str, String)> =
@@ -147,7 +194,7 @@ pub async fn export(
             None => {}
         }
     }
-    let mut response = reqwest::Client::new().get(format!("{base}/admin/v1/export")).query(&query).send().await?;
+    let mut response = client.get(format!("{base}/admin/v1/export")).query(&query).send().await?;
     if !response.status().is_success() {
         let body: serde_json::Value = response.json().await.unwrap_or_default();
         anyhow::bail!("{}", body["detail"].as_str().unwrap_or("the dev server refused"));
@@ -183,10 +230,9 @@ pub enum DlqCommand {
 }
 
 /// `callisto dlq`, through the running dev server when there is one; the answer as JSON.
-pub async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<serde_json::Value> {
+pub async fn dlq(settings: &Settings, command: DlqCommand, api_key: Option<&str>) -> anyhow::Result<serde_json::Value> {
     let dlq_topic = callisto_projectors::dlq::topic_for(&settings.log.topic);
-    if let Some(base) = running_dev(&settings.storage.data_dir).await {
-        let client = reqwest::Client::new();
+    if let Some(AdminClient { base, client }) = running_dev(settings, api_key).await? {
         let request = match &command {
             DlqCommand::List => client.get(format!("{base}/admin/v1/dlq")),
             DlqCommand::Show(id) => client.get(format!("{base}/admin/v1/dlq/{id}")),
@@ -392,8 +438,9 @@ impl DevGenerations {
         serde_json::json!({"generations": gens, "job": job})
     }
 
-    pub fn routes(self: Arc<Self>) -> Router {
-        Router::new()
+    /// The admin routes, behind the `admin` scope, each call audited.
+    pub fn routes(self: Arc<Self>, auth: &Arc<callisto_core::auth::Auth>) -> Router {
+        let routes = Router::new()
             .route("/admin/v1/replay", post(start_replay).get(replay_status))
             .route("/admin/v1/replay/rollback", post(rollback))
             .route("/admin/v1/replay/drop-old", post(drop_old))
@@ -402,20 +449,42 @@ impl DevGenerations {
             .route("/admin/v1/dlq/replay", post(dlq_replay))
             .route("/admin/v1/dlq/purge", post(dlq_purge))
             .route("/admin/v1/dlq/{id}", axum::routing::get(dlq_show))
-            .with_state(self)
+            .with_state(self);
+        auth.protect(routes, callisto_core::auth::Rule::ADMIN)
     }
+}
+
+const PROBLEM: &str = "application/problem+json";
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    paths(start_replay, replay_status, rollback, drop_old, export_stream, dlq_list, dlq_show, dlq_replay, dlq_purge),
+    components(schemas(Problem, callisto_core::http::FieldError))
+)]
+struct AdminApi;
+
+/// The admin API's OpenAPI document, every operation declared as needing `admin`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    use utoipa::OpenApi;
+    let mut doc = AdminApi::openapi();
+    callisto_core::auth::document(&mut doc, |_| callisto_core::auth::Rule::ADMIN);
+    doc
 }
 
 fn internal(e: anyhow::Error) -> Problem {
     Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error", format!("{e:#}"))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ReplayBody {
+    /// Rebuild from this offset or RFC 3339 time instead of from offset 0.
     from: Option<String>,
 }
 
+/// Starts a rebuild into a new generation; readers switch to it once it has caught up.
+#[utoipa::path(post, path = "/admin/v1/replay", tag = "admin", request_body(content = ReplayBody, description = "optional"),
+    responses((status = 202, description = "the rebuild started", body = Object), (status = "4XX", body = Problem, content_type = PROBLEM), (status = 503, body = Problem, content_type = PROBLEM)))]
 async fn start_replay(
     State(dev): State<Arc<DevGenerations>>,
     body: ApiJsonOrEmpty<ReplayBody>,
@@ -426,14 +495,20 @@ async fn start_replay(
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({"generation": generation}))).into_response())
 }
 
+/// The generations and the running rebuild's progress.
+#[utoipa::path(get, path = "/admin/v1/replay", tag = "admin", responses((status = 200, body = Object), (status = "4XX", body = Problem, content_type = PROBLEM), (status = 503, body = Problem, content_type = PROBLEM)))]
 async fn replay_status(State(dev): State<Arc<DevGenerations>>) -> Json<serde_json::Value> {
     Json(dev.status().await)
 }
 
+/// Switches readers back to the previous generation.
+#[utoipa::path(post, path = "/admin/v1/replay/rollback", tag = "admin", responses((status = 200, body = Object), (status = "4XX", body = Problem, content_type = PROBLEM), (status = 503, body = Problem, content_type = PROBLEM)))]
 async fn rollback(State(dev): State<Arc<DevGenerations>>) -> Result<Json<serde_json::Value>, Problem> {
     Ok(Json(serde_json::json!({"summary": dev.rollback().await?})))
 }
 
+/// Deletes the previous generation.
+#[utoipa::path(post, path = "/admin/v1/replay/drop-old", tag = "admin", responses((status = 200, body = Object), (status = "4XX", body = Problem, content_type = PROBLEM), (status = 503, body = Problem, content_type = PROBLEM)))]
 async fn drop_old(State(dev): State<Arc<DevGenerations>>) -> Result<Json<serde_json::Value>, Problem> {
     Ok(Json(serde_json::json!({"summary": dev.drop_old().await?})))
 }
@@ -448,10 +523,16 @@ fn unavailable(e: impl std::fmt::Display) -> Problem {
     Problem::unavailable(e.to_string(), 1)
 }
 
+/// Every dead letter, with counts by projection and error.
+#[utoipa::path(get, path = "/admin/v1/dlq", tag = "admin", responses((status = 200, body = Object), (status = "4XX", body = Problem, content_type = PROBLEM), (status = 503, body = Problem, content_type = PROBLEM)))]
 async fn dlq_list(State(dev): State<Arc<DevGenerations>>) -> Result<Json<crate::dlq::Listing>, Problem> {
     Ok(Json(crate::dlq::list(dev.log.as_ref(), &dev.dlq_topic()).await.map_err(unavailable)?))
 }
 
+/// One dead letter: original bytes, headers, error and decoded payload.
+#[utoipa::path(get, path = "/admin/v1/dlq/{id}", tag = "admin",
+    params(("id" = String, Path, description = "`partition:offset` in the dead-letter topic")),
+    responses((status = 200, body = Object), (status = "4XX", body = Problem, content_type = PROBLEM), (status = 503, body = Problem, content_type = PROBLEM)))]
 async fn dlq_show(
     State(dev): State<Arc<DevGenerations>>,
     callisto_core::http::ApiPath(id): callisto_core::http::ApiPath<String>,
@@ -460,12 +541,16 @@ async fn dlq_show(
     crate::dlq::show(dev.log.as_ref(), &dev.codec, &dev.dlq_topic(), &id).await.map(Json).map_err(Problem::not_found)
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RedriveBody {
+    /// Dead-letter ids to re-drive; all of them when absent.
     ids: Option<Vec<String>>,
 }
 
+/// Re-drives dead letters through their projections.
+#[utoipa::path(post, path = "/admin/v1/dlq/replay", tag = "admin", request_body(content = RedriveBody, description = "optional"),
+    responses((status = 200, body = Object), (status = "4XX", body = Problem, content_type = PROBLEM), (status = 503, body = Problem, content_type = PROBLEM)))]
 async fn dlq_replay(
     State(dev): State<Arc<DevGenerations>>,
     body: ApiJsonOrEmpty<RedriveBody>,
@@ -484,19 +569,26 @@ async fn dlq_replay(
     Ok(Json(report))
 }
 
+/// Deletes every dead letter.
+#[utoipa::path(post, path = "/admin/v1/dlq/purge", tag = "admin", responses((status = 200, body = Object), (status = "4XX", body = Problem, content_type = PROBLEM), (status = 503, body = Problem, content_type = PROBLEM)))]
 async fn dlq_purge(State(dev): State<Arc<DevGenerations>>) -> Result<Json<crate::dlq::Purge>, Problem> {
     Ok(Json(crate::dlq::purge(dev.log.as_ref(), &dev.dlq_topic()).await.map_err(unavailable)?))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ExportParams {
+    /// `jsonl` (default) or `avro`.
     format: Option<String>,
     partitions: Option<String>,
     from: Option<String>,
     to: Option<String>,
 }
 
+/// Streams the topic's events as `callisto export` writes them.
+#[utoipa::path(get, path = "/admin/v1/export", tag = "admin", params(ExportParams),
+    responses((status = 200, description = "JSON Lines or an Avro container file", content_type = "application/x-ndjson"), (status = "4XX", body = Problem, content_type = PROBLEM), (status = 503, body = Problem, content_type = PROBLEM)))]
 async fn export_stream(
     State(dev): State<Arc<DevGenerations>>,
     callisto_core::http::ApiQuery(params): callisto_core::http::ApiQuery<ExportParams>,

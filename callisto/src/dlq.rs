@@ -143,8 +143,7 @@ pub async fn show(log: &dyn EventLog, codec: &Codec, dlq_topic: &str, id: &str) 
             let projected = ProjectedEvent {
                 partition: source_partition,
                 offset: source_offset,
-                timestamp_ms: record.timestamp_ms,
-                event,
+                ..ProjectedEvent::from_record(&record, event)
             };
             (serde_json::to_value(timeline_entry(&projected)).ok(), None)
         }
@@ -198,7 +197,7 @@ pub async fn redrive(
                 text(record.header(headers::SOURCE_PARTITION)).parse().map_err(|_| "no source partition".to_owned())?;
             let offset =
                 text(record.header(headers::SOURCE_OFFSET)).parse().map_err(|_| "no source offset".to_owned())?;
-            let projected = ProjectedEvent { partition, offset, timestamp_ms: record.timestamp_ms, event };
+            let projected = ProjectedEvent { partition, offset, ..ProjectedEvent::from_record(&record, event) };
             // Re-driving must not move the partition's checkpoint: the projector already went
             // past this event, and any other position would skip or repeat live events.
             let checkpoints = projection.checkpoints().await.map_err(|e| e.to_string())?;

@@ -196,12 +196,7 @@ fn jsonl_line(record: &Record, event: &Result<callisto_avro::PersonEvent, String
     });
     match event {
         Ok(event) => {
-            let projected = ProjectedEvent {
-                partition: record.partition,
-                offset: record.offset,
-                timestamp_ms: record.timestamp_ms,
-                event: event.clone(),
-            };
+            let projected = ProjectedEvent::from_record(record, event.clone());
             line["event"] = serde_json::to_value(timeline_entry(&projected)).unwrap_or_default();
         }
         Err(error) => line["error"] = serde_json::Value::String(error.clone()),

@@ -9,6 +9,7 @@
 //! - [`dlq`]: `callisto dlq`: list, show, re-drive and purge dead letters.
 //! - [`export`]: `callisto export`, JSON Lines or Avro out of the log, on the replay API.
 //! - [`generations`]: live, previous and building generations of the read models.
+//! - [`keys`]: `callisto keys`, and the admin key `callisto dev` creates on first start.
 //! - [`replay`]: `callisto replay`, blue/green rebuilds of the read models.
 //! - [`services`]: one function per subcommand that runs a service, and [`services::Dev`], the
 //!   whole backbone in one process.
@@ -19,5 +20,6 @@ pub mod backends;
 pub mod dlq;
 pub mod export;
 pub mod generations;
+pub mod keys;
 pub mod replay;
 pub mod services;

@@ -18,6 +18,9 @@ struct Cli {
     /// TOML configuration file; `CALLISTO__SECTION__KEY` environment variables override it.
     #[arg(long, global = true, env = "CALLISTO_CONFIG")]
     config: Option<PathBuf>,
+    /// API key the batch commands present to a running `callisto dev`; its dev key by default.
+    #[arg(long, global = true, env = "CALLISTO_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -42,6 +45,51 @@ enum Command {
     /// Export a topic's events for batch jobs: JSON Lines or an Avro container file, in
     /// partition order, then offset order within each partition.
     Export(ExportArgs),
+    /// Manage API keys: create (the key is shown once), list, revoke. Running services pick up
+    /// changes within seconds.
+    Keys(KeysArgs),
+}
+
+#[derive(Debug, Args)]
+struct KeysArgs {
+    /// Directory of the embedded data, whose api-keys.json is managed (overrides
+    /// storage.data_dir); auth.api_keys_file wins when set.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: KeysCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Create a key and print it, the one time it is shown.
+    Create {
+        /// What the key is for, e.g. the enrolled source's name.
+        #[arg(long)]
+        name: String,
+        /// Comma-separated scopes: persons:write, persons:read, search, admin, metrics.
+        #[arg(long, value_delimiter = ',', required = true)]
+        scopes: Vec<callisto_core::auth::Scope>,
+        /// When the key stops working, RFC 3339.
+        #[arg(long)]
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
+        /// The key's own rate limit per budget, requests per second (replaces the defaults).
+        #[arg(long)]
+        rate_per_second: Option<u32>,
+        /// The key's own burst per budget; twice the rate when absent.
+        #[arg(long, requires = "rate_per_second")]
+        burst: Option<u32>,
+        /// Print JSON (with the key) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every key, without its secret.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key by id; services refuse it within seconds.
+    Revoke { id: String },
 }
 
 #[derive(Debug, Args)]
@@ -64,6 +112,10 @@ struct ServeArgs {
     /// Kafka bootstrap servers (overrides kafka.brokers); the embedded log when absent.
     #[arg(long)]
     kafka_brokers: Option<String>,
+    /// Serve without authentication: every route open to anyone who can reach the port. Only
+    /// for experiments without real data; logged as a warning at every start.
+    #[arg(long)]
+    insecure_no_auth: bool,
 }
 
 #[derive(Debug, Args)]
@@ -169,13 +221,16 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
         if let Command::Export(args) = &cli.command {
-            return export(cli.config.as_deref(), args).await;
+            return export(cli.config.as_deref(), args, cli.api_key.as_deref()).await;
         }
         if let Command::Replay(args) = &cli.command {
-            return replay(cli.config.as_deref(), args).await;
+            return replay(cli.config.as_deref(), args, cli.api_key.as_deref()).await;
         }
         if let Command::Dlq(args) = &cli.command {
-            return dlq(cli.config.as_deref(), args).await;
+            return dlq(cli.config.as_deref(), args, cli.api_key.as_deref()).await;
+        }
+        if let Command::Keys(args) = &cli.command {
+            return keys(cli.config.as_deref(), args);
         }
         let (Command::Dev(DevArgs { serve: args, .. })
         | Command::Writer(args)
@@ -186,22 +241,23 @@ fn main() -> anyhow::Result<()> {
         };
         let settings = Settings::load(cli.config.as_deref(), &args.overrides())?;
         callisto_core::telemetry::init_tracing(&settings.telemetry);
+        let security = callisto::services::Security { insecure_no_auth: args.insecure_no_auth };
         let shutdown = callisto::services::shutdown_signal();
         match cli.command {
             Command::Dev(DevArgs { kafka_mock, .. }) => {
-                callisto::services::run_dev(settings, kafka_mock, shutdown).await
+                callisto::services::run_dev(settings, kafka_mock, security, shutdown).await
             }
-            Command::Writer(_) => callisto::services::run_writer(settings, shutdown).await,
-            Command::Projector(_) => callisto::services::run_projector(settings, shutdown).await,
-            Command::QueryApi(_) => callisto::services::run_query_api(settings, shutdown).await,
-            Command::Export(_) | Command::Replay(_) | Command::Dlq(_) => {
+            Command::Writer(_) => callisto::services::run_writer(settings, security, shutdown).await,
+            Command::Projector(_) => callisto::services::run_projector(settings, security, shutdown).await,
+            Command::QueryApi(_) => callisto::services::run_query_api(settings, security, shutdown).await,
+            Command::Export(_) | Command::Replay(_) | Command::Dlq(_) | Command::Keys(_) => {
                 unreachable!("batch commands returned above")
             }
         }
     })
 }
 
-async fn export(config: Option<&std::path::Path>, args: &ExportArgs) -> anyhow::Result<()> {
+async fn export(config: Option<&std::path::Path>, args: &ExportArgs, api_key: Option<&str>) -> anyhow::Result<()> {
     let topic = args.topic.iter().map(|t| ("log.topic", t.clone()));
     let settings = batch_settings(config, &args.data_dir, topic)?;
     let selection = callisto::export::Selection {
@@ -211,7 +267,7 @@ async fn export(config: Option<&std::path::Path>, args: &ExportArgs) -> anyhow::
         format: args.format,
     };
     let output = args.output.clone().filter(|p| p.as_os_str() != "-");
-    let summary = callisto::admin::export(&settings, &selection, output, !args.quiet).await?;
+    let summary = callisto::admin::export(&settings, &selection, output, !args.quiet, api_key).await?;
     if args.quiet {
         eprintln!("{}", serde_json::to_string(&summary)?);
     } else {
@@ -235,12 +291,12 @@ fn batch_settings(
         overrides.push(("storage.data_dir", dir.display().to_string()));
     }
     let mut settings = Settings::load(config, &overrides)?;
-    settings.telemetry.log_level = "warn".into();
+    settings.telemetry.log_level = "warn,audit=info".into();
     callisto_core::telemetry::init_tracing(&settings.telemetry);
     Ok(settings)
 }
 
-async fn replay(config: Option<&std::path::Path>, args: &ReplayArgs) -> anyhow::Result<()> {
+async fn replay(config: Option<&std::path::Path>, args: &ReplayArgs, api_key: Option<&str>) -> anyhow::Result<()> {
     use callisto::replay::Action;
     let settings = batch_settings(config, &args.data_dir, [])?;
     let action = if args.rollback {
@@ -250,7 +306,7 @@ async fn replay(config: Option<&std::path::Path>, args: &ReplayArgs) -> anyhow::
     } else {
         Action::Rebuild { from: args.from }
     };
-    let summary = callisto::admin::replay(&settings, action, !args.quiet).await?;
+    let summary = callisto::admin::replay(&settings, action, !args.quiet, api_key).await?;
     if args.quiet {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
@@ -262,7 +318,7 @@ async fn replay(config: Option<&std::path::Path>, args: &ReplayArgs) -> anyhow::
     Ok(())
 }
 
-async fn dlq(config: Option<&std::path::Path>, args: &DlqArgs) -> anyhow::Result<()> {
+async fn dlq(config: Option<&std::path::Path>, args: &DlqArgs, api_key: Option<&str>) -> anyhow::Result<()> {
     use callisto::admin::DlqCommand as Request;
     let settings = batch_settings(config, &args.data_dir, [])?;
     let request = match &args.command {
@@ -271,7 +327,7 @@ async fn dlq(config: Option<&std::path::Path>, args: &DlqArgs) -> anyhow::Result
         DlqCommand::Replay { ids, all } => Request::Replay((!*all).then(|| ids.clone())),
         DlqCommand::Purge { yes } => {
             if !*yes {
-                let listing = callisto::admin::dlq(&settings, Request::List).await?;
+                let listing = callisto::admin::dlq(&settings, Request::List, api_key).await?;
                 let count = listing["entries"].as_array().map_or(0, Vec::len);
                 eprint!("delete all {count} dead letters? type `purge` to confirm: ");
                 let mut answer = String::new();
@@ -281,7 +337,7 @@ async fn dlq(config: Option<&std::path::Path>, args: &DlqArgs) -> anyhow::Result
             Request::Purge
         }
     };
-    let answer = callisto::admin::dlq(&settings, request).await?;
+    let answer = callisto::admin::dlq(&settings, request, api_key).await?;
     match &args.command {
         DlqCommand::List { json: false } => {
             println!("{:<8} {:<10} {:<6} {:<24} error", "id", "projection", "count", "source");
@@ -307,6 +363,58 @@ async fn dlq(config: Option<&std::path::Path>, args: &DlqArgs) -> anyhow::Result
             }
         }
         _ => println!("{}", serde_json::to_string_pretty(&answer)?),
+    }
+    Ok(())
+}
+
+fn keys(config: Option<&std::path::Path>, args: &KeysArgs) -> anyhow::Result<()> {
+    let settings = batch_settings(config, &args.data_dir, [])?;
+    match &args.command {
+        KeysCommand::Create { name, scopes, expires_at, rate_per_second, burst, json } => {
+            let rate_limit = rate_per_second.map(|per_second| callisto_core::config::Limit {
+                per_second,
+                burst: burst.unwrap_or(per_second.saturating_mul(2)),
+            });
+            let created = callisto::keys::create(
+                &settings,
+                name.clone(),
+                scopes.iter().copied().collect(),
+                *expires_at,
+                rate_limit,
+            )?;
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::json!({"key": created.key, "id": created.stored.id, "scopes": created.stored.scopes})
+                );
+            } else {
+                eprintln!("created API key {} ({name}); it is shown this once:", created.stored.id);
+                println!("{}", created.key);
+            }
+        }
+        KeysCommand::List { json } => {
+            let keys = callisto::keys::list(&settings)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&keys)?);
+            } else {
+                println!("{:<18} {:<24} {:<8} scopes", "id", "name", "usable");
+                for key in &keys {
+                    let scopes: Vec<&str> =
+                        key["scopes"].as_array().into_iter().flatten().filter_map(|s| s.as_str()).collect();
+                    println!(
+                        "{:<18} {:<24} {:<8} {}",
+                        key["id"].as_str().unwrap_or(""),
+                        key["name"].as_str().unwrap_or(""),
+                        key["usable"],
+                        scopes.join(",")
+                    );
+                }
+            }
+        }
+        KeysCommand::Revoke { id } => {
+            let revoked = callisto::keys::revoke(&settings, id)?;
+            eprintln!("revoked API key {} ({})", revoked.id, revoked.name);
+        }
     }
     Ok(())
 }

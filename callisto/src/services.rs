@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use callisto_core::auth::Auth;
 use callisto_core::config::Settings;
 use callisto_core::http::{ReadinessCheck, Router, service_router};
 use callisto_core::log::EventLog;
@@ -18,13 +19,24 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::DevGenerations;
 use crate::backends;
 
+/// How a service checks its callers: the configured checks, or none with `--insecure-no-auth`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Security {
+    pub insecure_no_auth: bool,
+}
+
 /// `callisto writer`: the command API alone.
-pub async fn run_writer(settings: Settings, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run_writer(
+    settings: Settings,
+    security: Security,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let auth = Auth::from_settings(&settings, security.insecure_no_auth).await?;
     let embedded = backends::open_log(&settings)?;
     let state = callisto_writers::state(&settings, embedded.log.clone(), embedded.codec.clone()).await?;
-    let app = callisto_writers::build(&settings, state);
+    let app = callisto_writers::build(&settings, state, &auth);
     let listener = bind(&settings, "writer").await?;
-    callisto_core::http::serve(listener, app, shutdown).await?;
+    callisto_core::http::serve(listener, app, &settings.http.tls, shutdown).await?;
     tracing::info!(service = "writer", "stopped");
     Ok(())
 }
@@ -33,8 +45,10 @@ pub async fn run_writer(settings: Settings, shutdown: impl Future<Output = ()> +
 /// address. On embedded backends it must own the data dir (no writer or dev beside it).
 pub async fn run_projector(
     settings: Settings,
+    security: Security,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let auth = Auth::from_settings(&settings, security.insecure_no_auth).await?;
     let log_side = backends::open_log(&settings)?;
     let read_side = backends::open_configured_read_models(&settings, backends::ReadModelUse::Projecting).await?;
     let stop = CancellationToken::new();
@@ -51,9 +65,9 @@ pub async fn run_projector(
         Box::pin(async move { store.checkpoints().await.map(|_| ()).map_err(|e| e.to_string()) })
     });
     let openapi = utoipa::openapi::OpenApiBuilder::new().build();
-    let app = service_router(Router::new(), openapi, readiness, settings.http.body_limit_bytes);
+    let app = service_router(Router::new(), openapi, readiness, &settings.http, &auth);
     let listener = bind(&settings, "projector").await?;
-    let served = callisto_core::http::serve(listener, app, shutdown).await;
+    let served = callisto_core::http::serve(listener, app, &settings.http.tls, shutdown).await;
     stop.cancel();
     projector.await.context("projector task")?;
     tracing::info!(service = "projector", "stopped");
@@ -64,8 +78,10 @@ pub async fn run_projector(
 /// in the data dir; with no projector in the process, tokens past them answer as stale.
 pub async fn run_query_api(
     settings: Settings,
+    security: Security,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let auth = Auth::from_settings(&settings, security.insecure_no_auth).await?;
     let read_side = backends::open_configured_read_models(&settings, backends::ReadModelUse::Serving).await?;
     let state = callisto_query_api::QueryState {
         store: read_side.store,
@@ -73,9 +89,9 @@ pub async fn run_query_api(
         partitions: settings.log.partitions,
         consistency_wait: Duration::from_millis(settings.query.consistency_wait_ms),
     };
-    let app = callisto_query_api::build(state, settings.http.body_limit_bytes);
+    let app = callisto_query_api::build(state, &settings.http, &auth);
     let listener = bind(&settings, "query-api").await?;
-    callisto_core::http::serve(listener, app, shutdown).await?;
+    callisto_core::http::serve(listener, app, &settings.http.tls, shutdown).await?;
     tracing::info!(service = "query-api", "stopped");
     Ok(())
 }
@@ -86,14 +102,20 @@ pub async fn run_query_api(
 pub async fn run_dev(
     mut settings: Settings,
     kafka_mock: Option<u32>,
+    security: Security,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let _cluster = match kafka_mock {
         Some(brokers) => Some(start_kafka_mock(&mut settings, brokers)?),
         None => None,
     };
+    // The key exists before the address is announced, so whoever reads the announcement can
+    // call at once.
+    if !security.insecure_no_auth {
+        crate::keys::ensure_dev_key(&settings)?;
+    }
     let listener = bind(&settings, "dev").await?;
-    let dev = Dev::start(&settings, listener).await?;
+    let dev = Dev::start_with(&settings, listener, security).await?;
     shutdown.await;
     dev.stop().await
 }
@@ -134,8 +156,17 @@ pub struct Dev {
 }
 
 impl Dev {
+    /// Starts with authentication on: a dev API key is created on first start.
     pub async fn start(settings: &Settings, listener: TcpListener) -> anyhow::Result<Self> {
+        Self::start_with(settings, listener, Security::default()).await
+    }
+
+    pub async fn start_with(settings: &Settings, listener: TcpListener, security: Security) -> anyhow::Result<Self> {
         backends::require_embedded_read_models(settings, "callisto dev")?;
+        if !security.insecure_no_auth {
+            crate::keys::ensure_dev_key(settings)?;
+        }
+        let auth = Auth::from_settings(settings, security.insecure_no_auth).await?;
         let log_side = backends::open_log(settings)?;
         let (log, codec) = (log_side.log, log_side.codec);
         let writer = callisto_writers::state(settings, log.clone(), codec.clone()).await?;
@@ -149,12 +180,15 @@ impl Dev {
             partitions,
             consistency_wait: Duration::from_millis(settings.query.consistency_wait_ms),
         };
-        let app = dev_router(settings, writer, query, generations.clone(), log.clone(), store.clone());
+        let app = dev_router(settings, &auth, writer, query, generations.clone(), log.clone(), store.clone());
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(callisto_core::http::serve(listener, app, shutdown.clone().cancelled_owned()));
+        let tls = settings.http.tls.clone();
+        let stopped = shutdown.clone().cancelled_owned();
+        let server = tokio::spawn(async move { callisto_core::http::serve(listener, app, &tls, stopped).await });
         let data_dir = settings.storage.data_dir.clone();
-        crate::admin::advertise(&data_dir, addr).context("advertising the admin address")?;
+        crate::admin::advertise(&data_dir, addr, settings.http.tls.enabled())
+            .context("advertising the admin address")?;
         Ok(Self { addr, log, codec, store, search, generations, data_dir, shutdown, server })
     }
 
@@ -172,16 +206,19 @@ impl Dev {
 
 fn dev_router(
     settings: &Settings,
+    auth: &Arc<Auth>,
     writer: callisto_writers::WriterState,
     query: callisto_query_api::QueryState,
     generations: Arc<DevGenerations>,
     log: Arc<dyn EventLog>,
     store: Arc<SwitchedReadStore>,
 ) -> Router {
-    let routes =
-        callisto_writers::api::routes(writer).merge(callisto_query_api::routes(query)).merge(generations.routes());
+    let routes = callisto_writers::api::routes(writer, auth)
+        .merge(callisto_query_api::routes(query, auth))
+        .merge(generations.routes(auth));
     let mut openapi = callisto_writers::openapi::document();
     openapi.merge(callisto_query_api::openapi::document());
+    openapi.merge(crate::admin::openapi());
     openapi.info.title = "Callisto".into();
     let readiness: ReadinessCheck = Arc::new(move || {
         let (log, store) = (log.clone(), store.clone());
@@ -190,16 +227,17 @@ fn dev_router(
             store.checkpoints().await.map(|_| ()).map_err(|e| e.to_string())
         })
     });
-    service_router(routes, openapi, readiness, settings.http.body_limit_bytes)
+    service_router(routes, openapi, readiness, &settings.http, auth)
 }
 
 async fn bind(settings: &Settings, service: &str) -> anyhow::Result<TcpListener> {
     let listener =
         TcpListener::bind(&settings.http.listen).await.with_context(|| format!("binding {}", settings.http.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, service, data_dir = %settings.storage.data_dir.display(), "listening");
+    let scheme = if settings.http.tls.enabled() { "https" } else { "http" };
+    tracing::info!(%addr, service, scheme, data_dir = %settings.storage.data_dir.display(), "listening");
     // A fixed, parseable line for scripts and tests that start with port 0.
-    println!("callisto {service} listening on http://{addr}");
+    println!("callisto {service} listening on {scheme}://{addr}");
     Ok(listener)
 }
 

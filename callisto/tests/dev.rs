@@ -28,7 +28,7 @@ async fn start(settings: &Settings) -> App {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dev = Dev::start(settings, listener).await.unwrap();
     let base = format!("http://{}", dev.addr);
-    App { dev, base, client: reqwest::Client::new() }
+    App { dev, base, client: common::client(&settings.storage.data_dir) }
 }
 
 struct Answer {

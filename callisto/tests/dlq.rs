@@ -26,7 +26,7 @@ async fn dead_letters_are_listed_shown_redriven_and_purged_through_a_running_dev
     let dir = tempfile::tempdir().unwrap();
     let dev = start_dev(dir.path()).await;
     let base = format!("http://{}", dev.addr);
-    let client = reqwest::Client::new();
+    let client = common::client(dir.path());
     let person =
         post_json(&client, format!("{base}/v1/persons"), json!({"given_name": "Dee", "family_name": "Ell"})).await;
     let id = person["person_id"].as_str().unwrap().to_owned();
@@ -89,7 +89,7 @@ async fn a_fixed_dead_letter_is_redriven_on_a_stopped_data_dir_exactly_once() {
         let dev = start_dev(dir.path()).await;
         let base = format!("http://{}", dev.addr);
         let body = json!({"given_name": "Fix", "family_name": "Later"});
-        let person = post_json(&reqwest::Client::new(), format!("{base}/v1/persons"), body).await;
+        let person = post_json(&common::client(dir.path()), format!("{base}/v1/persons"), body).await;
         person_id = uuid::Uuid::parse_str(person["person_id"].as_str().unwrap()).unwrap();
         let token = person["consistency_token"].as_str().unwrap();
         reqwest::get(format!("{base}/v1/persons/{person_id}?after={token}")).await.unwrap();

@@ -186,7 +186,7 @@ async fn bad_ranges_are_clear_errors() {
 async fn export_goes_through_a_running_dev_that_owns_the_data_dir() {
     let dir = tempfile::tempdir().unwrap();
     let dev = common::start_dev(dir.path()).await;
-    let client = reqwest::Client::new();
+    let client = common::client(dir.path());
     for i in 0..7 {
         let r = client
             .post(format!("http://{}/v1/persons", dev.addr))

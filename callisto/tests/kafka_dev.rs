@@ -17,7 +17,7 @@ async fn commands_flow_through_kafka_into_read_models_and_search() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dev = Dev::start(&settings, listener).await.unwrap();
     let base = format!("http://{}", dev.addr);
-    let client = reqwest::Client::new();
+    let client = common::client(dir.path());
 
     let person = post_json(
         &client,
@@ -76,7 +76,7 @@ async fn faults_under_load_lose_nothing_and_duplicate_nothing() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dev = Dev::start(&settings, listener).await.unwrap();
     let base = format!("http://{}", dev.addr);
-    let client = reqwest::Client::new();
+    let client = common::client(dir.path());
     let mut people = Vec::new();
     for i in 0..8 {
         let person = post_json(

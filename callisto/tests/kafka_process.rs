@@ -114,7 +114,7 @@ async fn a_projector_killed_mid_batch_resumes_without_loss_or_repeats() {
     };
     let config = config(dir.path(), &cluster.bootstrap_servers());
     let config_arg = config.to_str().unwrap();
-    let client = reqwest::Client::new();
+    let client = common::client(&data);
 
     // Kill it once it is busy, well before it is done.
     let projector = Service::start("projector", &data, &["--config", config_arg]);

@@ -54,7 +54,7 @@ async fn assert_all_present(data_dir: &Path, acks: &[Ack]) {
 #[tokio::test]
 async fn acknowledged_events_survive_a_restart_at_the_same_offsets() {
     let dir = tempfile::tempdir().unwrap();
-    let client = reqwest::Client::new();
+    let client = common::client(dir.path());
     let mut acks = Vec::new();
     let writer = start_writer(dir.path());
     for n in 0..40 {
@@ -79,7 +79,7 @@ async fn acknowledged_events_survive_a_restart_at_the_same_offsets() {
 async fn no_acknowledged_event_is_lost_when_the_process_is_killed() {
     let dir = tempfile::tempdir().unwrap();
     let writer = start_writer(dir.path());
-    let client = reqwest::Client::new();
+    let client = common::client(dir.path());
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..8)
         .map(|c| {
@@ -124,7 +124,7 @@ async fn no_acknowledged_event_is_lost_when_the_process_is_killed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_models_recover_exactly_once_after_a_kill_mid_batch() {
     let dir = tempfile::tempdir().unwrap();
-    let client = reqwest::Client::new();
+    let client = common::client(dir.path());
     let dev = start("dev", dir.path());
     let mut people = Vec::new();
     for n in 0..6 {
@@ -203,7 +203,7 @@ async fn read_models_recover_exactly_once_after_a_kill_mid_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writer_projector_and_query_api_run_as_separate_processes() {
     let dir = tempfile::tempdir().unwrap();
-    let client = reqwest::Client::new();
+    let client = common::client(dir.path());
     let writer = start("writer", dir.path());
     let body = json!({"given_name": "Split", "family_name": "Process", "tags": ["ops"]});
     let person = post_json(&client, format!("{}/v1/persons", writer.base), body).await;

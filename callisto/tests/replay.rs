@@ -33,7 +33,7 @@ async fn a_rebuild_under_load_switches_without_failed_reads_and_rolls_back() {
     let dir = tempfile::tempdir().unwrap();
     let dev = start_dev(dir.path()).await;
     let base = format!("http://{}", dev.addr);
-    let client = reqwest::Client::new();
+    let client = common::client(dir.path());
     let mut ids = Vec::new();
     for i in 0..30 {
         let body = json!({"given_name": format!("Blue{i}"), "family_name": "Green", "tags": ["bg"]});

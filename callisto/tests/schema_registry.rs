@@ -196,7 +196,7 @@ async fn the_kafka_backbone_writes_with_registry_ids() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dev = Dev::start(&settings, listener).await.unwrap();
     let base = format!("http://{}", dev.addr);
-    let http = reqwest::Client::new();
+    let http = common::client(dir.path());
     let person =
         post_json(&http, format!("{base}/v1/persons"), json!({"given_name": "Reg", "family_name": "Istry"})).await;
     let (partition, offset) = (person["partition"].as_u64().unwrap() as u32, person["offset"].as_u64().unwrap());

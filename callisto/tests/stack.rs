@@ -11,15 +11,17 @@ use serde_json::{Value, json};
 mod common;
 use common::post_json;
 
-fn stack() -> Option<(String, String)> {
-    let writer = std::env::var("CALLISTO_STACK_WRITER_URL").ok().filter(|u| !u.is_empty());
-    let query = std::env::var("CALLISTO_STACK_QUERY_URL").ok().filter(|u| !u.is_empty());
-    match writer.zip(query) {
-        Some(urls) => Some(urls),
-        None => {
+fn stack() -> Option<(String, String, String)> {
+    let var = |name: &str| std::env::var(name).ok().filter(|u| !u.is_empty());
+    let writer = var("CALLISTO_STACK_WRITER_URL");
+    let query = var("CALLISTO_STACK_QUERY_URL");
+    let key = var("CALLISTO_STACK_API_KEY");
+    match (writer, query, key) {
+        (Some(writer), Some(query), Some(key)) => Some((writer, query, key)),
+        _ => {
             let _ = writeln!(
                 std::io::stderr(),
-                "skipped: set CALLISTO_STACK_WRITER_URL and CALLISTO_STACK_QUERY_URL to run"
+                "skipped: set CALLISTO_STACK_WRITER_URL, CALLISTO_STACK_QUERY_URL and CALLISTO_STACK_API_KEY to run"
             );
             None
         }
@@ -28,8 +30,8 @@ fn stack() -> Option<(String, String)> {
 
 #[tokio::test]
 async fn commands_reach_mongodb_and_elasticsearch_and_read_back_with_the_token() {
-    let Some((writer, query)) = stack() else { return };
-    let client = reqwest::Client::new();
+    let Some((writer, query, key)) = stack() else { return };
+    let client = common::client_with_key(&key);
     let marker = format!("stack{}", uuid::Uuid::new_v4().simple());
     let person = post_json(
         &client,

@@ -43,6 +43,30 @@ pub const ENVIRONMENT: &[(&str, &str)] = &[
     ("CALLISTO__ELASTICSEARCH__PREFIX", "prefix of Callisto's index, alias and template names"),
     ("CALLISTO__ELASTICSEARCH__REFRESH", "bulk refresh policy: wait_for (default), true or false"),
     ("CALLISTO__ELASTICSEARCH__TIMEOUT_MS", "bound on every Elasticsearch call"),
+    ("CALLISTO__HTTP__TLS__CERT_FILE", "PEM certificate chain; with key_file, every listener serves HTTPS only"),
+    ("CALLISTO__HTTP__TLS__KEY_FILE", "PEM private key of the certificate; never printed"),
+    (
+        "CALLISTO__HTTP__TLS__CLIENT_CA_FILE",
+        "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)",
+    ),
+    ("CALLISTO__HTTP__TLS__RELOAD_SECS", "how often the certificate files are checked for changes"),
+    ("CALLISTO__HTTP__CORS_ORIGINS", "origins allowed by CORS, comma separated; CORS is off when empty"),
+    ("CALLISTO__AUTH__API_KEYS_FILE", "API key file (hashes only); default DATA_DIR/api-keys.json; reloaded on change"),
+    ("CALLISTO__AUTH__AUDIT_PERSON_READS", "true to write an audit line for every read of one person's document"),
+    ("CALLISTO__AUTH__JWT__ISSUER", "expected `iss` of bearer tokens; with discovery, the OIDC issuer URL"),
+    ("CALLISTO__AUTH__JWT__AUDIENCE", "expected `aud` of bearer tokens, comma separated"),
+    ("CALLISTO__AUTH__JWT__JWKS_URL", "JWKS URL of the token issuer"),
+    ("CALLISTO__AUTH__JWT__DISCOVERY", "true to find the JWKS through ISSUER/.well-known/openid-configuration"),
+    ("CALLISTO__AUTH__JWT__KEYS_FILE", "static verification keys: a PEM public key or a JWKS file"),
+    ("CALLISTO__AUTH__JWT__SCOPE_CLAIM", "claim holding the token's scopes; default `scope`, then `scp`"),
+    ("CALLISTO__AUTH__JWT__LEEWAY_SECS", "clock skew allowed on exp and nbf"),
+    ("CALLISTO__AUTH__JWT__JWKS_MIN_REFETCH_MS", "floor on JWKS refetches caused by unknown key ids"),
+    ("CALLISTO__AUTH__LIMITS__COMMANDS__PER_SECOND", "commands per second per caller (also READS, SEARCH, ADMIN)"),
+    ("CALLISTO__AUTH__LIMITS__COMMANDS__BURST", "commands a caller may send at once (also READS, SEARCH, ADMIN)"),
+    (
+        "CALLISTO__AUTH__LIMITS__ANONYMOUS__PER_SECOND",
+        "requests per second per source address without valid credentials",
+    ),
     ("CALLISTO__TELEMETRY__LOG_FORMAT", "json (default) or text"),
     ("CALLISTO__TELEMETRY__LOG_LEVEL", "tracing filter, e.g. info or callisto_core=debug"),
 ];
@@ -59,6 +83,147 @@ pub struct Settings {
     pub mongodb: MongoSettings,
     pub elasticsearch: ElasticsearchSettings,
     pub telemetry: TelemetrySettings,
+    pub auth: AuthSettings,
+}
+
+/// Who may call Callisto: API keys, bearer JWTs, and the rate limits every caller gets.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// The API key file (hashes, never keys); `DATA_DIR/api-keys.json` when unset.
+    pub api_keys_file: Option<PathBuf>,
+    /// Audit every read of a single person's document, not only admin actions and refusals.
+    pub audit_person_reads: bool,
+    pub jwt: JwtSettings,
+    pub limits: LimitSettings,
+}
+
+impl AuthSettings {
+    pub fn api_keys_path(&self, storage: &StorageSettings) -> PathBuf {
+        self.api_keys_file.clone().unwrap_or_else(|| storage.data_dir.join(crate::auth::keys::KEYS_FILE))
+    }
+}
+
+/// Bearer tokens from an OIDC provider or signed with static keys. Off unless `issuer` is set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtSettings {
+    pub issuer: Option<String>,
+    #[serde(deserialize_with = "comma_list")]
+    pub audience: Vec<String>,
+    pub jwks_url: Option<String>,
+    pub discovery: bool,
+    pub keys_file: Option<PathBuf>,
+    pub scope_claim: Option<String>,
+    pub leeway_secs: u64,
+    /// Cached keys are refreshed this often, even when no unknown `kid` arrives.
+    pub jwks_refresh_secs: u64,
+    pub jwks_min_refetch_ms: u64,
+    pub timeout_ms: u64,
+}
+
+impl Default for JwtSettings {
+    fn default() -> Self {
+        Self {
+            issuer: None,
+            audience: Vec::new(),
+            jwks_url: None,
+            discovery: false,
+            keys_file: None,
+            scope_claim: None,
+            leeway_secs: 30,
+            jwks_refresh_secs: 300,
+            jwks_min_refetch_ms: 10_000,
+            timeout_ms: 5_000,
+        }
+    }
+}
+
+impl JwtSettings {
+    pub fn enabled(&self) -> bool {
+        self.issuer.is_some()
+    }
+}
+
+/// A token bucket: `per_second` refill, `burst` at once.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct Limit {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+/// One budget per route group and caller, so a caller hammering one never slows another.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitSettings {
+    pub commands: Limit,
+    pub reads: Limit,
+    pub search: Limit,
+    pub admin: Limit,
+    /// Per source address, for requests without valid credentials.
+    pub anonymous: Limit,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            commands: Limit { per_second: 500, burst: 1000 },
+            reads: Limit { per_second: 1000, burst: 2000 },
+            search: Limit { per_second: 200, burst: 400 },
+            admin: Limit { per_second: 20, burst: 40 },
+            anonymous: Limit { per_second: 10, burst: 20 },
+        }
+    }
+}
+
+/// TLS for every listener of the process; plain HTTP when `cert_file` is unset.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSettings {
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Clients must present a certificate signed by one of these CAs (mTLS).
+    pub client_ca_file: Option<PathBuf>,
+    pub reload_secs: u64,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        Self { cert_file: None, key_file: None, client_ca_file: None, reload_secs: 10 }
+    }
+}
+
+/// Paths only; the key file's content never passes through here.
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .field("client_ca_file", &self.client_ca_file)
+            .field("reload_secs", &self.reload_secs)
+            .finish()
+    }
+}
+
+impl TlsSettings {
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
+    }
+}
+
+/// A list from a TOML array or a comma-separated environment variable.
+fn comma_list<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(de)? {
+        OneOrMany::One(s) => s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect(),
+        OneOrMany::Many(v) => v,
+    })
 }
 
 /// The MongoDB document read model; the embedded store when `uri` is unset.
@@ -207,11 +372,20 @@ impl Default for QuerySettings {
 pub struct HttpSettings {
     pub listen: String,
     pub body_limit_bytes: usize,
+    pub tls: TlsSettings,
+    /// Origins allowed to call from a browser; CORS answers nothing when empty.
+    #[serde(deserialize_with = "comma_list")]
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for HttpSettings {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:8080".into(), body_limit_bytes: 256 * 1024 }
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            body_limit_bytes: 256 * 1024,
+            tls: TlsSettings::default(),
+            cors_origins: Vec::new(),
+        }
     }
 }
 
@@ -339,6 +513,36 @@ impl Settings {
         anyhow::ensure!(self.log.partitions >= 1, "log.partitions must be at least 1");
         anyhow::ensure!(self.log.append_timeout_ms >= 1, "log.append_timeout_ms must be at least 1");
         anyhow::ensure!(self.log.queue_capacity >= 1 && self.log.max_batch >= 1, "log queue sizes must be at least 1");
+        let tls = &self.http.tls;
+        anyhow::ensure!(
+            tls.cert_file.is_some() == tls.key_file.is_some(),
+            "http.tls.cert_file and http.tls.key_file go together"
+        );
+        anyhow::ensure!(
+            tls.client_ca_file.is_none() || tls.enabled(),
+            "http.tls.client_ca_file (mTLS) needs http.tls.cert_file and key_file"
+        );
+        let jwt = &self.auth.jwt;
+        if jwt.enabled() {
+            anyhow::ensure!(!jwt.audience.is_empty(), "auth.jwt.audience must be set with auth.jwt.issuer");
+            anyhow::ensure!(
+                jwt.jwks_url.is_some() || jwt.discovery || jwt.keys_file.is_some(),
+                "auth.jwt needs jwks_url, discovery = true or keys_file to verify tokens"
+            );
+        }
+        let limits = &self.auth.limits;
+        for (name, limit) in [
+            ("commands", limits.commands),
+            ("reads", limits.reads),
+            ("search", limits.search),
+            ("admin", limits.admin),
+            ("anonymous", limits.anonymous),
+        ] {
+            anyhow::ensure!(
+                limit.per_second >= 1 && limit.burst >= 1,
+                "auth.limits.{name} must be at least 1/s, burst 1"
+            );
+        }
         Ok(())
     }
 }

@@ -1,5 +1,6 @@
 //! The HTTP edge shared by every service: RFC 9457 `application/problem+json` errors and the
-//! extractors that turn every kind of bad input into one, never into a 5xx or a panic.
+//! extractors that turn every kind of bad input into one, never into a 5xx or a panic; the
+//! router every service is wrapped in; and serving it over HTTP or HTTPS.
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
@@ -8,6 +9,9 @@ use axum::http::{HeaderValue, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+
+use crate::auth::{Auth, Rule};
+use crate::config::{HttpSettings, TlsSettings};
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
@@ -282,19 +286,38 @@ pub type ReadinessCheck =
     std::sync::Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync>;
 
 /// Wraps a service's API routes with what every Callisto service serves and does:
-/// `/openapi.json`, `/healthz`, `/readyz`, `/metrics`, problem+json for every error, a body
-/// limit, panic containment and request tracing.
+/// `/openapi.json` (any authenticated caller), `/healthz` and `/readyz` (open), `/metrics`
+/// (scope `admin` or `metrics`), problem+json for every error, security headers, CORS when
+/// origins are configured, a body limit, panic containment and request tracing. Routes not
+/// found answer 401 to anonymous callers, so nothing about the API leaks without credentials.
 pub fn service_router(
     api: axum::Router,
     openapi: utoipa::openapi::OpenApi,
     readiness: ReadinessCheck,
-    body_limit_bytes: usize,
+    settings: &HttpSettings,
+    auth: &std::sync::Arc<Auth>,
 ) -> axum::Router {
     use axum::routing::get;
     // Install the recorder before the first request, so no early metric is dropped.
     crate::telemetry::prometheus();
     let openapi = std::sync::Arc::new(openapi);
-    api.route("/openapi.json", get(move || async move { axum::Json(openapi.as_ref().clone()) }))
+    let documented = auth.protect(
+        Router::new().route("/openapi.json", get(move || async move { axum::Json(openapi.as_ref().clone()) })),
+        Rule::ANY_CALLER,
+    );
+    let metrics = auth.protect(
+        Router::new().route(
+            "/metrics",
+            get(|| async {
+                ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::telemetry::prometheus().render())
+            }),
+        ),
+        Rule::METRICS,
+    );
+    let fallback = auth.protect_all(Router::new().fallback(not_found_fallback), Rule::ANY_CALLER);
+    let router = api
+        .merge(documented)
+        .merge(metrics)
         .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
         .route(
             "/readyz",
@@ -305,26 +328,73 @@ pub fn service_router(
                 }
             }),
         )
-        .route(
-            "/metrics",
-            get(|| async {
-                ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::telemetry::prometheus().render())
-            }),
-        )
-        .fallback(not_found_fallback)
-        .layer(axum::extract::DefaultBodyLimit::max(body_limit_bytes))
+        .fallback_service(fallback)
+        .layer(axum::extract::DefaultBodyLimit::max(settings.body_limit_bytes))
         .layer(axum::middleware::map_response(problem_for_bare_errors))
+        .layer(axum::middleware::map_response(security_headers));
+    with_cors(router, &settings.cors_origins)
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
         .layer(tower_http::trace::TraceLayer::new_for_http())
 }
 
+/// `nosniff` everywhere, and no caching anywhere: answers hold person data or depend on who
+/// asks.
+async fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    response
+}
+
+/// CORS answers only for the configured origins; with none, browsers get no CORS headers and
+/// keep cross-origin pages out.
+fn with_cors(router: axum::Router, origins: &[String]) -> axum::Router {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let origins: Vec<HeaderValue> = origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
+    if origins.is_empty() {
+        return router;
+    }
+    let cors = CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([
+            axum::http::Method::GET,
+            axum::http::Method::POST,
+            axum::http::Method::PUT,
+            axum::http::Method::DELETE,
+        ])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::HeaderName::from_static("x-api-key"),
+            header::HeaderName::from_static("idempotency-key"),
+            header::HeaderName::from_static("callisto-consistency-token"),
+            header::HeaderName::from_static("x-correlation-id"),
+        ])
+        .max_age(std::time::Duration::from_secs(600));
+    router.layer(cors)
+}
+
 pub use axum::Router;
 
-/// Serves `app` on `listener` until `shutdown` resolves, then drains in-flight requests.
+/// Serves `app` on `listener` until `shutdown` resolves, then drains in-flight requests. With
+/// TLS configured the listener speaks HTTPS only; a plain HTTP client fails its handshake.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: axum::Router,
+    tls: &TlsSettings,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    if !tls.enabled() {
+        return axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    }
+    let config = crate::tls::reloading_config(tls).map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+    let handle = axum_server::Handle::new();
+    let draining = handle.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        draining.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
+    });
+    axum_server::from_tcp_rustls(listener.into_std()?, config)?.handle(handle).serve(app).await
 }

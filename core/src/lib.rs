@@ -7,12 +7,16 @@
 //!   `SearchIndex` ports with their embedded adapters (redb, tantivy) and production ones
 //!   (MongoDB, Elasticsearch).
 //! - [`resilience`]: timeout, retries and circuit breaker around read-model server calls.
+//! - [`auth`]: API keys, bearer JWTs, scopes, rate limits and the audit trail: the guard in
+//!   front of every route.
+//! - [`tls`]: rustls server configuration, reloaded when the certificate files change.
 //! - [`config`]: layered settings (defaults, file, `CALLISTO__…` environment).
 //! - [`telemetry`]: JSON logs and the Prometheus recorder, set up in one place.
 //! - [`http`]: `application/problem+json` errors and the JSON/query extractors that produce them.
 //! - [`replay`]: a stream of decoded events from a position (offset or time), for batch jobs.
 //! - [`token`]: consistency tokens, `partition:offset`, handed to clients for read-your-writes.
 
+pub mod auth;
 pub mod config;
 pub mod http;
 pub mod log;
@@ -21,4 +25,5 @@ pub mod readmodel;
 pub mod replay;
 pub mod resilience;
 pub mod telemetry;
+pub mod tls;
 pub mod token;

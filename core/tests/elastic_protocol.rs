@@ -350,6 +350,7 @@ async fn a_batch_is_bulk_indexed_retried_item_by_item_then_checkpointed() {
                 address: None,
                 tags: vec![],
             }),
+            principal: None,
         },
         ProjectedEvent {
             partition: 3,
@@ -363,6 +364,7 @@ async fn a_batch_is_bulk_indexed_retried_item_by_item_then_checkpointed() {
                 note_id,
                 text: "engine".into(),
             }),
+            principal: None,
         },
     ];
     index.apply(3, &events, 21).await.unwrap();

@@ -63,6 +63,7 @@ fn timeline_and_checkpoint_commands() {
         event_type: "NoteAdded".into(),
         occurred_at: "2026-11-23T09:00:00Z".parse().unwrap(),
         correlation_id: "c".into(),
+        principal: Some("api_key-1".into()),
         data: serde_json::json!({"text": "engine"}),
     };
     let insert = bulk::insert_timeline(&[entry], &wc).unwrap();

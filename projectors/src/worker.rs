@@ -99,12 +99,7 @@ impl Worker {
         loop {
             match self.codec.decode(&record.payload) {
                 Ok(event) => {
-                    return Some(Ok(ProjectedEvent {
-                        partition: record.partition,
-                        offset: record.offset,
-                        timestamp_ms: record.timestamp_ms,
-                        event,
-                    }));
+                    return Some(Ok(ProjectedEvent::from_record(record, event)));
                 }
                 Err(e) if attempt >= self.settings.event_attempts => return Some(Err(format!("decode: {e}"))),
                 Err(_) => {

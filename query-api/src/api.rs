@@ -1,5 +1,6 @@
 //! Handlers for persons, timelines and search.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
@@ -7,6 +8,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use callisto_core::auth::{Auth, Rule};
 use callisto_core::http::{ApiPath, ApiQuery, Problem};
 use callisto_core::readmodel::{
     Facets, ListFilter, PersonDoc, Projection, SearchHit, SearchRequest, StoreError, TimelineEntry,
@@ -47,13 +49,25 @@ pub struct SearchResponse {
     pub next_cursor: Option<String>,
 }
 
-pub fn routes(state: QueryState) -> Router {
-    Router::new()
-        .route("/v1/persons", get(list_persons))
-        .route("/v1/persons/{id}", get(get_person))
-        .route("/v1/persons/{id}/timeline", get(timeline))
-        .route("/v1/search", get(search))
-        .with_state(state)
+/// The read routes, each behind `auth`'s guard with the rule [`rule_for`] gives its path.
+pub fn routes(state: QueryState, auth: &Arc<Auth>) -> Router {
+    let route = |path: &str, handler: axum::routing::MethodRouter<QueryState>| {
+        auth.protect(Router::new().route(path, handler).with_state(state.clone()), rule_for(path))
+    };
+    route("/v1/persons", get(list_persons))
+        .merge(route("/v1/persons/{id}", get(get_person)))
+        .merge(route("/v1/persons/{id}/timeline", get(timeline)))
+        .merge(route("/v1/search", get(search)))
+}
+
+/// Search needs `search` and spends the search budget; everything else here reads persons,
+/// and a single person's document is audited when `auth.audit_person_reads` is on.
+pub fn rule_for(path: &str) -> Rule {
+    match path {
+        "/v1/search" => Rule::SEARCH,
+        "/v1/persons/{id}" => Rule::PERSON_READ,
+        _ => Rule::READS,
+    }
 }
 
 fn store_problem(e: StoreError) -> Problem {

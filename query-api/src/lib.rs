@@ -18,6 +18,8 @@ pub mod params;
 use std::sync::Arc;
 use std::time::Duration;
 
+use callisto_core::auth::Auth;
+use callisto_core::config::HttpSettings;
 use callisto_core::http::{ReadinessCheck, service_router};
 use callisto_core::readmodel::{ReadStore, SearchIndex};
 
@@ -32,16 +34,17 @@ pub struct QueryState {
 }
 
 /// The query routes alone, for composing with other services (as `callisto dev` does).
-pub fn routes(state: QueryState) -> axum::Router {
-    api::routes(state)
+pub fn routes(state: QueryState, auth: &Arc<Auth>) -> axum::Router {
+    api::routes(state, auth)
 }
 
-/// The complete query service: routes plus health, readiness, metrics and OpenAPI.
-pub fn build(state: QueryState, body_limit_bytes: usize) -> axum::Router {
+/// The complete query service: routes plus health, readiness, metrics and OpenAPI, every route
+/// but health behind `auth`.
+pub fn build(state: QueryState, http: &HttpSettings, auth: &Arc<Auth>) -> axum::Router {
     let store = state.store.clone();
     let readiness: ReadinessCheck = Arc::new(move || {
         let store = store.clone();
         Box::pin(async move { store.checkpoints().await.map(|_| ()).map_err(|e| e.to_string()) })
     });
-    service_router(routes(state), openapi::document(), readiness, body_limit_bytes)
+    service_router(routes(state, auth), openapi::document(), readiness, http, auth)
 }

@@ -15,6 +15,9 @@ use crate::api;
 )]
 struct QueryApi;
 
+/// The document, with each operation's scopes as the routes enforce them.
 pub fn document() -> utoipa::openapi::OpenApi {
-    QueryApi::openapi()
+    let mut doc = QueryApi::openapi();
+    callisto_core::auth::document(&mut doc, api::rule_for);
+    doc
 }

@@ -12,7 +12,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, post, put};
 use callisto_avro::events::*;
 use callisto_avro::{Codec, EventKind, PersonEvent};
+use callisto_core::auth::{Auth, Caller, Rule};
 use callisto_core::http::{ApiJson, ApiJsonOrEmpty, ApiPath, FieldError, Problem};
+use callisto_core::log;
 use callisto_core::log::{AppendRequest, Appended, EventLog, IdempotencyKey, LogError};
 use callisto_core::token::{self, ConsistencyToken};
 use chrono::Utc;
@@ -77,8 +79,10 @@ pub struct Accepted {
     pub consistency_token: String,
 }
 
-pub fn routes(state: WriterState) -> Router {
-    Router::new()
+/// The command routes, each behind `auth`'s guard with scope `persons:write` and the
+/// commands budget.
+pub fn routes(state: WriterState, auth: &Arc<Auth>) -> Router {
+    let routes = Router::new()
         .route("/v1/persons", post(register))
         .route("/v1/persons/{id}/name", put(rename))
         .route("/v1/persons/{id}/contact", put(change_contact))
@@ -87,7 +91,8 @@ pub fn routes(state: WriterState) -> Router {
         .route("/v1/persons/{id}/tags", post(tag))
         .route("/v1/persons/{id}/tags/{tag}", delete(untag))
         .route("/v1/persons/{id}/archive", post(archive))
-        .with_state(state)
+        .with_state(state);
+    auth.protect(routes, Rule::COMMANDS)
 }
 
 /// The four fields every event carries, fixed before the event body is built.
@@ -98,19 +103,37 @@ struct Envelope {
     correlation_id: String,
 }
 
-/// The parts of a command request besides its body: where it was sent and its headers
-/// (`Idempotency-Key`, `X-Correlation-Id`).
+/// The parts of a command request besides its body: where it was sent, its headers
+/// (`Idempotency-Key`, `X-Correlation-Id`) and who sent it.
 pub struct CommandContext {
     uri: Uri,
     headers: HeaderMap,
+    caller: Option<Caller>,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for CommandContext {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(Self { uri: parts.uri.clone(), headers: parts.headers.clone() })
+        Ok(Self {
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
+            caller: parts.extensions.get::<Caller>().cloned(),
+        })
     }
+}
+
+/// Who asked, for the event's headers: the log itself is the audit trail of writes.
+fn caller_headers(caller: Option<&Caller>) -> Vec<(String, Vec<u8>)> {
+    let Some(caller) = caller else { return Vec::new() };
+    let mut headers = vec![
+        (log::PRINCIPAL_HEADER.to_owned(), caller.principal.id.clone().into_bytes()),
+        (log::AUTH_METHOD_HEADER.to_owned(), caller.principal.method.name().as_bytes().to_vec()),
+    ];
+    if let Some(source) = caller.source {
+        headers.push((log::SOURCE_ADDRESS_HEADER.to_owned(), source.to_string().into_bytes()));
+    }
+    headers
 }
 
 /// The `{id}` path segment as a person id; anything else is a 400 naming `id`.
@@ -211,16 +234,18 @@ impl WriterState {
             tracing::error!(error = %e, "encoding a validated command failed");
             Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error", "event could not be encoded")
         })?;
+        let mut event_headers = vec![
+            ("event_id".into(), meta.event_id.to_string().into_bytes()),
+            ("event_type".into(), kind.name().as_bytes().to_vec()),
+            ("correlation_id".into(), meta.correlation_id.as_bytes().to_vec()),
+            ("traceparent".into(), traceparent().into_bytes()),
+        ];
+        event_headers.extend(caller_headers(ctx.caller.as_ref()));
         let request = AppendRequest {
             topic: self.inner.topic.clone(),
             key: person_id.to_string().into_bytes(),
             payload,
-            headers: vec![
-                ("event_id".into(), meta.event_id.to_string().into_bytes()),
-                ("event_type".into(), kind.name().as_bytes().to_vec()),
-                ("correlation_id".into(), meta.correlation_id.as_bytes().to_vec()),
-                ("traceparent".into(), traceparent().into_bytes()),
-            ],
+            headers: event_headers,
             idempotency,
         };
         let (event_id, correlation_id) = (meta.event_id, meta.correlation_id.to_owned());

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use callisto_avro::Codec;
+use callisto_core::auth::Auth;
 use callisto_core::config::Settings;
 use callisto_core::http::{ReadinessCheck, service_router};
 use callisto_core::log::EventLog;
@@ -32,12 +33,13 @@ pub async fn state(settings: &Settings, log: Arc<dyn EventLog>, codec: Arc<Codec
     Ok(WriterState::new(log, codec, settings.log.topic.clone(), Duration::from_millis(settings.log.append_timeout_ms)))
 }
 
-/// The complete writer service: command routes plus health, readiness, metrics and OpenAPI.
-pub fn build(settings: &Settings, state: WriterState) -> axum::Router {
+/// The complete writer service: command routes plus health, readiness, metrics and OpenAPI,
+/// every route but health behind `auth`.
+pub fn build(settings: &Settings, state: WriterState, auth: &Arc<Auth>) -> axum::Router {
     let log = state.log().clone();
     let readiness: ReadinessCheck = Arc::new(move || {
         let log = log.clone();
         Box::pin(async move { log.health().await.map_err(|e| e.to_string()) })
     });
-    service_router(api::routes(state), openapi::document(), readiness, settings.http.body_limit_bytes)
+    service_router(api::routes(state, auth), openapi::document(), readiness, &settings.http, auth)
 }

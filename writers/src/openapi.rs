@@ -24,6 +24,9 @@ use crate::api;
 )]
 struct WriterApi;
 
+/// The document, with every command declared as needing `persons:write`.
 pub fn document() -> utoipa::openapi::OpenApi {
-    WriterApi::openapi()
+    let mut doc = WriterApi::openapi();
+    callisto_core::auth::document(&mut doc, |_| callisto_core::auth::Rule::COMMANDS);
+    doc
 }

@@ -35,12 +35,32 @@ async fn spawn_with(
     dir: tempfile::TempDir,
 ) -> TestApp {
     settings.http.body_limit_bytes = 64 * 1024;
+    settings.storage.data_dir = dir.path().to_path_buf();
+    // The tests call as an API key with every scope; the guard itself is tested in callisto's
+    // route matrix.
+    let key = callisto_core::auth::keys::create(
+        &settings.auth.api_keys_path(&settings.storage),
+        callisto_core::auth::keys::NewKey {
+            name: "writer tests".into(),
+            scopes: callisto_core::auth::Scope::ALL.into_iter().collect(),
+            expires_at: None,
+            rate_limit: None,
+        },
+    )
+    .unwrap();
+    let auth = callisto_core::auth::Auth::from_settings(&settings, false).await.unwrap();
     let state = callisto_writers::state(&settings, log.clone(), codec.clone()).await.unwrap();
-    let app = callisto_writers::build(&settings, state);
+    let app = callisto_writers::build(&settings, state, &auth);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(callisto_core::http::serve(listener, app, std::future::pending()));
-    TestApp { base, client: reqwest::Client::new(), log, codec, settings, _dir: dir }
+    let tls = settings.http.tls.clone();
+    tokio::spawn(async move { callisto_core::http::serve(listener, app, &tls, std::future::pending()).await });
+    let headers = reqwest::header::HeaderMap::from_iter([(
+        reqwest::header::AUTHORIZATION,
+        format!("ApiKey {}", key.key).parse().unwrap(),
+    )]);
+    let client = reqwest::Client::builder().default_headers(headers).build().unwrap();
+    TestApp { base, client, log, codec, settings, _dir: dir }
 }
 
 impl TestApp {

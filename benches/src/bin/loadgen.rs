@@ -58,6 +58,10 @@ struct HttpArgs {
     /// A running server instead (then no RSS figure).
     #[arg(long)]
     url: Option<String>,
+    /// API key for --url (needs persons:write, persons:read and search); the started server's
+    /// dev key otherwise.
+    #[arg(long, env = "CALLISTO_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// Concurrent connections in closed-loop phases.
     #[arg(long, default_value_t = 32)]
     connections: usize,
@@ -125,7 +129,7 @@ fn main() -> anyhow::Result<()> {
 struct Server {
     child: Child,
     base: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Server {
@@ -142,6 +146,14 @@ fn spawn_server(binary: &PathBuf) -> anyhow::Result<Server> {
         .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.path())
         .env("CALLISTO__TELEMETRY__LOG_LEVEL", "warn")
+        // Authentication stays on; the budgets are raised so the figures measure the server,
+        // not the rate limiter.
+        .envs(["COMMANDS", "READS", "SEARCH"].iter().flat_map(|budget| {
+            [
+                (format!("CALLISTO__AUTH__LIMITS__{budget}__PER_SECOND"), "10000000"),
+                (format!("CALLISTO__AUTH__LIMITS__{budget}__BURST"), "10000000"),
+            ]
+        }))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -154,7 +166,7 @@ fn spawn_server(binary: &PathBuf) -> anyhow::Result<Server> {
     if !base.starts_with("http://") {
         bail!("unexpected first line from callisto: {line:?}");
     }
-    Ok(Server { child, base, _dir: dir })
+    Ok(Server { child, base, dir })
 }
 
 /// Resident set size of `pid` in MiB, from /proc.
@@ -253,7 +265,18 @@ async fn http(args: HttpArgs) -> anyhow::Result<Vec<Row>> {
     };
     let base = args.url.clone().or_else(|| server.as_ref().map(|s| s.base.clone())).expect("a target");
     let pid = server.as_ref().map(|s| s.child.id());
-    let client = reqwest::Client::builder().pool_max_idle_per_host(1024).build()?;
+    let key = match (&args.api_key, &server) {
+        (Some(key), _) => key.clone(),
+        (None, Some(server)) => std::fs::read_to_string(server.dir.path().join("dev-api-key"))
+            .context("reading the started server's dev key")?
+            .trim()
+            .to_owned(),
+        (None, None) => bail!("--url needs --api-key (or CALLISTO_API_KEY)"),
+    };
+    let mut auth = reqwest::header::HeaderValue::from_str(&format!("ApiKey {key}"))?;
+    auth.set_sensitive(true);
+    let headers = reqwest::header::HeaderMap::from_iter([(reqwest::header::AUTHORIZATION, auth)]);
+    let client = reqwest::Client::builder().pool_max_idle_per_host(1024).default_headers(headers).build()?;
     let peak_rss = Arc::new(Mutex::new(0f64));
     let sampler = pid.map(|pid| {
         let peak = peak_rss.clone();

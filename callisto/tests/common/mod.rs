@@ -1,7 +1,9 @@
 //! Helpers shared by the integration tests: every test gets its own data dir and port.
 #![allow(dead_code)]
 
+pub mod jwt;
 pub mod registry;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -31,6 +33,28 @@ pub async fn start_dev(dir: &Path) -> Dev {
     Dev::start(&settings(dir), listener).await.unwrap()
 }
 
+/// The dev key of `dir` (created if no service made one yet), so tests call as an admin with
+/// every scope, as the README's walkthrough does.
+pub fn api_key(dir: &Path) -> String {
+    let settings = settings(dir);
+    callisto::keys::ensure_dev_key(&settings).unwrap();
+    std::fs::read_to_string(callisto::keys::dev_key_path(&settings)).unwrap().trim().to_owned()
+}
+
+/// A client that presents `key` on every request.
+pub fn client_with_key(key: &str) -> reqwest::Client {
+    let headers = reqwest::header::HeaderMap::from_iter([(
+        reqwest::header::AUTHORIZATION,
+        format!("ApiKey {key}").parse().unwrap(),
+    )]);
+    reqwest::Client::builder().default_headers(headers).build().unwrap()
+}
+
+/// A client calling as the dev key of `dir`.
+pub fn client(dir: &Path) -> reqwest::Client {
+    client_with_key(&api_key(dir))
+}
+
 /// POSTs `body` as JSON and returns the answer's JSON.
 pub async fn post_json(client: &reqwest::Client, url: impl reqwest::IntoUrl, body: Value) -> Value {
     client.post(url).json(&body).send().await.unwrap().json().await.unwrap()
@@ -43,12 +67,7 @@ pub async fn fold_log(log: &dyn EventLog, codec: &Codec) -> BTreeMap<Uuid, Perso
         for record in log.read("persons", partition as u32, 0, end as usize, Duration::ZERO).await.unwrap() {
             let event = codec.decode(&record.payload).unwrap();
             let id = event.meta().person_id;
-            let projected = ProjectedEvent {
-                partition: record.partition,
-                offset: record.offset,
-                timestamp_ms: record.timestamp_ms,
-                event,
-            };
+            let projected = ProjectedEvent::from_record(&record, event);
             if let Some(doc) = fold(docs.get(&id).cloned(), &projected) {
                 docs.insert(id, doc);
             }
@@ -81,6 +100,8 @@ impl Service {
     /// Starts `callisto <subcommand> --listen 127.0.0.1:0 --data-dir <data_dir> <extra…>` and
     /// waits for the line announcing its address.
     pub fn start(subcommand: &str, data_dir: &Path, extra: &[&str]) -> Service {
+        // Services refuse to start without authentication; the data dir's dev key is it.
+        api_key(data_dir);
         let mut child = Command::new(env!("CARGO_BIN_EXE_callisto"))
             .args([subcommand, "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
@@ -97,7 +118,7 @@ impl Service {
             .trim()
             .rsplit(' ')
             .next()
-            .filter(|u| u.starts_with("http://"))
+            .filter(|u| u.starts_with("http://") || u.starts_with("https://"))
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_owned();
         Service { child, base }

@@ -53,6 +53,12 @@ pub struct Appended {
     pub replayed: bool,
 }
 
+/// Who asked for an event, in its headers: the log is the audit trail of writes. The
+/// principal is an API key id or a token subject; the method `api_key`, `jwt` or `none`.
+pub const PRINCIPAL_HEADER: &str = "callisto.principal";
+pub const AUTH_METHOD_HEADER: &str = "callisto.auth_method";
+pub const SOURCE_ADDRESS_HEADER: &str = "callisto.source_address";
+
 /// A record as read back from the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {

@@ -39,6 +39,24 @@ pub struct ProjectedEvent {
     pub offset: u64,
     pub timestamp_ms: i64,
     pub event: PersonEvent,
+    /// Who asked for the event, from the record's `callisto.principal` header.
+    pub principal: Option<String>,
+}
+
+impl ProjectedEvent {
+    /// `event`, decoded from `record`, with where it sits and who asked for it.
+    pub fn from_record(record: &crate::log::Record, event: PersonEvent) -> Self {
+        Self {
+            partition: record.partition,
+            offset: record.offset,
+            timestamp_ms: record.timestamp_ms,
+            event,
+            principal: record
+                .header(crate::log::PRINCIPAL_HEADER)
+                .and_then(|p| std::str::from_utf8(p).ok())
+                .map(str::to_owned),
+        }
+    }
 }
 
 /// partition → last applied offset.
@@ -137,6 +155,10 @@ pub struct TimelineEntry {
     pub event_type: String,
     pub occurred_at: DateTime<Utc>,
     pub correlation_id: String,
+    /// Who asked for the event: an API key id or a token subject. Absent on events written
+    /// before callers were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal: Option<String>,
     /// The event's own fields (names, text, tag …), as JSON.
     #[schema(value_type = Object)]
     pub data: serde_json::Value,
@@ -238,6 +260,7 @@ pub fn timeline_entry(ev: &ProjectedEvent) -> TimelineEntry {
         event_type: ev.event.kind().name().to_owned(),
         occurred_at: meta.occurred_at,
         correlation_id: meta.correlation_id.to_owned(),
+        principal: ev.principal.clone(),
         data,
     }
 }
