@@ -48,6 +48,7 @@ test-integration:
 	MONGODB_URI='mongodb://localhost:27017/?directConnection=true' \
 	ELASTICSEARCH_URL=http://localhost:9200 ELASTICSEARCH_USERNAME=elastic ELASTICSEARCH_PASSWORD=callisto-dev \
 	CALLISTO_STACK_WRITER_URL=http://localhost:8080 CALLISTO_STACK_QUERY_URL=http://localhost:8082 \
+	CALLISTO_STACK_API_KEY="$$(docker compose run --rm --no-deps --entrypoint cat keys /keys/stack-api-key)" \
 	$(CARGO) test --locked -p callisto-core -p callisto \
 		--test read_store_contract --test search_index_contract --test stack
 

@@ -56,7 +56,7 @@ fn audit_key(action: &str, key: &StoredKey) {
         principal = %format!("local:{user}"),
         auth_method = "local",
         action = %format!("keys.{action}"),
-        target = %format!("api_key:{}", key.id),
+        resource = %format!("api_key:{}", key.id),
         outcome = "ok",
         "audit"
     );

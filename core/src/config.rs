@@ -61,6 +61,8 @@ pub const ENVIRONMENT: &[(&str, &str)] = &[
     ("CALLISTO__AUTH__JWT__SCOPE_CLAIM", "claim holding the token's scopes; default `scope`, then `scp`"),
     ("CALLISTO__AUTH__JWT__LEEWAY_SECS", "clock skew allowed on exp and nbf"),
     ("CALLISTO__AUTH__JWT__JWKS_MIN_REFETCH_MS", "floor on JWKS refetches caused by unknown key ids"),
+    ("CALLISTO__AUTH__JWT__JWKS_REFRESH_SECS", "how often cached JWKS keys are refreshed"),
+    ("CALLISTO__AUTH__JWT__TIMEOUT_MS", "bound on every JWKS and discovery call"),
     ("CALLISTO__AUTH__LIMITS__COMMANDS__PER_SECOND", "commands per second per caller (also READS, SEARCH, ADMIN)"),
     ("CALLISTO__AUTH__LIMITS__COMMANDS__BURST", "commands a caller may send at once (also READS, SEARCH, ADMIN)"),
     (

@@ -308,7 +308,7 @@ fn audit(principal: Option<&Principal>, request: &Described, outcome: &str, stat
         auth_method = principal.map_or("none", |p| p.method.name()),
         source = request.source.map(|s| s.to_string()).as_deref().unwrap_or("unknown"),
         action = %request.action,
-        target = %request.target,
+        resource = %request.target,
         outcome,
         status = status.as_u16(),
         correlation_id = %request.correlation_id,
