@@ -3,7 +3,7 @@ CARGO ?= cargo
 LISTEN ?= 127.0.0.1:8080
 DATA_DIR ?= ./data
 
-.PHONY: run test lint fmt bench clean-data up down test-integration
+.PHONY: run test lint audit-deps fmt bench clean-data up down test-integration
 
 ## Run Callisto on this machine with embedded stand-ins (no servers needed).
 run:
@@ -13,10 +13,16 @@ run:
 test:
 	$(CARGO) test --workspace --locked
 
-## Formatting and lints.
+## Formatting, lints and the dependency policy (deny.toml: bans, licenses, sources; no network
+## needed beyond the crates registry). Needs cargo-deny: `cargo install cargo-deny --locked`.
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	$(CARGO) deny --locked check bans licenses sources
+
+## Security advisories from the RustSec database (needs network access; not part of CI).
+audit-deps:
+	$(CARGO) deny check advisories
 
 fmt:
 	$(CARGO) fmt --all

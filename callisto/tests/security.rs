@@ -141,6 +141,9 @@ async fn operations(client: &reqwest::Client, base: &str, admin_token: &str) -> 
     out
 }
 
+/// Request headers that carry (or fail to carry) credentials.
+type Credentials<'a> = Vec<(&'a str, String)>;
+
 struct Matrix<'a> {
     client: reqwest::Client,
     base: String,
@@ -181,7 +184,7 @@ impl Matrix<'_> {
             let mut wrong_audience = jwt::claims("matrix", &[scope]);
             wrong_audience["aud"] = json!("someone-else");
             let bearer = |token: String| vec![("authorization", format!("Bearer {token}"))];
-            let refused: Vec<(&str, Vec<(&str, String)>, StatusCode)> = vec![
+            let refused: Vec<(&str, Credentials, StatusCode)> = vec![
                 ("no credentials", vec![], StatusCode::UNAUTHORIZED),
                 ("malformed header", vec![("authorization", "Bearer".into())], StatusCode::UNAUTHORIZED),
                 ("bad signature", bearer(impostor.token("matrix", &[scope])), StatusCode::UNAUTHORIZED),

@@ -36,6 +36,8 @@ impl Budget {
 }
 
 type Keyed<K> = RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock, StateInformationMiddleware>;
+/// One limiter per (budget, limit), each keyed by caller.
+type CallerLimiters = HashMap<(Budget, Limit), Arc<Keyed<String>>>;
 
 /// What a bucket said about one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,7 +49,7 @@ pub enum Verdict {
 pub struct RateLimits {
     defaults: LimitSettings,
     /// Callers' buckets, one limiter per (budget, limit): keys with their own limit get theirs.
-    callers: RwLock<HashMap<(Budget, Limit), Arc<Keyed<String>>>>,
+    callers: RwLock<CallerLimiters>,
     anonymous: Keyed<IpAddr>,
     clock: DefaultClock,
 }
