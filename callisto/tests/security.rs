@@ -526,3 +526,83 @@ async fn tls_serves_https_refuses_plain_http_and_enforces_client_certificates() 
     let answer = with_cert.get(format!("{base}/v1/persons")).header("x-api-key", &key).send().await.unwrap();
     assert_eq!(answer.status(), StatusCode::OK);
 }
+
+fn callisto(args: &[&str], data_dir: &Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_callisto"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("CALLISTO__TELEMETRY__LOG_LEVEL", "warn")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn services_without_authentication_refuse_to_start_unless_told_to_run_open() {
+    let dir = tempfile::tempdir().unwrap();
+    for service in ["writer", "query-api", "projector"] {
+        let output = callisto(&[service, "--listen", "127.0.0.1:0"], dir.path());
+        assert!(!output.status.success(), "{service} started with no authentication");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("auth.jwt.issuer") && stderr.contains("auth.api_keys_file"), "{stderr}");
+    }
+    // With the flag it runs, and says at start that it is open.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_callisto"))
+        .args(["writer", "--listen", "127.0.0.1:0", "--insecure-no-auth", "--data-dir"])
+        .arg(dir.path())
+        .env("CALLISTO__TELEMETRY__LOG_LEVEL", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    assert!(line.contains("listening on http://"), "{line}");
+    child.kill().unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--insecure-no-auth"), "the open start is logged: {stderr}");
+}
+
+#[tokio::test]
+async fn keys_are_created_shown_once_listed_without_secrets_and_revoked_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let created = callisto(
+        &["keys", "create", "--name", "crm", "--scopes", "persons:read,search", "--rate-per-second", "5", "--json"],
+        dir.path(),
+    );
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let created: Value = serde_json::from_slice(&created.stdout).unwrap();
+    let (key, id) = (created["key"].as_str().unwrap().to_owned(), created["id"].as_str().unwrap().to_owned());
+    assert_eq!(created["scopes"], json!(["persons:read", "search"]));
+    let bad_scope = callisto(&["keys", "create", "--name", "x", "--scopes", "persons:delete"], dir.path());
+    assert!(!bad_scope.status.success(), "an unknown scope is refused");
+
+    let listed = callisto(&["keys", "list", "--json"], dir.path());
+    let listed_text = String::from_utf8_lossy(&listed.stdout).into_owned();
+    let secret = key.splitn(3, '_').nth(2).unwrap();
+    assert!(!listed_text.contains(secret), "list never shows a key");
+    let listed: Value = serde_json::from_str(&listed_text).unwrap();
+    assert_eq!(listed[0]["id"], id.as_str());
+    assert_eq!(listed[0]["rate_limit"], json!({"per_second": 5, "burst": 10}));
+    assert_eq!(listed[0]["usable"], true);
+    assert!(!std::fs::read_to_string(dir.path().join("api-keys.json")).unwrap().contains(secret));
+
+    let settings = common::settings(dir.path());
+    let base = serve_query_api(&settings).await;
+    let client = reqwest::Client::new();
+    let get = || client.get(format!("{base}/v1/search?q=x")).header("authorization", format!("ApiKey {key}")).send();
+    assert_eq!(get().await.unwrap().status(), StatusCode::OK);
+    let timeline = client.get(format!("{base}/v1/persons/{}/timeline", uuid::Uuid::new_v4())).header("x-api-key", &key);
+    assert_eq!(timeline.send().await.unwrap().status(), StatusCode::OK, "persons:read covers timelines");
+
+    let revoked = callisto(&["keys", "revoke", &id], dir.path());
+    assert!(revoked.status.success());
+    let audit = String::from_utf8_lossy(&revoked.stderr);
+    assert!(audit.contains("keys.revoke") && !audit.contains(secret), "one audit line, no secret: {audit}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get().await.unwrap().status() != StatusCode::UNAUTHORIZED {
+        assert!(Instant::now() < deadline, "the running service never saw the revocation");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
