@@ -80,15 +80,12 @@ async fn the_log_is_the_audit_trail_of_writes_and_admin_actions_and_refusals_are
     let plain = reqwest::Client::new();
 
     // A command by API key: its event's headers name the key, the method and the address.
-    let person: Value = client
-        .post(format!("{base}/v1/persons"))
-        .json(&json!({"given_name": "Audit", "family_name": "Trail"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let person = common::post_json(
+        &client,
+        format!("{base}/v1/persons"),
+        json!({"given_name": "Audit", "family_name": "Trail"}),
+    )
+    .await;
     let id = person["person_id"].as_str().unwrap().to_owned();
     let (partition, offset) = (person["partition"].as_u64().unwrap() as u32, person["offset"].as_u64().unwrap());
     let record = dev.log.read("persons", partition, offset, 1, Duration::ZERO).await.unwrap().remove(0);
@@ -98,25 +95,12 @@ async fn the_log_is_the_audit_trail_of_writes_and_admin_actions_and_refusals_are
 
     // A command by bearer token: the token's subject.
     let token = signer.token("ada@frontend", &["persons:write", "persons:read"]);
-    let note: Value = plain
-        .post(format!("{base}/v1/persons/{id}/notes"))
-        .bearer_auth(&token)
-        .json(&json!({"text": "audited"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let note = common::json_of(
+        plain.post(format!("{base}/v1/persons/{id}/notes")).bearer_auth(&token).json(&json!({"text": "audited"})),
+    )
+    .await;
     let consistency = note["consistency_token"].as_str().unwrap();
-    let timeline: Value = client
-        .get(format!("{base}/v1/persons/{id}/timeline?after={consistency}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let timeline = common::json_of(client.get(format!("{base}/v1/persons/{id}/timeline?after={consistency}"))).await;
     let principals: Vec<&str> =
         timeline["items"].as_array().unwrap().iter().map(|e| e["principal"].as_str().unwrap()).collect();
     assert_eq!(principals, [dev_key_id.as_str(), "ada@frontend"], "{timeline}");

@@ -236,6 +236,28 @@ async fn revoked_key(settings: &Settings, client: &reqwest::Client, probe: &str)
     }
 }
 
+/// The matrix on the service at `base`, with a key revoked on it first.
+async fn run_matrix(
+    client: &reqwest::Client,
+    base: &str,
+    settings: &Settings,
+    trusted: &SigningKey,
+    person: &str,
+    person_readable: bool,
+    admin_token: &str,
+) -> usize {
+    let revoked_key = revoked_key(settings, client, &format!("{base}/v1/persons")).await;
+    let matrix = Matrix {
+        client: client.clone(),
+        base: base.to_owned(),
+        trusted,
+        revoked_key,
+        person: person.to_owned(),
+        person_readable,
+    };
+    matrix.run(admin_token).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_operation_of_dev_writer_and_query_api_refuses_bad_callers() {
     let root = tempfile::tempdir().unwrap();
@@ -248,16 +270,8 @@ async fn every_operation_of_dev_writer_and_query_api_refuses_bad_callers() {
     let dev = Dev::start(&settings, tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()).await.unwrap();
     let base = format!("http://{}", dev.addr);
     let writer_token = key.token("setup", &["persons:write", "persons:read"]);
-    let person: Value = client
-        .post(format!("{base}/v1/persons"))
-        .bearer_auth(&writer_token)
-        .json(&json!({"given_name": "Mat", "family_name": "Rix"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let register = client.post(format!("{base}/v1/persons")).bearer_auth(&writer_token);
+    let person = common::json_of(register.json(&json!({"given_name": "Mat", "family_name": "Rix"}))).await;
     let id = person["person_id"].as_str().unwrap().to_owned();
     let visible = client
         .get(format!("{base}/v1/persons/{id}?after={}", person["consistency_token"].as_str().unwrap()))
@@ -266,17 +280,7 @@ async fn every_operation_of_dev_writer_and_query_api_refuses_bad_callers() {
         .await
         .unwrap();
     assert_eq!(visible.status(), StatusCode::OK);
-    let revoked = revoked_key(&settings, &client, &format!("{base}/v1/persons")).await;
-    let covered = Matrix {
-        client: client.clone(),
-        base: base.clone(),
-        trusted: &key,
-        revoked_key: revoked,
-        person: id.clone(),
-        person_readable: true,
-    }
-    .run(&admin)
-    .await;
+    let covered = run_matrix(&client, &base, &settings, &key, &id, true, &admin).await;
     assert_eq!(covered, 21, "dev serves 8 commands, 4 reads and 9 admin operations");
 
     // What no document lists: health is open, metrics needs admin or metrics, unknown routes
@@ -304,29 +308,11 @@ async fn every_operation_of_dev_writer_and_query_api_refuses_bad_callers() {
     // The writer and the query API as separate services.
     let settings = secure_settings(&root.path().join("writer"), &key);
     let base = serve_writer(&settings).await;
-    let revoked = revoked_key(&settings, &client, &format!("{base}/v1/persons")).await;
-    let matrix = Matrix {
-        client: client.clone(),
-        base,
-        trusted: &key,
-        revoked_key: revoked,
-        person: id.clone(),
-        person_readable: false,
-    };
-    assert_eq!(matrix.run(&admin).await, 8);
+    assert_eq!(run_matrix(&client, &base, &settings, &key, &id, false, &admin).await, 8);
 
     let settings = secure_settings(&root.path().join("query"), &key);
     let base = serve_query_api(&settings).await;
-    let revoked = revoked_key(&settings, &client, &format!("{base}/v1/persons")).await;
-    let matrix = Matrix {
-        client: client.clone(),
-        base,
-        trusted: &key,
-        revoked_key: revoked,
-        person: id,
-        person_readable: false,
-    };
-    assert_eq!(matrix.run(&admin).await, 4);
+    assert_eq!(run_matrix(&client, &base, &settings, &key, &id, false, &admin).await, 4);
 }
 
 #[tokio::test]

@@ -55,9 +55,14 @@ pub fn client(dir: &Path) -> reqwest::Client {
     client_with_key(&api_key(dir))
 }
 
+/// Sends `request` and returns the answer's JSON.
+pub async fn json_of(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
 /// POSTs `body` as JSON and returns the answer's JSON.
 pub async fn post_json(client: &reqwest::Client, url: impl reqwest::IntoUrl, body: Value) -> Value {
-    client.post(url).json(&body).send().await.unwrap().json().await.unwrap()
+    json_of(client.post(url).json(&body)).await
 }
 
 /// The documents a fold over the whole `persons` topic gives, with the same version guard.
