@@ -356,6 +356,8 @@ async fn a_service_without_authentication_refuses_to_start_naming_the_setting() 
 /// A JWKS server whose key set the test changes, and which it can take down.
 struct JwksServer {
     url: String,
+    /// The server's base URL, which is also its OIDC issuer.
+    issuer: String,
     keys: Arc<Mutex<Value>>,
     up: Arc<std::sync::atomic::AtomicBool>,
     fetches: Arc<std::sync::atomic::AtomicUsize>,
@@ -367,23 +369,35 @@ async fn jwks_server(initial: Value) -> JwksServer {
     let up = Arc::new(AtomicBool::new(true));
     let fetches = Arc::new(AtomicUsize::new(0));
     let (k, u, f) = (keys.clone(), up.clone(), fetches.clone());
-    let app = axum::Router::new().route(
-        "/jwks",
-        axum::routing::get(move || {
-            let (k, u, f) = (k.clone(), u.clone(), f.clone());
-            async move {
-                f.fetch_add(1, Ordering::SeqCst);
-                if !u.load(Ordering::SeqCst) {
-                    return (axum::http::StatusCode::SERVICE_UNAVAILABLE, String::new());
+    let discovery = Arc::new(Mutex::new(String::new()));
+    let document = discovery.clone();
+    let app = axum::Router::new()
+        .route(
+            "/.well-known/openid-configuration",
+            axum::routing::get(move || {
+                let document = document.clone();
+                async move { document.lock().unwrap().clone() }
+            }),
+        )
+        .route(
+            "/jwks",
+            axum::routing::get(move || {
+                let (k, u, f) = (k.clone(), u.clone(), f.clone());
+                async move {
+                    f.fetch_add(1, Ordering::SeqCst);
+                    if !u.load(Ordering::SeqCst) {
+                        return (axum::http::StatusCode::SERVICE_UNAVAILABLE, String::new());
+                    }
+                    (axum::http::StatusCode::OK, k.lock().unwrap().to_string())
                 }
-                (axum::http::StatusCode::OK, k.lock().unwrap().to_string())
-            }
-        }),
-    );
+            }),
+        );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/jwks", listener.local_addr().unwrap());
+    let issuer = format!("http://{}", listener.local_addr().unwrap());
+    let url = format!("{issuer}/jwks");
+    *discovery.lock().unwrap() = json!({"issuer": issuer, "jwks_uri": url}).to_string();
     tokio::spawn(async move { axum::serve(listener, app).await });
-    JwksServer { url, keys, up, fetches }
+    JwksServer { url, issuer, keys, up, fetches }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -591,4 +605,84 @@ async fn keys_are_created_shown_once_listed_without_secrets_and_revoked_from_the
         assert!(Instant::now() < deadline, "the running service never saw the revocation");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn oidc_discovery_finds_the_jwks() {
+    let key = SigningKey::generate("discovered");
+    let server = jwks_server(jwt::jwks(&[&key])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = common::settings(dir.path());
+    settings.auth.jwt.issuer = Some(server.issuer.clone());
+    settings.auth.jwt.audience = vec![jwt::AUDIENCE.into()];
+    settings.auth.jwt.discovery = true;
+    let base = serve_query_api(&settings).await;
+    let mut claims = jwt::claims("oidc-user", &["persons:read"]);
+    claims["iss"] = json!(server.issuer);
+    let answer = reqwest::Client::new().get(format!("{base}/v1/persons")).bearer_auth(key.sign(&claims)).send();
+    assert_eq!(answer.await.unwrap().status(), StatusCode::OK);
+    let foreign = key.token("oidc-user", &["persons:read"]);
+    let refused = reqwest::Client::new().get(format!("{base}/v1/persons")).bearer_auth(foreign).send();
+    assert_eq!(refused.await.unwrap().status(), StatusCode::UNAUTHORIZED, "another issuer's token");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_is_served_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = common::tls::generate(&dir.path().join("first"));
+    let renewed = common::tls::generate(&dir.path().join("renewed"));
+    let live = dir.path().join("live");
+    std::fs::create_dir_all(&live).unwrap();
+    let (cert, key) = (live.join("tls.pem"), live.join("tls.key"));
+    std::fs::copy(&first.server_cert, &cert).unwrap();
+    std::fs::copy(&first.server_key, &key).unwrap();
+    let mut settings = common::settings(dir.path());
+    settings.http.tls.cert_file = Some(cert.clone());
+    settings.http.tls.key_file = Some(key.clone());
+    settings.http.tls.reload_secs = 1;
+    common::api_key(dir.path());
+    let base = serve_query_api(&settings).await;
+    let trusting = |pki: &common::tls::Pki| {
+        let ca = reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap();
+        reqwest::Client::builder().add_root_certificate(ca).pool_max_idle_per_host(0).build().unwrap()
+    };
+    assert!(trusting(&first).get(format!("{base}/healthz")).send().await.is_ok());
+    assert!(trusting(&renewed).get(format!("{base}/healthz")).send().await.is_err(), "not renewed yet");
+
+    // Renewal writes the key first and the certificate last, as certificate tools do.
+    std::fs::copy(&renewed.server_key, &key).unwrap();
+    std::fs::copy(&renewed.server_cert, &cert).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while trusting(&renewed).get(format!("{base}/healthz")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "the renewed certificate was never served");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(trusting(&first).get(format!("{base}/healthz")).send().await.is_err(), "the old one is gone");
+}
+
+#[tokio::test]
+async fn cors_answers_only_configured_origins() {
+    let preflight = |base: String| async move {
+        reqwest::Client::new()
+            .request(reqwest::Method::OPTIONS, format!("{base}/v1/persons"))
+            .header("origin", "https://app.example")
+            .header("access-control-request-method", "GET")
+            .header("access-control-request-headers", "authorization")
+            .send()
+            .await
+            .unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = common::settings(dir.path());
+    common::api_key(dir.path());
+    let closed = preflight(serve_query_api(&settings).await).await;
+    assert!(!closed.headers().contains_key("access-control-allow-origin"), "CORS is off by default");
+
+    settings.storage.data_dir = dir.path().join("open");
+    common::api_key(&settings.storage.data_dir);
+    settings.http.cors_origins = vec!["https://app.example".into()];
+    let open = preflight(serve_query_api(&settings).await).await;
+    assert_eq!(open.headers()["access-control-allow-origin"], "https://app.example");
+    let allowed = open.headers()["access-control-allow-headers"].to_str().unwrap().to_owned();
+    assert!(allowed.contains("authorization"), "{allowed}");
 }

@@ -15,6 +15,7 @@ pub struct Pki {
 }
 
 pub fn generate(dir: &Path) -> Pki {
+    std::fs::create_dir_all(dir).unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     ca_params.distinguished_name.push(rcgen::DnType::CommonName, "callisto test CA");
