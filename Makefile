@@ -36,7 +36,7 @@ TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 bench:
 	$(CARGO) build --release --locked -p callisto -p callisto-benches --bins
 	rm -rf $(TARGET_DIR)/criterion
-	CALLISTO_BENCH_OUT=$(abspath $(TARGET_DIR)) CALLISTO_BENCH_NOTES=$(BENCH_NOTES) $(CARGO) bench --locked -p callisto-benches --bench write_path --bench read_path -- --warm-up-time 1 --measurement-time 3
+	CALLISTO_BENCH_OUT=$(abspath $(TARGET_DIR)) CALLISTO_BENCH_NOTES=$(BENCH_NOTES) $(CARGO) bench --locked -p callisto-benches --bench write_path --bench read_path --bench edge -- --warm-up-time 1 --measurement-time 3
 	$(TARGET_DIR)/release/loadgen http --callisto $(TARGET_DIR)/release/callisto --seconds $(BENCH_SECONDS) --json $(TARGET_DIR)/bench-http.json
 	$(TARGET_DIR)/release/loadgen rebuild --events $(BENCH_EVENTS) --json $(TARGET_DIR)/bench-rebuild.json
 	$(TARGET_DIR)/release/bench_report $(TARGET_DIR)/criterion $(TARGET_DIR)/bench-search-p99.json $(TARGET_DIR)/bench-http.json $(TARGET_DIR)/bench-rebuild.json

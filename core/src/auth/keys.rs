@@ -126,8 +126,8 @@ impl std::fmt::Debug for CreatedKey {
     }
 }
 
-fn digest(key: &str) -> String {
-    Sha256::digest(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+fn digest(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
 }
 
 /// Adds a key to the file at `path` and returns it, the one time it is shown.
@@ -139,12 +139,12 @@ pub fn create(path: &Path, new: NewKey) -> anyhow::Result<CreatedKey> {
     let mut secret = [0u8; 32];
     rng.fill_bytes(&mut id);
     rng.fill_bytes(&mut secret);
-    let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    let id = hex::encode(id);
     let key = format!("{PREFIX}{id}_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret));
     let stored = StoredKey {
         id,
         name: new.name,
-        sha256: digest(&key),
+        sha256: hex::encode(digest(&key)),
         scopes: new.scopes,
         created_at: Utc::now(),
         expires_at: new.expires_at,
@@ -184,7 +184,8 @@ pub struct ApiKeys {
 #[derive(Default)]
 struct Loaded {
     stamp: Option<(SystemTime, u64)>,
-    keys: HashMap<String, StoredKey>,
+    /// Key id → the key and its hash, decoded once at load.
+    keys: HashMap<String, (StoredKey, [u8; 32])>,
 }
 
 impl ApiKeys {
@@ -218,7 +219,17 @@ impl ApiKeys {
         }
         let file = KeyFile::load(&self.path)?;
         let count = file.keys.len();
-        let keys = file.keys.into_iter().map(|k| (k.id.clone(), k)).collect();
+        let keys = file
+            .keys
+            .into_iter()
+            .filter_map(|k| match hex::decode(&k.sha256).ok().and_then(|h| <[u8; 32]>::try_from(h).ok()) {
+                Some(hash) => Some((k.id.clone(), (k, hash))),
+                None => {
+                    tracing::warn!(key_id = %k.id, "api key with a malformed hash ignored");
+                    None
+                }
+            })
+            .collect();
         *self.loaded.write().expect("key lock") = Loaded { stamp, keys };
         tracing::info!(path = %self.path.display(), keys = count, "api keys loaded");
         Ok(())
@@ -228,8 +239,8 @@ impl ApiKeys {
     pub fn verify(&self, presented: &str) -> Option<Principal> {
         let id = key_id(presented)?;
         let loaded = self.loaded.read().expect("key lock");
-        let stored = loaded.keys.get(id)?;
-        let matches: bool = digest(presented).as_bytes().ct_eq(stored.sha256.as_bytes()).into();
+        let (stored, hash) = loaded.keys.get(id)?;
+        let matches: bool = digest(presented).ct_eq(hash).into();
         (matches && stored.is_usable(Utc::now())).then(|| Principal {
             id: stored.id.clone(),
             method: AuthMethod::ApiKey,
