@@ -301,6 +301,8 @@ async fn every_operation_of_dev_writer_and_query_api_refuses_bad_callers() {
     assert_eq!(get("/metrics", Some(&admin)).await, StatusCode::OK);
     assert_eq!(get("/no/such/route", None).await, StatusCode::UNAUTHORIZED);
     assert_eq!(get("/no/such/route", Some(&admin)).await, StatusCode::NOT_FOUND);
+    let wrong_method = client.patch(format!("{base}/v1/persons")).send().await.unwrap();
+    assert_eq!(wrong_method.status(), StatusCode::UNAUTHORIZED, "a wrong method tells strangers nothing either");
     let refused = client.post(format!("{base}/admin/v1/dlq/purge")).send().await.unwrap();
     assert_eq!(refused.status(), StatusCode::UNAUTHORIZED, "the purge from the issue's report");
     dev.stop().await.unwrap();
