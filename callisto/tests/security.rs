@@ -343,6 +343,19 @@ async fn tokens_alg_none_and_hmac_are_refused() {
     }
     let good = client.get(format!("{base}/v1/persons")).bearer_auth(key.token("alice", &["persons:read"]));
     assert_eq!(good.send().await.unwrap().status(), StatusCode::OK);
+    // `nbf` in the future is refused; `exp` just past, within the leeway, is still accepted.
+    let mut early = jwt::claims("alice", &["persons:read"]);
+    early["nbf"] = json!(jwt::now() + 3600);
+    let mut skewed = jwt::claims("alice", &["persons:read"]);
+    skewed["exp"] = json!(jwt::now() - 5);
+    let mut no_subject = jwt::claims("alice", &["persons:read"]);
+    no_subject.as_object_mut().unwrap().remove("sub");
+    for (claims, want) in
+        [(early, StatusCode::UNAUTHORIZED), (skewed, StatusCode::OK), (no_subject, StatusCode::UNAUTHORIZED)]
+    {
+        let answer = client.get(format!("{base}/v1/persons")).bearer_auth(key.sign(&claims)).send().await.unwrap();
+        assert_eq!(answer.status(), want, "{claims}");
+    }
 }
 
 #[tokio::test]

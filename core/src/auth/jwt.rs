@@ -135,23 +135,8 @@ impl JwtVerifier {
             .map_err(|_| AuthError::Invalid)?;
         let claims = data.claims;
         let subject = claims.get("sub").and_then(|s| s.as_str()).filter(|s| !s.is_empty()).ok_or(AuthError::Invalid)?;
-        Ok(Principal { id: subject.to_owned(), method: AuthMethod::Jwt, scopes: self.scopes(&claims), limit: None })
-    }
-
-    /// Scopes from the configured claim, else `scope` (space separated) or `scp` (a list or a
-    /// space-separated string); names Callisto does not know are ignored.
-    fn scopes(&self, claims: &serde_json::Map<String, serde_json::Value>) -> BTreeSet<Scope> {
-        let names: Vec<&str> = match self.settings.scope_claim.as_deref() {
-            Some(claim) => vec![claim],
-            None => vec!["scope", "scp"],
-        };
-        let value = names.iter().find_map(|n| claims.get(*n));
-        let words: Vec<&str> = match value {
-            Some(serde_json::Value::String(s)) => s.split_whitespace().collect(),
-            Some(serde_json::Value::Array(items)) => items.iter().filter_map(|i| i.as_str()).collect(),
-            _ => Vec::new(),
-        };
-        words.into_iter().filter_map(|w| w.parse().ok()).collect()
+        let scopes = scopes(&claims, self.settings.scope_claim.as_deref());
+        Ok(Principal { id: subject.to_owned(), method: AuthMethod::Jwt, scopes, limit: None })
     }
 
     fn may_refetch(&self) -> bool {
@@ -217,6 +202,22 @@ impl JwtVerifier {
     }
 }
 
+/// Scopes from the configured claim, else `scope` (space separated) or `scp` (a list or a
+/// space-separated string); names Callisto does not know are ignored.
+fn scopes(claims: &serde_json::Map<String, serde_json::Value>, claim: Option<&str>) -> BTreeSet<Scope> {
+    let names: Vec<&str> = match claim {
+        Some(claim) => vec![claim],
+        None => vec!["scope", "scp"],
+    };
+    let value = names.iter().find_map(|n| claims.get(*n));
+    let words: Vec<&str> = match value {
+        Some(serde_json::Value::String(s)) => s.split_whitespace().collect(),
+        Some(serde_json::Value::Array(items)) => items.iter().filter_map(|i| i.as_str()).collect(),
+        _ => Vec::new(),
+    };
+    words.into_iter().filter_map(|w| w.parse().ok()).collect()
+}
+
 /// A signing key of a JWKS; encryption keys and symmetric keys are skipped.
 fn cached(jwk: &Jwk) -> Option<CachedKey> {
     if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
@@ -247,4 +248,24 @@ fn static_keys(bytes: &[u8]) -> anyhow::Result<Vec<CachedKey>> {
         .or_else(|_| DecodingKey::from_ed_pem(bytes))
         .map_err(|_| anyhow::anyhow!("the key file is neither a JWKS nor a PEM public key"))?;
     Ok(vec![CachedKey { kid: None, key, alg: None }])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(value: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+        value.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn scopes_come_from_scope_scp_or_the_configured_claim() {
+        let both = [Scope::PersonsRead, Scope::Search].into_iter().collect::<BTreeSet<_>>();
+        assert_eq!(scopes(&claims(serde_json::json!({"scope": "persons:read search openid"})), None), both);
+        assert_eq!(scopes(&claims(serde_json::json!({"scp": ["persons:read", "search"]})), None), both);
+        assert_eq!(scopes(&claims(serde_json::json!({"scp": "persons:read search"})), None), both);
+        let custom = claims(serde_json::json!({"scope": "admin", "permissions": ["search", "persons:read"]}));
+        assert_eq!(scopes(&custom, Some("permissions")), both, "the configured claim wins");
+        assert!(scopes(&claims(serde_json::json!({"roles": ["admin"]})), None).is_empty());
+    }
 }
