@@ -64,7 +64,7 @@ pub async fn run_projector(
         let store = store.clone();
         Box::pin(async move { store.checkpoints().await.map(|_| ()).map_err(|e| e.to_string()) })
     });
-    let openapi = utoipa::openapi::OpenApiBuilder::new().build();
+    let openapi = serde_json::to_value(utoipa::openapi::OpenApiBuilder::new().build())?;
     let app = service_router(Router::new(), openapi, readiness, &settings.http, &auth);
     let listener = bind(&settings, "projector").await?;
     let served = callisto_core::http::serve(listener, app, &settings.http.tls, shutdown).await;
@@ -213,13 +213,17 @@ fn dev_router(
     log: Arc<dyn EventLog>,
     store: Arc<SwitchedReadStore>,
 ) -> Router {
+    let partitions = query.partitions;
     let routes = callisto_writers::api::routes(writer, auth)
         .merge(callisto_query_api::routes(query, auth))
         .merge(generations.routes(auth));
     let mut openapi = callisto_writers::openapi::document();
-    openapi.merge(callisto_query_api::openapi::document());
-    openapi.merge(crate::admin::openapi());
-    openapi.info.title = "Callisto".into();
+    callisto_core::rules::merge_documents(&mut openapi, callisto_query_api::openapi::document(partitions));
+    callisto_core::rules::merge_documents(
+        &mut openapi,
+        serde_json::to_value(crate::admin::openapi()).expect("an OpenAPI document serializes"),
+    );
+    openapi["info"]["title"] = "Callisto".into();
     let readiness: ReadinessCheck = Arc::new(move || {
         let (log, store) = (log.clone(), store.clone());
         Box::pin(async move {

@@ -292,7 +292,7 @@ pub type ReadinessCheck =
 /// found answer 401 to anonymous callers, so nothing about the API leaks without credentials.
 pub fn service_router(
     api: axum::Router,
-    openapi: utoipa::openapi::OpenApi,
+    openapi: serde_json::Value,
     readiness: ReadinessCheck,
     settings: &HttpSettings,
     auth: &std::sync::Arc<Auth>,

@@ -6,6 +6,8 @@
 //! - [`readmodel`]: person documents, timelines and search; the `Projection`, `ReadStore` and
 //!   `SearchIndex` ports with their embedded adapters (redb, tantivy) and production ones
 //!   (MongoDB, Elasticsearch).
+//! - [`rules`]: input rules (lengths, patterns) shared by the handlers and the OpenAPI
+//!   document, so what is enforced is what is declared.
 //! - [`resilience`]: timeout, retries and circuit breaker around read-model server calls.
 //! - [`auth`]: API keys, bearer JWTs, scopes, rate limits and the audit trail: the guard in
 //!   front of every route.
@@ -24,6 +26,7 @@ pub mod partition;
 pub mod readmodel;
 pub mod replay;
 pub mod resilience;
+pub mod rules;
 pub mod telemetry;
 pub mod tls;
 pub mod token;

@@ -85,7 +85,7 @@ fn person_id(raw: &str) -> Result<Uuid, Problem> {
         .map_err(|_| Problem::malformed(format!("{raw:?} is not a person id")).with_field("id", "must be a UUID"))
 }
 
-fn token_of(state: &QueryState, headers: &HeaderMap, after: Option<&str>) -> Result<Option<ConsistencyToken>, Problem> {
+fn token_of(state: &QueryState, headers: &HeaderMap, after: Option<&str>) -> Result<Vec<ConsistencyToken>, Problem> {
     let header = match headers.get(token::HEADER) {
         None => None,
         Some(value) => Some(value.to_str().map_err(|_| {
@@ -106,8 +106,8 @@ fn answer(route: &'static str, started: Instant, stale: bool, body: impl IntoRes
     response
 }
 
-async fn wait(state: &QueryState, token: Option<ConsistencyToken>, projection: &dyn Projection) -> bool {
-    wait_for(token, &[projection], state.consistency_wait).await
+async fn wait(state: &QueryState, tokens: Vec<ConsistencyToken>, projection: &dyn Projection) -> bool {
+    wait_for(&tokens, &[projection], state.consistency_wait).await
 }
 
 #[utoipa::path(get, path = "/v1/persons/{id}", tag = "queries",

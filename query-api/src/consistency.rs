@@ -7,14 +7,16 @@ use std::time::Duration;
 use callisto_core::readmodel::Projection;
 use callisto_core::token::ConsistencyToken;
 
-/// Whether the answer may be stale: `true` when the wait ran out.
-pub async fn wait_for(token: Option<ConsistencyToken>, projections: &[&dyn Projection], limit: Duration) -> bool {
-    let Some(token) = token else { return false };
+/// Whether the answer may be stale: `true` when the wait for every token ran out.
+pub async fn wait_for(tokens: &[ConsistencyToken], projections: &[&dyn Projection], limit: Duration) -> bool {
+    if tokens.is_empty() {
+        return false;
+    }
     let deadline = tokio::time::Instant::now() + limit;
     for projection in projections {
         let mut progress = projection.progress();
         let reached = |checkpoints: &callisto_core::readmodel::Checkpoints| {
-            checkpoints.get(&token.partition).is_some_and(|applied| *applied >= token.offset)
+            tokens.iter().all(|t| checkpoints.get(&t.partition).is_some_and(|applied| *applied >= t.offset))
         };
         match tokio::time::timeout_at(deadline, progress.wait_for(reached)).await {
             Ok(Ok(_)) => {}

@@ -46,5 +46,6 @@ pub fn build(state: QueryState, http: &HttpSettings, auth: &Arc<Auth>) -> axum::
         let store = store.clone();
         Box::pin(async move { store.checkpoints().await.map(|_| ()).map_err(|e| e.to_string()) })
     });
-    service_router(routes(state, auth), openapi::document(), readiness, http, auth)
+    let document = openapi::document(state.partitions);
+    service_router(routes(state, auth), document, readiness, http, auth)
 }

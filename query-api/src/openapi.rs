@@ -15,9 +15,12 @@ use crate::api;
 )]
 struct QueryApi;
 
-/// The document, with each operation's scopes as the routes enforce them.
-pub fn document() -> utoipa::openapi::OpenApi {
+/// The document, with each operation's scopes as the routes enforce them, and every rule the
+/// parameter parsing enforces; tokens name only the `partitions` the topic has.
+pub fn document(partitions: u32) -> serde_json::Value {
     let mut doc = QueryApi::openapi();
     callisto_core::auth::document(&mut doc, api::rule_for);
-    doc
+    let mut rules = callisto_core::rules::DocumentRules::new(doc);
+    crate::params::declare(&mut rules, partitions);
+    rules.into_json()
 }

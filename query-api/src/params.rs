@@ -61,6 +61,33 @@ pub struct GetParams {
     pub after: Option<String>,
 }
 
+/// A cursor the search returned: hits before it, then for key paging `~` and the sort key.
+/// Opaque to clients, who pass back what `next_cursor` gave them.
+pub const SEARCH_CURSOR_PATTERN: &str = r"^[0-9]{1,20}(?:~[A-Za-z0-9_\-]{1,1024})?$";
+/// A timeline cursor: the log offset to continue after.
+pub const OFFSET_CURSOR_PATTERN: &str = r"^[0-9]{1,19}$";
+
+/// States the parsing rules below in the document.
+pub fn declare(doc: &mut callisto_core::rules::DocumentRules, partitions: u32) {
+    use callisto_core::rules;
+    use serde_json::json;
+    let token = rules::string(None, None, Some(&rules::token_pattern(partitions)));
+    doc.parameter(
+        "limit",
+        None,
+        json!({"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT}),
+    )
+    .parameter("status", None, json!({"type": "string", "enum": ["active", "archived"]}))
+    .parameter("tag", None, rules::tag())
+    .parameter("q", None, rules::string(None, Some(MAX_QUERY_CHARS), Some(rules::QUERY_PATTERN)))
+    .parameter("cursor", Some("/v1/persons/{id}/timeline"), rules::string(None, None, Some(OFFSET_CURSOR_PATTERN)))
+    .parameter("cursor", Some("/v1/search"), rules::string(None, None, Some(SEARCH_CURSOR_PATTERN)))
+    .parameter("after", None, token.clone())
+    .parameter("Callisto-Consistency-Token", None, token);
+    // Person lists page by person id.
+    doc.exact_parameter("/v1/persons", "cursor", json!({"type": "string", "format": "uuid"}));
+}
+
 fn bad(field: &str, message: impl Into<String>) -> Problem {
     let message = message.into();
     Problem::malformed(format!("{field}: {message}")).with_field(field, message)
@@ -81,11 +108,8 @@ pub fn status(raw: Option<&str>) -> Result<Option<Status>, Problem> {
 /// Tags are stored lower-cased with the writer's character set; anything else cannot match.
 pub fn tag(raw: Option<&str>) -> Result<Option<String>, Problem> {
     let Some(raw) = raw else { return Ok(None) };
-    let tag = raw.trim().to_lowercase();
-    let valid = !tag.is_empty()
-        && tag.chars().count() <= 64
-        && tag.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && tag.chars().all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c));
+    let tag = raw.trim().to_ascii_lowercase();
+    let valid = tag.chars().count() <= callisto_core::rules::MAX_TAG_CHARS && callisto_core::rules::TAG.is_match(&tag);
     if valid { Ok(Some(tag)) } else { Err(bad("tag", "must be 1–64 letters, digits or _ . : -")) }
 }
 
@@ -142,8 +166,9 @@ pub fn query(raw: Option<&str>) -> Result<String, Problem> {
     Ok(q.to_owned())
 }
 
-/// The token from the header or the `after` parameter; both given must agree.
-pub fn token(header: Option<&str>, after: Option<&str>, partitions: u32) -> Result<Option<ConsistencyToken>, Problem> {
+/// The tokens from the header and the `after` parameter. Given both, a read waits for both:
+/// each names a write the caller wants to see.
+pub fn token(header: Option<&str>, after: Option<&str>, partitions: u32) -> Result<Vec<ConsistencyToken>, Problem> {
     let parse = |field: &str, raw: &str| -> Result<ConsistencyToken, Problem> {
         let token: ConsistencyToken =
             raw.parse().map_err(|e: callisto_core::token::BadToken| bad(field, e.to_string()))?;
@@ -157,10 +182,7 @@ pub fn token(header: Option<&str>, after: Option<&str>, partitions: u32) -> Resu
     };
     let from_header = header.map(|h| parse("Callisto-Consistency-Token", h)).transpose()?;
     let from_query = after.map(|a| parse("after", a)).transpose()?;
-    match (from_header, from_query) {
-        (Some(h), Some(q)) if h != q => Err(bad("after", "differs from the Callisto-Consistency-Token header")),
-        (h, q) => Ok(h.or(q)),
-    }
+    Ok(from_header.into_iter().chain(from_query).collect())
 }
 
 #[cfg(test)]
@@ -190,11 +212,12 @@ mod tests {
 
     #[test]
     fn tokens() {
-        assert_eq!(token(Some("3:9"), None, 12).unwrap(), Some(ConsistencyToken { partition: 3, offset: 9 }));
-        assert_eq!(token(None, Some("3:9"), 12).unwrap(), Some(ConsistencyToken { partition: 3, offset: 9 }));
-        assert!(token(Some("3:9"), Some("3:8"), 12).is_err());
+        let at = |partition, offset| ConsistencyToken { partition, offset };
+        assert_eq!(token(Some("3:9"), None, 12).unwrap(), vec![at(3, 9)]);
+        assert_eq!(token(None, Some("3:9"), 12).unwrap(), vec![at(3, 9)]);
+        assert_eq!(token(Some("3:9"), Some("5:8"), 12).unwrap(), vec![at(3, 9), at(5, 8)], "both are waited for");
         assert!(token(Some("12:0"), None, 12).is_err(), "partition out of range");
         assert!(token(None, Some("nope"), 12).is_err());
-        assert_eq!(token(None, None, 12).unwrap(), None);
+        assert!(token(None, None, 12).unwrap().is_empty());
     }
 }

@@ -35,8 +35,6 @@ const BREAKER_BACKOFF_MIN: Duration = Duration::from_secs(2);
 const BREAKER_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// What a 503 tells clients to wait before retrying.
 const RETRY_AFTER_SECS: u64 = 1;
-const MAX_IDEMPOTENCY_KEY_CHARS: usize = 255;
-const MAX_CORRELATION_ID_CHARS: usize = 128;
 
 type Breaker =
     failsafe::StateMachine<failsafe::failure_policy::ConsecutiveFailures<failsafe::backoff::EqualJittered>, ()>;
@@ -366,13 +364,16 @@ fn accepted_response(
 
 const PROBLEM: &str = "application/problem+json";
 
-/// The optional `Idempotency-Key` header every command takes.
+/// The optional headers every command takes.
 #[derive(Debug, utoipa::IntoParams)]
 #[into_params(parameter_in = Header)]
 pub struct IdempotencyKeyHeader {
     /// Retries with the same key get the same answer and append nothing (1–255 visible ASCII).
     #[param(rename = "Idempotency-Key")]
     pub idempotency_key: Option<String>,
+    /// Stored in the event and echoed back (1–128 visible ASCII); one is made when absent.
+    #[param(rename = "X-Correlation-Id")]
+    pub correlation_id: Option<String>,
 }
 
 #[utoipa::path(post, path = "/v1/persons", tag = "commands", request_body = RegisterPerson,

@@ -1,12 +1,15 @@
 //! Command bodies, their validation, and the events they become.
 //!
 //! Validation collects every invalid field, so a client fixes a form in one round trip.
-//! Limits are documented on each field and enforced in characters, not bytes.
+//! Limits are enforced in characters, not bytes. [`declare`] states the same limits and
+//! patterns (from [`callisto_core::rules`]) in the OpenAPI document.
 
 use callisto_avro::Address;
 use callisto_core::http::FieldError;
+use callisto_core::rules::{self, DocumentRules};
 use chrono::{NaiveDate, Utc};
 use serde::Deserialize;
+use serde_json::json;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -17,7 +20,7 @@ pub const MAX_ADDRESS_LINE_CHARS: usize = 200;
 pub const MAX_CITY_CHARS: usize = 100;
 pub const MAX_POSTCODE_CHARS: usize = 20;
 pub const MAX_NOTE_CHARS: usize = 10_000;
-pub const MAX_TAG_CHARS: usize = 64;
+pub const MAX_TAG_CHARS: usize = rules::MAX_TAG_CHARS;
 pub const MAX_TAGS: usize = 50;
 pub const MAX_REASON_CHARS: usize = 1_000;
 
@@ -136,11 +139,9 @@ impl Checker {
 
     pub fn phone(&mut self, field: &str, value: Option<&str>) -> Option<String> {
         let value = value?.trim();
-        let digits = value.chars().filter(char::is_ascii_digit).count();
-        let allowed = value.chars().all(|c| c.is_ascii_digit() || " +()-.".contains(c));
         if value.chars().count() > MAX_PHONE_CHARS {
             self.fail(field, format!("must be at most {MAX_PHONE_CHARS} characters"));
-        } else if !allowed || digits < 3 || (value.contains('+') && !value.starts_with('+')) {
+        } else if !rules::PHONE.is_match(value) {
             self.fail(field, "is not a phone number: use digits, spaces and + ( ) - .");
         }
         Some(value.to_owned())
@@ -153,7 +154,7 @@ impl Checker {
                 self.fail(field, "must not be in the future");
                 None
             }
-            Ok(date) if date < NaiveDate::from_ymd_opt(1800, 1, 1).expect("valid date") => {
+            Ok(date) if date < NaiveDate::from_ymd_opt(rules::EARLIEST_BIRTH_YEAR, 1, 1).expect("valid date") => {
                 self.fail(field, "must not be before 1800-01-01");
                 None
             }
@@ -168,7 +169,7 @@ impl Checker {
     pub fn address(&mut self, field: &str, body: &AddressBody) -> Address {
         let sub = |name: &str| format!("{field}.{name}");
         let country = body.country.trim().to_ascii_uppercase();
-        if country.len() != 2 || !country.bytes().all(|b| b.is_ascii_uppercase()) {
+        if !rules::COUNTRY.is_match(&country) {
             self.fail(&sub("country"), "must be an ISO 3166-1 alpha-2 code such as GB");
         }
         Address {
@@ -181,10 +182,8 @@ impl Checker {
     }
 
     pub fn tag(&mut self, field: &str, value: &str) -> String {
-        let tag = value.trim().to_lowercase();
-        let valid_chars = tag.chars().all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c));
-        let starts_well = tag.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
-        if tag.is_empty() || tag.chars().count() > MAX_TAG_CHARS || !valid_chars || !starts_well {
+        let tag = value.trim().to_ascii_lowercase();
+        if tag.chars().count() > MAX_TAG_CHARS || !rules::TAG.is_match(&tag) {
             self.fail(
                 field,
                 format!("must be 1–{MAX_TAG_CHARS} letters, digits or _ . : -, starting with a letter or digit"),
@@ -211,6 +210,48 @@ impl Checker {
         if self.errors.is_empty() { Ok(value) } else { Err(self.errors) }
     }
 }
+
+/// States the checks above in the document: lengths, patterns, formats, and the contact body's
+/// "email, phone or both". `today` bounds dates of birth.
+pub fn declare(doc: &mut DocumentRules, today: NaiveDate) {
+    let name = rules::text(MAX_NAME_CHARS);
+    let email = json!({"type": "string", "format": "email", "maxLength": MAX_EMAIL_CHARS});
+    let phone = rules::string(None, Some(MAX_PHONE_CHARS), Some(rules::PHONE_PATTERN));
+    let date_of_birth = json!({"type": "string", "format": "date", "pattern": rules::date_not_after_pattern(today)});
+    doc.property("RegisterPerson", "given_name", name.clone())
+        .property("RegisterPerson", "family_name", name.clone())
+        .property("RegisterPerson", "email", email.clone())
+        .property("RegisterPerson", "phone", phone.clone())
+        .property("RegisterPerson", "date_of_birth", date_of_birth)
+        .property("RegisterPerson", "tags", json!({"type": "array", "maxItems": MAX_TAGS, "items": rules::tag()}))
+        .property("RenamePerson", "given_name", name.clone())
+        .property("RenamePerson", "family_name", name)
+        // Present means a value: null is not "unchanged" but no contact detail at all.
+        .property("ChangeContact", "email", email)
+        .property("ChangeContact", "phone", phone)
+        .not_null("ChangeContact", "email")
+        .not_null("ChangeContact", "phone")
+        .component("ChangeContact", json!({"anyOf": [{"required": ["email"]}, {"required": ["phone"]}]}))
+        .property("AddressBody", "line1", rules::text(MAX_ADDRESS_LINE_CHARS))
+        .property("AddressBody", "line2", rules::text(MAX_ADDRESS_LINE_CHARS))
+        .property("AddressBody", "city", rules::text(MAX_CITY_CHARS))
+        .property("AddressBody", "postcode", rules::text(MAX_POSTCODE_CHARS))
+        .property("AddressBody", "country", rules::string(None, None, Some(rules::COUNTRY_PATTERN)))
+        .property("AddNote", "text", rules::string(Some(1), Some(MAX_NOTE_CHARS), Some(rules::MULTILINE_TEXT_PATTERN)))
+        .property("TagBody", "tag", rules::tag())
+        .property("ArchivePerson", "reason", rules::text(MAX_REASON_CHARS))
+        .parameter("tag", Some("/v1/persons/{id}/tags/"), rules::tag())
+        .parameter("Idempotency-Key", None, visible_ascii(MAX_IDEMPOTENCY_KEY_CHARS))
+        .parameter("X-Correlation-Id", None, visible_ascii(MAX_CORRELATION_ID_CHARS));
+}
+
+/// Header values: 1 to `max` visible ASCII characters.
+fn visible_ascii(max: usize) -> serde_json::Value {
+    rules::string(Some(1), Some(max), Some(rules::VISIBLE_ASCII_PATTERN))
+}
+
+pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 255;
+pub const MAX_CORRELATION_ID_CHARS: usize = 128;
 
 #[cfg(test)]
 mod tests {

@@ -24,9 +24,12 @@ use crate::api;
 )]
 struct WriterApi;
 
-/// The document, with every command declared as needing `persons:write`.
-pub fn document() -> utoipa::openapi::OpenApi {
+/// The document, with every command declared as needing `persons:write`, and every rule the
+/// handlers enforce on bodies and headers.
+pub fn document() -> serde_json::Value {
     let mut doc = WriterApi::openapi();
     callisto_core::auth::document(&mut doc, |_| callisto_core::auth::Rule::COMMANDS);
-    doc
+    let mut rules = callisto_core::rules::DocumentRules::new(doc);
+    crate::commands::declare(&mut rules, chrono::Utc::now().date_naive());
+    rules.into_json()
 }

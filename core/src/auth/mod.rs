@@ -290,9 +290,11 @@ fn describe(req: &mut Request) -> Described {
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_owned);
+    let absent = !req.headers().contains_key(CORRELATION_HEADER);
     let correlation_id = given.unwrap_or_else(|| {
         let id = uuid::Uuid::new_v4().to_string();
-        if let Ok(value) = HeaderValue::from_str(&id) {
+        // A malformed one stays, for the handler to refuse; only a missing one is filled in.
+        if absent && let Ok(value) = HeaderValue::from_str(&id) {
             req.headers_mut().insert(CORRELATION_HEADER, value);
         }
         id
