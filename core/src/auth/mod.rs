@@ -270,18 +270,20 @@ fn credentials(headers: &HeaderMap) -> Result<Credentials<'_>, AuthError> {
 const CORRELATION_HEADER: &str = "x-correlation-id";
 
 /// What the audit trail names a request by.
+/// Cheap to take on every request: the text of an audit line is only formatted when one is
+/// written.
 struct Described {
-    action: String,
-    target: String,
+    method: axum::http::Method,
+    route: Option<MatchedPath>,
+    uri: axum::http::Uri,
     correlation_id: String,
     source: Option<IpAddr>,
 }
 
 fn describe(req: &mut Request) -> Described {
     let source = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
-    let action = format!("{} {}", req.method(), route.as_deref().unwrap_or("(unknown route)"));
-    let target = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    let (method, uri) = (req.method().clone(), req.uri().clone());
     // One id for the request, its audit line and (for commands) the event: the client's, if
     // it sent a usable one.
     let given = req
@@ -299,7 +301,7 @@ fn describe(req: &mut Request) -> Described {
         }
         id
     });
-    Described { action, target, correlation_id, source }
+    Described { method, route, uri, correlation_id, source }
 }
 
 /// One structured line on the `audit` target.
@@ -309,8 +311,8 @@ fn audit(principal: Option<&Principal>, request: &Described, outcome: &str, stat
         principal = principal.map(Principal::qualified).as_deref().unwrap_or("anonymous"),
         auth_method = principal.map_or("none", |p| p.method.name()),
         source = request.source.map(|s| s.to_string()).as_deref().unwrap_or("unknown"),
-        action = %request.action,
-        resource = %request.target,
+        action = %format_args!("{} {}", request.method, request.route.as_ref().map_or("(unknown route)", |r| r.as_str())),
+        resource = request.uri.path_and_query().map_or("", |p| p.as_str()),
         outcome,
         status = status.as_u16(),
         correlation_id = %request.correlation_id,
