@@ -276,31 +276,22 @@ struct Described {
     method: axum::http::Method,
     route: Option<MatchedPath>,
     uri: axum::http::Uri,
-    correlation_id: String,
+    correlation_id: Option<String>,
     source: Option<IpAddr>,
 }
 
-fn describe(req: &mut Request) -> Described {
+fn describe(req: &Request) -> Described {
     let source = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     let route = req.extensions().get::<MatchedPath>().cloned();
     let (method, uri) = (req.method().clone(), req.uri().clone());
-    // One id for the request, its audit line and (for commands) the event: the client's, if
-    // it sent a usable one.
-    let given = req
+    // The client's id, if it sent a usable one; a malformed one is left for the handler to
+    // refuse. Without one, an audit line gets a fresh id (and a command's event its own).
+    let correlation_id = req
         .headers()
         .get(CORRELATION_HEADER)
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_owned);
-    let absent = !req.headers().contains_key(CORRELATION_HEADER);
-    let correlation_id = given.unwrap_or_else(|| {
-        let id = uuid::Uuid::new_v4().to_string();
-        // A malformed one stays, for the handler to refuse; only a missing one is filled in.
-        if absent && let Ok(value) = HeaderValue::from_str(&id) {
-            req.headers_mut().insert(CORRELATION_HEADER, value);
-        }
-        id
-    });
     Described { method, route, uri, correlation_id, source }
 }
 
@@ -315,13 +306,13 @@ fn audit(principal: Option<&Principal>, request: &Described, outcome: &str, stat
         resource = request.uri.path_and_query().map_or("", |p| p.as_str()),
         outcome,
         status = status.as_u16(),
-        correlation_id = %request.correlation_id,
+        correlation_id = %request.correlation_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
         "audit"
     );
 }
 
 async fn guard(State((auth, rule)): State<(Arc<Auth>, Rule)>, mut req: Request, next: Next) -> Response {
-    let request = describe(&mut req);
+    let request = describe(&req);
     let principal = match auth.authenticate(req.headers()).await {
         Ok(principal) => principal,
         Err(AuthError::Unavailable(why)) => {
