@@ -31,14 +31,19 @@ pub const QUERY_PATTERN: &str = r"^[^\x00-\x1F\x7F-\x9F]*$";
 pub const EARLIEST_BIRTH_YEAR: i32 = 1800;
 
 /// The patterns the handlers check values against: exactly what the document declares.
-pub static TEXT: LazyLock<regex::Regex> = LazyLock::new(|| compile(TEXT_PATTERN));
-pub static MULTILINE_TEXT: LazyLock<regex::Regex> = LazyLock::new(|| compile(MULTILINE_TEXT_PATTERN));
 pub static TAG: LazyLock<regex::Regex> = LazyLock::new(|| compile(TAG_PATTERN));
 pub static PHONE: LazyLock<regex::Regex> = LazyLock::new(|| compile(PHONE_PATTERN));
 pub static COUNTRY: LazyLock<regex::Regex> = LazyLock::new(|| compile(COUNTRY_PATTERN));
 
 fn compile(pattern: &str) -> regex::Regex {
     regex::Regex::new(pattern).expect("rule patterns compile")
+}
+
+/// A tag as stored (trimmed, lower case), or `None` when it breaks [`TAG_PATTERN`] or
+/// [`MAX_TAG_CHARS`]. Writers and the query API's tag filter use the same rule.
+pub fn normalize_tag(raw: &str) -> Option<String> {
+    let tag = raw.trim().to_ascii_lowercase();
+    (tag.chars().count() <= MAX_TAG_CHARS && TAG.is_match(&tag)).then_some(tag)
 }
 
 /// Alternation of `items`, for patterns that enumerate what is allowed.
@@ -109,7 +114,7 @@ impl DocumentRules {
     }
 
     /// Merges `constraints` into property `property` of component schema `component`, keeping
-    /// whether it may be null (`type: [string, null]`) unless `constraints` says otherwise.
+    /// whether it may be null (`type: [string, null]`); [`Self::not_null`] drops that.
     pub fn property(&mut self, component: &str, property: &str, constraints: Value) -> &mut Self {
         let schema = &mut self.doc["components"]["schemas"][component]["properties"][property];
         assert!(schema.is_object(), "{component}.{property} is not in the document");
@@ -134,12 +139,18 @@ impl DocumentRules {
     /// Sets the schema of parameter `name` on every operation that takes it, or only on paths
     /// starting with `path_prefix`.
     pub fn parameter(&mut self, name: &str, path_prefix: Option<&str>, schema: Value) -> &mut Self {
+        self.set_parameter(name, |path| path_prefix.is_none_or(|prefix| path.starts_with(prefix)), schema)
+    }
+
+    /// Sets the schema of parameter `name` on path `path` alone.
+    pub fn exact_parameter(&mut self, path: &str, name: &str, schema: Value) -> &mut Self {
+        self.set_parameter(name, |p| p == path, schema)
+    }
+
+    fn set_parameter(&mut self, name: &str, on: impl Fn(&str) -> bool, schema: Value) -> &mut Self {
         let mut found = false;
         let paths = self.doc["paths"].as_object_mut().expect("paths");
-        for (path, item) in paths.iter_mut() {
-            if path_prefix.is_some_and(|prefix| !path.starts_with(prefix)) {
-                continue;
-            }
+        for (_, item) in paths.iter_mut().filter(|(path, _)| on(path)) {
             for operation in item.as_object_mut().into_iter().flat_map(|o| o.values_mut()) {
                 for parameter in operation["parameters"].as_array_mut().into_iter().flatten() {
                     if parameter["name"].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)) {
@@ -150,23 +161,7 @@ impl DocumentRules {
                 }
             }
         }
-        assert!(found, "no operation takes parameter {name}");
-        self
-    }
-
-    /// Sets the schema of parameter `name` on path `path` alone.
-    pub fn exact_parameter(&mut self, path: &str, name: &str, schema: Value) -> &mut Self {
-        let item = &mut self.doc["paths"][path];
-        let mut found = false;
-        for operation in item.as_object_mut().into_iter().flat_map(|o| o.values_mut()) {
-            for parameter in operation["parameters"].as_array_mut().into_iter().flatten() {
-                if parameter["name"] == name {
-                    parameter["schema"] = schema.clone();
-                    found = true;
-                }
-            }
-        }
-        assert!(found, "{path} takes no parameter {name}");
+        assert!(found, "no operation takes parameter {name} there");
         self
     }
 
@@ -231,19 +226,21 @@ mod tests {
 
     #[test]
     fn patterns_mean_what_the_checks_mean() {
-        let text = &*TEXT;
+        let text = compile(TEXT_PATTERN);
         for ok in ["Ada", "  Zoë  ", "O'Brien-Smith", "李"] {
             assert!(text.is_match(ok), "{ok:?}");
         }
         for bad in ["", "   ", "a\u{7}b", "tab\there", "x\u{85}"] {
             assert!(!text.is_match(bad), "{bad:?}");
         }
-        let multiline = &*MULTILINE_TEXT;
+        let multiline = compile(MULTILINE_TEXT_PATTERN);
         assert!(multiline.is_match("line one\nline two\ttab"));
         assert!(!multiline.is_match("\n\t ") && !multiline.is_match("bell\u{7}"));
-        let tag = &*TAG;
-        assert!(tag.is_match("vip") && tag.is_match("A1:b.c-d_e"));
-        assert!(!tag.is_match("-vip") && !tag.is_match("v ip") && !tag.is_match(""));
+        assert_eq!(normalize_tag(" VIP "), Some("vip".to_owned()));
+        assert_eq!(normalize_tag("A1:b.c-d_e"), Some("a1:b.c-d_e".to_owned()));
+        for bad in ["-vip", "v ip", "", &"t".repeat(MAX_TAG_CHARS + 1)] {
+            assert_eq!(normalize_tag(bad), None, "{bad:?}");
+        }
         let phone = &*PHONE;
         assert!(phone.is_match("+44 20 7946 0000") && phone.is_match("(030) 123-45.6"));
         assert!(!phone.is_match("12") && !phone.is_match("44+1234") && !phone.is_match("12a45"));

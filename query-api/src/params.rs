@@ -108,9 +108,9 @@ pub fn status(raw: Option<&str>) -> Result<Option<Status>, Problem> {
 /// Tags are stored lower-cased with the writer's character set; anything else cannot match.
 pub fn tag(raw: Option<&str>) -> Result<Option<String>, Problem> {
     let Some(raw) = raw else { return Ok(None) };
-    let tag = raw.trim().to_ascii_lowercase();
-    let valid = tag.chars().count() <= callisto_core::rules::MAX_TAG_CHARS && callisto_core::rules::TAG.is_match(&tag);
-    if valid { Ok(Some(tag)) } else { Err(bad("tag", "must be 1–64 letters, digits or _ . : -")) }
+    callisto_core::rules::normalize_tag(raw)
+        .map(Some)
+        .ok_or_else(|| bad("tag", "must be 1–64 letters, digits or _ . : -, starting with a letter or digit"))
 }
 
 pub fn person_cursor(raw: Option<&str>) -> Result<Option<Uuid>, Problem> {

@@ -182,14 +182,13 @@ impl Checker {
     }
 
     pub fn tag(&mut self, field: &str, value: &str) -> String {
-        let tag = value.trim().to_ascii_lowercase();
-        if tag.chars().count() > MAX_TAG_CHARS || !rules::TAG.is_match(&tag) {
+        rules::normalize_tag(value).unwrap_or_else(|| {
             self.fail(
                 field,
                 format!("must be 1–{MAX_TAG_CHARS} letters, digits or _ . : -, starting with a letter or digit"),
             );
-        }
-        tag
+            value.trim().to_ascii_lowercase()
+        })
     }
 
     pub fn tags(&mut self, field: &str, values: &[String]) -> Vec<String> {
