@@ -28,17 +28,8 @@ pub fn ensure_dev_key(settings: &Settings) -> anyhow::Result<()> {
         return Ok(());
     }
     std::fs::create_dir_all(&settings.storage.data_dir)?;
-    let created = keys::create(
-        &settings.auth.api_keys_path(&settings.storage),
-        NewKey {
-            name: "callisto dev".into(),
-            scopes: Scope::ALL.into_iter().collect(),
-            expires_at: None,
-            rate_limit: None,
-        },
-    )?;
+    let created = create(settings, "callisto dev".into(), Scope::ALL.into_iter().collect(), None, None)?;
     keys::write_private(&path, created.key.as_bytes())?;
-    audit_key("create", &created.stored);
     eprintln!(
         "callisto dev: created an admin API key (id {}) in {path}; call the API with\n  \
          -H \"Authorization: ApiKey $(cat {path})\"",

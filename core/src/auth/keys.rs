@@ -170,7 +170,7 @@ pub fn revoke(path: &Path, id: &str) -> anyhow::Result<StoredKey> {
 }
 
 /// The key id inside a presented key, if it has the shape of one.
-pub fn key_id(presented: &str) -> Option<&str> {
+fn key_id(presented: &str) -> Option<&str> {
     let (id, secret) = presented.strip_prefix(PREFIX)?.split_once('_')?;
     (!id.is_empty() && !secret.is_empty()).then_some(id)
 }
