@@ -11,7 +11,7 @@ use apache_avro::{Schema, from_avro_datum, from_value, to_avro_datum, to_value};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::events::PersonEvent;
+use crate::events::{PersonEvent, SealedPersonalData};
 use crate::registry::{RegistryError, SchemaRegistry};
 use crate::schemas::EventKind;
 
@@ -85,22 +85,65 @@ impl Codec {
         self.writer_ids[&kind]
     }
 
+    /// Encodes `event` as it is, personal fields in clear: what events written before schema v2
+    /// look like. Services write through [`encode_sealed`](Self::encode_sealed).
     pub fn encode(&self, event: &PersonEvent) -> Result<Vec<u8>, CodecError> {
+        self.encode_sealed(event, None)
+    }
+
+    /// Encodes `event` with its `sealed` field set. The caller has blanked the personal fields
+    /// ([`PersonEvent::take_personal`]) and sealed them into `sealed`.
+    pub fn encode_sealed(
+        &self,
+        event: &PersonEvent,
+        sealed: Option<&SealedPersonalData>,
+    ) -> Result<Vec<u8>, CodecError> {
         match event {
-            PersonEvent::Registered(e) => self.encode_record(EventKind::PersonRegistered, e),
-            PersonEvent::Renamed(e) => self.encode_record(EventKind::PersonRenamed, e),
-            PersonEvent::ContactChanged(e) => self.encode_record(EventKind::ContactDetailsChanged, e),
-            PersonEvent::AddressChanged(e) => self.encode_record(EventKind::AddressChanged, e),
-            PersonEvent::NoteAdded(e) => self.encode_record(EventKind::NoteAdded, e),
-            PersonEvent::Tagged(e) => self.encode_record(EventKind::PersonTagged, e),
-            PersonEvent::Untagged(e) => self.encode_record(EventKind::PersonUntagged, e),
-            PersonEvent::Archived(e) => self.encode_record(EventKind::PersonArchived, e),
+            PersonEvent::Registered(e) => self.encode_record(EventKind::PersonRegistered, e, sealed),
+            PersonEvent::Renamed(e) => self.encode_record(EventKind::PersonRenamed, e, sealed),
+            PersonEvent::ContactChanged(e) => self.encode_record(EventKind::ContactDetailsChanged, e, sealed),
+            PersonEvent::AddressChanged(e) => self.encode_record(EventKind::AddressChanged, e, sealed),
+            PersonEvent::NoteAdded(e) => self.encode_record(EventKind::NoteAdded, e, sealed),
+            PersonEvent::Tagged(e) => self.encode_record(EventKind::PersonTagged, e, sealed),
+            PersonEvent::Untagged(e) => self.encode_record(EventKind::PersonUntagged, e, sealed),
+            PersonEvent::Archived(e) => self.encode_record(EventKind::PersonArchived, e, sealed),
+            PersonEvent::Erased(e) => self.encode_record(EventKind::PersonErased, e, sealed),
         }
     }
 
-    fn encode_record<T: Serialize>(&self, kind: EventKind, record: &T) -> Result<Vec<u8>, CodecError> {
+    /// `event` as an Avro value in this build's schema for its kind, `sealed` unset: what an
+    /// Avro export writes for an opened (or erased) event.
+    pub fn to_value(event: &PersonEvent) -> Result<apache_avro::types::Value, CodecError> {
+        let value = match event {
+            PersonEvent::Registered(e) => to_value(e),
+            PersonEvent::Renamed(e) => to_value(e),
+            PersonEvent::ContactChanged(e) => to_value(e),
+            PersonEvent::AddressChanged(e) => to_value(e),
+            PersonEvent::NoteAdded(e) => to_value(e),
+            PersonEvent::Tagged(e) | PersonEvent::Untagged(e) => to_value(e),
+            PersonEvent::Archived(e) => to_value(e),
+            PersonEvent::Erased(e) => to_value(e),
+        };
+        value.map_err(avro_err)?.resolve(event.kind().schema()).map_err(avro_err)
+    }
+
+    fn encode_record<T: Serialize>(
+        &self,
+        kind: EventKind,
+        record: &T,
+        sealed: Option<&SealedPersonalData>,
+    ) -> Result<Vec<u8>, CodecError> {
         let schema = kind.schema();
-        let value = to_value(record).map_err(avro_err)?.resolve(schema).map_err(avro_err)?;
+        let mut value = to_value(record).map_err(avro_err)?;
+        if let Some(sealed) = sealed {
+            if !kind.carries_personal_data() {
+                return Err(CodecError::Avro(format!("{} has no personal fields to seal", kind.name())));
+            }
+            if let apache_avro::types::Value::Record(fields) = &mut value {
+                fields.push((SEALED_FIELD.to_owned(), to_value(sealed).map_err(avro_err)?));
+            }
+        }
+        let value = value.resolve(schema).map_err(avro_err)?;
         let body = to_avro_datum(schema, value).map_err(avro_err)?;
         let mut out = Vec::with_capacity(HEADER_LEN + body.len());
         out.push(MAGIC_BYTE);
@@ -137,20 +180,48 @@ impl Codec {
         Ok((kind, value))
     }
 
+    /// Decodes the event as written: a sealed event's personal fields are blank. Services read
+    /// through [`decode_sealed`](Self::decode_sealed) and open the seal.
     pub fn decode(&self, bytes: &[u8]) -> Result<PersonEvent, CodecError> {
+        Ok(self.decode_sealed(bytes)?.0)
+    }
+
+    /// Decodes the event and its `sealed` field (absent on events written before v2).
+    pub fn decode_sealed(&self, bytes: &[u8]) -> Result<(PersonEvent, Option<SealedPersonalData>), CodecError> {
         let (kind, value) = self.decode_value(bytes)?;
+        let sealed = sealed_of(&value)?;
+        Ok((Self::typed_event(kind, &value)?, sealed))
+    }
+
+    fn typed_event(kind: EventKind, value: &apache_avro::types::Value) -> Result<PersonEvent, CodecError> {
         fn typed<T: DeserializeOwned>(value: &apache_avro::types::Value) -> Result<T, CodecError> {
             from_value(value).map_err(avro_err)
         }
         Ok(match kind {
-            EventKind::PersonRegistered => PersonEvent::Registered(typed(&value)?),
-            EventKind::PersonRenamed => PersonEvent::Renamed(typed(&value)?),
-            EventKind::ContactDetailsChanged => PersonEvent::ContactChanged(typed(&value)?),
-            EventKind::AddressChanged => PersonEvent::AddressChanged(typed(&value)?),
-            EventKind::NoteAdded => PersonEvent::NoteAdded(typed(&value)?),
-            EventKind::PersonTagged => PersonEvent::Tagged(typed(&value)?),
-            EventKind::PersonUntagged => PersonEvent::Untagged(typed(&value)?),
-            EventKind::PersonArchived => PersonEvent::Archived(typed(&value)?),
+            EventKind::PersonRegistered => PersonEvent::Registered(typed(value)?),
+            EventKind::PersonRenamed => PersonEvent::Renamed(typed(value)?),
+            EventKind::ContactDetailsChanged => PersonEvent::ContactChanged(typed(value)?),
+            EventKind::AddressChanged => PersonEvent::AddressChanged(typed(value)?),
+            EventKind::NoteAdded => PersonEvent::NoteAdded(typed(value)?),
+            EventKind::PersonTagged => PersonEvent::Tagged(typed(value)?),
+            EventKind::PersonUntagged => PersonEvent::Untagged(typed(value)?),
+            EventKind::PersonArchived => PersonEvent::Archived(typed(value)?),
+            EventKind::PersonErased => PersonEvent::Erased(typed(value)?),
         })
+    }
+}
+
+/// The field of v2 records that holds the sealed personal data.
+pub const SEALED_FIELD: &str = "sealed";
+
+/// The `sealed` field of a decoded record, if set.
+fn sealed_of(value: &apache_avro::types::Value) -> Result<Option<SealedPersonalData>, CodecError> {
+    use apache_avro::types::Value;
+    let Value::Record(fields) = value else { return Ok(None) };
+    match fields.iter().find(|(name, _)| name == SEALED_FIELD).map(|(_, v)| v) {
+        Some(Value::Union(_, inner)) if !matches!(**inner, Value::Null) => {
+            from_value(inner).map(Some).map_err(avro_err)
+        }
+        _ => Ok(None),
     }
 }

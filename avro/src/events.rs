@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::schemas::EventKind;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Address {
     pub line1: String,
     pub line2: Option<String>,
@@ -116,6 +116,44 @@ pub struct PersonArchived {
     pub reason: Option<String>,
 }
 
+/// The person's data key is destroyed; carries no personal data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersonErased {
+    #[serde(with = "uuid_string")]
+    pub event_id: Uuid,
+    #[serde(with = "uuid_string")]
+    pub person_id: Uuid,
+    #[serde(with = "timestamp_micros")]
+    pub occurred_at: DateTime<Utc>,
+    pub correlation_id: String,
+}
+
+/// An event's personal fields, the plaintext of [`SealedPersonalData`] (`PersonalData.avsc`).
+/// Only the fields the event carries are set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersonalData {
+    pub given_name: Option<String>,
+    pub family_name: Option<String>,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    #[serde(with = "optional_date")]
+    pub date_of_birth: Option<NaiveDate>,
+    pub address: Option<Address>,
+    pub text: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// The `sealed` field of v2 events: [`PersonalData`] encrypted with the person's data key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedPersonalData {
+    pub key_id: String,
+    pub algorithm: String,
+    #[serde(with = "serde_bytes")]
+    pub nonce: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub ciphertext: Vec<u8>,
+}
+
 /// Every event of the person topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PersonEvent {
@@ -127,6 +165,7 @@ pub enum PersonEvent {
     Tagged(TagChanged),
     Untagged(TagChanged),
     Archived(PersonArchived),
+    Erased(PersonErased),
 }
 
 /// The four fields every event carries, borrowed from whichever variant holds them.
@@ -160,6 +199,7 @@ impl PersonEvent {
             PersonEvent::Tagged(_) => EventKind::PersonTagged,
             PersonEvent::Untagged(_) => EventKind::PersonUntagged,
             PersonEvent::Archived(_) => EventKind::PersonArchived,
+            PersonEvent::Erased(_) => EventKind::PersonErased,
         }
     }
 
@@ -172,7 +212,70 @@ impl PersonEvent {
             PersonEvent::NoteAdded(e) => meta_of!(e),
             PersonEvent::Tagged(e) | PersonEvent::Untagged(e) => meta_of!(e),
             PersonEvent::Archived(e) => meta_of!(e),
+            PersonEvent::Erased(e) => meta_of!(e),
         }
+    }
+
+    /// Moves the personal fields out, leaving them blank: empty strings where the schema
+    /// requires a value, `None` elsewhere. What remains is safe to write in clear.
+    pub fn take_personal(&mut self) -> PersonalData {
+        use std::mem::take;
+        match self {
+            PersonEvent::Registered(e) => PersonalData {
+                given_name: Some(take(&mut e.given_name)),
+                family_name: Some(take(&mut e.family_name)),
+                email: e.email.take(),
+                phone: e.phone.take(),
+                date_of_birth: e.date_of_birth.take(),
+                address: e.address.take(),
+                ..PersonalData::default()
+            },
+            PersonEvent::Renamed(e) => PersonalData {
+                given_name: Some(take(&mut e.given_name)),
+                family_name: Some(take(&mut e.family_name)),
+                ..PersonalData::default()
+            },
+            PersonEvent::ContactChanged(e) => {
+                PersonalData { email: e.email.take(), phone: e.phone.take(), ..PersonalData::default() }
+            }
+            PersonEvent::AddressChanged(e) => {
+                PersonalData { address: Some(take(&mut e.address)), ..PersonalData::default() }
+            }
+            PersonEvent::NoteAdded(e) => PersonalData { text: Some(take(&mut e.text)), ..PersonalData::default() },
+            PersonEvent::Archived(e) => PersonalData { reason: e.reason.take(), ..PersonalData::default() },
+            PersonEvent::Tagged(_) | PersonEvent::Untagged(_) | PersonEvent::Erased(_) => PersonalData::default(),
+        }
+    }
+
+    /// Puts personal fields taken by [`take_personal`](Self::take_personal) back.
+    pub fn restore_personal(&mut self, data: PersonalData) {
+        match self {
+            PersonEvent::Registered(e) => {
+                e.given_name = data.given_name.unwrap_or_default();
+                e.family_name = data.family_name.unwrap_or_default();
+                e.email = data.email;
+                e.phone = data.phone;
+                e.date_of_birth = data.date_of_birth;
+                e.address = data.address;
+            }
+            PersonEvent::Renamed(e) => {
+                e.given_name = data.given_name.unwrap_or_default();
+                e.family_name = data.family_name.unwrap_or_default();
+            }
+            PersonEvent::ContactChanged(e) => {
+                e.email = data.email;
+                e.phone = data.phone;
+            }
+            PersonEvent::AddressChanged(e) => e.address = data.address.unwrap_or_default(),
+            PersonEvent::NoteAdded(e) => e.text = data.text.unwrap_or_default(),
+            PersonEvent::Archived(e) => e.reason = data.reason,
+            PersonEvent::Tagged(_) | PersonEvent::Untagged(_) | PersonEvent::Erased(_) => {}
+        }
+    }
+
+    /// Whether this kind of event carries personal fields (and so a `sealed` field from v2).
+    pub fn carries_personal_data(&self) -> bool {
+        self.kind().carries_personal_data()
     }
 }
 

@@ -18,10 +18,11 @@ pub enum EventKind {
     PersonTagged,
     PersonUntagged,
     PersonArchived,
+    PersonErased,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 8] = [
+    pub const ALL: [EventKind; 9] = [
         EventKind::PersonRegistered,
         EventKind::PersonRenamed,
         EventKind::ContactDetailsChanged,
@@ -30,6 +31,7 @@ impl EventKind {
         EventKind::PersonTagged,
         EventKind::PersonUntagged,
         EventKind::PersonArchived,
+        EventKind::PersonErased,
     ];
 
     /// The record's short name, also used as the `event_type` header and metric label.
@@ -43,7 +45,13 @@ impl EventKind {
             EventKind::PersonTagged => "PersonTagged",
             EventKind::PersonUntagged => "PersonUntagged",
             EventKind::PersonArchived => "PersonArchived",
+            EventKind::PersonErased => "PersonErased",
         }
+    }
+
+    /// Whether records of this kind carry personal fields, sealed from schema v2 on.
+    pub fn carries_personal_data(self) -> bool {
+        !matches!(self, EventKind::PersonTagged | EventKind::PersonUntagged | EventKind::PersonErased)
     }
 
     /// The record's full name, as a Confluent `RecordNameStrategy` subject uses it.
@@ -69,6 +77,7 @@ impl EventKind {
             EventKind::PersonTagged => include_str!("../schemas/PersonTagged.avsc"),
             EventKind::PersonUntagged => include_str!("../schemas/PersonUntagged.avsc"),
             EventKind::PersonArchived => include_str!("../schemas/PersonArchived.avsc"),
+            EventKind::PersonErased => include_str!("../schemas/PersonErased.avsc"),
         }
     }
 
@@ -92,6 +101,14 @@ impl EventKind {
     pub fn subject(self, topic: &str) -> String {
         format!("{topic}-{}", self.full_name())
     }
+}
+
+/// The schema of the plaintext inside a `sealed` field.
+pub fn personal_data_schema() -> &'static Schema {
+    static SCHEMA: OnceLock<Schema> = OnceLock::new();
+    SCHEMA.get_or_init(|| {
+        Schema::parse_str(include_str!("../schemas/PersonalData.avsc")).expect("PersonalData.avsc parses")
+    })
 }
 
 /// The record an `export --format avro` file holds: an event's position in the log and the
@@ -119,7 +136,9 @@ pub fn export_schema() -> &'static apache_avro::Schema {
                 {"name": "offset", "type": "long"},
                 {"name": "timestamp", "type": {"type": "long", "logicalType": "timestamp-millis"}},
                 {"name": "key", "type": "string"},
-                {"name": "event", "type": events}
+                {"name": "event", "type": events},
+                {"name": "erased", "type": "boolean", "default": false,
+                 "doc": "The person was erased: the event's personal fields are blank and its sealed field is dropped."}
             ]
         });
         Schema::parse(&schema).expect("export schema parses")

@@ -31,7 +31,7 @@ fn batch(next_offset: &AtomicU64) -> Vec<ProjectedEvent> {
         .map(|i| {
             let id = ids[(i % 25) as usize];
             let event = if i < 25 { fixtures::registered_as(id) } else { fixtures::note_for(id, i) };
-            ProjectedEvent { partition: 0, offset: start + i, timestamp_ms: 0, event, principal: None }
+            ProjectedEvent { partition: 0, offset: start + i, timestamp_ms: 0, event, principal: None, erased: false }
         })
         .collect()
 }
@@ -149,7 +149,14 @@ fn large_index(runtime: &tokio::runtime::Runtime, notes: u64) -> TantivySearchIn
             if let callisto_avro::PersonEvent::Registered(e) = &mut registered {
                 e.tags = vec![if i % 10 == 0 { "vip".into() } else { "standard".into() }];
             }
-            events.push(ProjectedEvent { partition: 0, offset, timestamp_ms: 0, event: registered, principal: None });
+            events.push(ProjectedEvent {
+                partition: 0,
+                offset,
+                timestamp_ms: 0,
+                event: registered,
+                principal: None,
+                erased: false,
+            });
             offset += 1;
         }
         for n in 0..(per_batch - persons_per_batch) {
@@ -160,6 +167,7 @@ fn large_index(runtime: &tokio::runtime::Runtime, notes: u64) -> TantivySearchIn
                 timestamp_ms: 0,
                 event: fixtures::note_for(id, built + n),
                 principal: None,
+                erased: false,
             });
             offset += 1;
         }

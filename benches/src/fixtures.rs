@@ -102,7 +102,14 @@ pub fn note_for(person_id: Uuid, n: u64) -> PersonEvent {
 /// A stored person document as JSON: the size the read store writes per event.
 pub fn document_bytes() -> Vec<u8> {
     use callisto_core::readmodel::{ProjectedEvent, fold};
-    let event = ProjectedEvent { partition: 0, offset: 0, timestamp_ms: 0, event: registered(), principal: None };
+    let event = ProjectedEvent {
+        partition: 0,
+        offset: 0,
+        timestamp_ms: 0,
+        event: registered(),
+        principal: None,
+        erased: false,
+    };
     let doc = fold(None, &event).expect("a registration makes a document");
     serde_json::to_vec(&doc).expect("documents serialize")
 }

@@ -26,10 +26,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use callisto_avro::Codec;
 use callisto_core::config::Settings;
 use callisto_core::http::{ApiJsonOrEmpty, Problem, Router};
 use callisto_core::log::EventLog;
+use callisto_core::privacy::EventReader;
 use callisto_core::readmodel::Projection;
 use callisto_core::readmodel::switch::{SwitchedReadStore, SwitchedSearchIndex};
 use callisto_core::replay::Position;
@@ -247,12 +247,13 @@ pub async fn dlq(settings: &Settings, command: DlqCommand, api_key: Option<&str>
         anyhow::ensure!(status.is_success(), "{}", body["detail"].as_str().unwrap_or("the dev server refused"));
         return Ok(body);
     }
-    let side = crate::backends::open_log(settings)?;
-    let (log, codec) = (side.log.as_ref(), side.codec.as_ref());
+    let side = crate::backends::open_log(settings).await?;
+    let reader = side.reader();
+    let (log, reader) = (side.log.as_ref(), reader.as_ref());
     Ok(match command {
         DlqCommand::List => serde_json::to_value(crate::dlq::list(log, &dlq_topic).await?)?,
         DlqCommand::Show(id) => {
-            serde_json::to_value(crate::dlq::show(log, codec, &dlq_topic, &id).await.map_err(anyhow::Error::msg)?)?
+            serde_json::to_value(crate::dlq::show(log, reader, &dlq_topic, &id).await.map_err(anyhow::Error::msg)?)?
         }
         DlqCommand::Replay(ids) => {
             let read =
@@ -262,7 +263,7 @@ pub async fn dlq(settings: &Settings, command: DlqCommand, api_key: Option<&str>
                 ("documents", read.store as Arc<dyn Projection>),
                 ("search", read.search as Arc<dyn Projection>),
             ]);
-            let report = crate::dlq::redrive(log, codec, &dlq_topic, &projections, ids.as_deref())
+            let report = crate::dlq::redrive(log, reader, &dlq_topic, &projections, ids.as_deref())
                 .await
                 .map_err(anyhow::Error::msg)?;
             serde_json::to_value(report)?
@@ -291,7 +292,7 @@ struct DevState {
 pub struct DevGenerations {
     settings: Settings,
     log: Arc<dyn EventLog>,
-    codec: Arc<Codec>,
+    reader: Arc<EventReader>,
     pub store: Arc<SwitchedReadStore>,
     pub search: Arc<SwitchedSearchIndex>,
     state: Mutex<DevState>,
@@ -301,11 +302,15 @@ pub struct DevGenerations {
 
 impl DevGenerations {
     /// Starts the live generation (and the previous one, kept current for an instant rollback).
-    pub async fn open(settings: &Settings, log: Arc<dyn EventLog>, codec: Arc<Codec>) -> anyhow::Result<Arc<Self>> {
+    pub async fn open(
+        settings: &Settings,
+        log: Arc<dyn EventLog>,
+        reader: Arc<EventReader>,
+    ) -> anyhow::Result<Arc<Self>> {
         let gens = Generations::load(&settings.storage.data_dir)?;
         let mut runtimes = HashMap::new();
         for generation in [Some(gens.live), gens.previous].into_iter().flatten() {
-            let runtime = GenerationRuntime::start(settings, log.clone(), codec.clone(), generation, None).await?;
+            let runtime = GenerationRuntime::start(settings, log.clone(), reader.clone(), generation, None).await?;
             runtimes.insert(generation, runtime);
         }
         let live = &runtimes[&gens.live];
@@ -313,13 +318,65 @@ impl DevGenerations {
         let search = Arc::new(SwitchedSearchIndex::new(live.search.clone()));
         let state = Mutex::new(DevState { gens, runtimes, job: None });
         let latest = Arc::new(std::sync::Mutex::new(None));
-        Ok(Arc::new(Self { settings: settings.clone(), log, codec, store, search, state, latest }))
+        Ok(Arc::new(Self { settings: settings.clone(), log, reader, store, search, state, latest }))
     }
 
     pub async fn stop(&self) {
         let runtimes: Vec<_> = self.state.lock().await.runtimes.drain().map(|(_, r)| r).collect();
         for runtime in runtimes {
             runtime.stop().await;
+        }
+    }
+
+    /// Compacts every kept generation's read models, then the key store.
+    pub async fn compact(&self) -> anyhow::Result<Compacted> {
+        let state = self.state.lock().await;
+        let mut generations = Vec::new();
+        for (generation, runtime) in &state.runtimes {
+            runtime.store.compact().await.with_context(|| format!("compacting generation {generation}'s documents"))?;
+            runtime
+                .search
+                .compact()
+                .await
+                .with_context(|| format!("compacting generation {generation}'s search index"))?;
+            generations.push(*generation);
+        }
+        drop(state);
+        self.reader.keyring.compact().await.context("compacting the key store")?;
+        generations.sort_unstable();
+        tracing::info!(?generations, "compacted read models and key store");
+        Ok(Compacted { generations, key_store: true })
+    }
+
+    /// Compacts after erasures, every `period`: at the first tick that finds an erasure a tick
+    /// old, so the projectors have applied it. Plaintext of an erased person therefore leaves
+    /// the embedded files within two periods. Ends with `shutdown`.
+    pub async fn compact_after_erasures(
+        self: Arc<Self>,
+        period: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut compacted = self.reader.keyring.destroyed_count();
+        let mut due: Option<u64> = None;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Some(count) = due.take() {
+                match self.compact().await {
+                    Ok(_) => compacted = count,
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "scheduled compaction failed; retrying next period")
+                    }
+                }
+            }
+            let now = self.reader.keyring.destroyed_count();
+            if now != compacted {
+                due = Some(now);
+            }
         }
     }
 
@@ -372,7 +429,7 @@ impl DevGenerations {
         let topic = self.settings.log.topic.clone();
         let starts = start_offsets(self.log.as_ref(), &topic, from).await?;
         let runtime =
-            GenerationRuntime::start(&self.settings, self.log.clone(), self.codec.clone(), generation, starts.clone())
+            GenerationRuntime::start(&self.settings, self.log.clone(), self.reader.clone(), generation, starts.clone())
                 .await?;
         let latest = self.latest.clone();
         let reference = {
@@ -449,6 +506,7 @@ impl DevGenerations {
             .route("/admin/v1/dlq/replay", post(dlq_replay))
             .route("/admin/v1/dlq/purge", post(dlq_purge))
             .route("/admin/v1/dlq/{id}", axum::routing::get(dlq_show))
+            .route("/admin/v1/compact", post(compact))
             .with_state(self);
         auth.protect(routes, callisto_core::auth::Rule::ADMIN)
     }
@@ -458,7 +516,18 @@ const PROBLEM: &str = "application/problem+json";
 
 #[derive(utoipa::OpenApi)]
 #[openapi(
-    paths(start_replay, replay_status, rollback, drop_old, export_stream, dlq_list, dlq_show, dlq_replay, dlq_purge),
+    paths(
+        start_replay,
+        replay_status,
+        rollback,
+        drop_old,
+        export_stream,
+        dlq_list,
+        dlq_show,
+        dlq_replay,
+        dlq_purge,
+        compact
+    ),
     components(schemas(Problem, callisto_core::http::FieldError))
 )]
 struct AdminApi;
@@ -538,7 +607,7 @@ async fn dlq_show(
     callisto_core::http::ApiPath(id): callisto_core::http::ApiPath<String>,
 ) -> Result<Json<crate::dlq::Detail>, Problem> {
     crate::dlq::parse_id(&id).map_err(|e| Problem::malformed(e.clone()).with_field("id", e))?;
-    crate::dlq::show(dev.log.as_ref(), &dev.codec, &dev.dlq_topic(), &id).await.map(Json).map_err(Problem::not_found)
+    crate::dlq::show(dev.log.as_ref(), &dev.reader, &dev.dlq_topic(), &id).await.map(Json).map_err(Problem::not_found)
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
@@ -563,10 +632,25 @@ async fn dlq_replay(
         ("search", dev.search.clone() as Arc<dyn Projection>),
     ]);
     let report =
-        crate::dlq::redrive(dev.log.as_ref(), &dev.codec, &dev.dlq_topic(), &projections, body.value.ids.as_deref())
+        crate::dlq::redrive(dev.log.as_ref(), &dev.reader, &dev.dlq_topic(), &projections, body.value.ids.as_deref())
             .await
             .map_err(Problem::not_found)?;
     Ok(Json(report))
+}
+
+/// What a compaction did.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Compacted {
+    /// The generations whose read models were compacted.
+    pub generations: Vec<u32>,
+    pub key_store: bool,
+}
+
+/// Compacts every kept generation's read models and the key store, so what erasures deleted
+/// leaves the files on disk now rather than at the next scheduled compaction.
+#[utoipa::path(post, path = "/admin/v1/compact", tag = "admin", responses((status = 200, body = Compacted), (status = "4XX", body = Problem, content_type = PROBLEM), (status = 503, body = Problem, content_type = PROBLEM)))]
+async fn compact(State(dev): State<Arc<DevGenerations>>) -> Result<Json<Compacted>, Problem> {
+    Ok(Json(dev.compact().await.map_err(unavailable)?))
 }
 
 /// Deletes every dead letter.
@@ -628,10 +712,10 @@ async fn export_stream(
         .await
         .map_err(|e| Problem::malformed(e.to_string()).with_field("partitions", e.to_string()))?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(8);
-    let (log, codec, topic) = (dev.log.clone(), dev.codec.clone(), dev.settings.log.topic.clone());
+    let (log, reader, topic) = (dev.log.clone(), dev.reader.clone(), dev.settings.log.topic.clone());
     tokio::spawn(async move {
         let mut sink = ChannelSink(tx.clone());
-        let sent = crate::export::export(log, codec, &topic, &selection, |_| {}, || {}, &mut sink).await;
+        let sent = crate::export::export(log, reader, &topic, &selection, |_| {}, || {}, &mut sink).await;
         if let Err(e) = sent {
             // Aborting the body tells the client the export is incomplete.
             let _ = tx.send(Err(std::io::Error::other(format!("{e:#}")))).await;

@@ -4,7 +4,9 @@
 //! - `schemas.redb`: the schema registry, unless `schema_registry.url` names a
 //!   Confluent-compatible one;
 //! - `readmodel.redb`: person documents, timelines and their checkpoints;
-//! - `search/`: the tantivy index, its checkpoint in its commit payload.
+//! - `search/`: the tantivy index, its checkpoint in its commit payload;
+//! - `keys.redb` and `master.key`: the per-person data keys (wrapped) and the master key that
+//!   wraps them, unless `privacy.key_store` is `mongodb` and `privacy.master_key_file` is set.
 //!
 //! Each is locked by the process that opens it: one Callisto process per data dir.
 //!
@@ -19,15 +21,27 @@ use callisto_core::config::Settings;
 use callisto_core::log::{EmbeddedLog, EmbeddedLogOptions, EventLog, KafkaLog, KafkaLogOptions};
 use std::time::Duration;
 
+use callisto_core::privacy::embedded::EmbeddedKeyStore;
+use callisto_core::privacy::mongo::MongoKeyStore;
+use callisto_core::privacy::{EventReader, KeyStore, Keyring, KeyringOptions, load_master_key};
 use callisto_core::readmodel::elastic::{ElasticOptions, ElasticSearchIndex};
 use callisto_core::readmodel::embedded::EmbeddedReadStore;
-use callisto_core::readmodel::mongo::{MongoOptions, MongoReadStore};
+use callisto_core::readmodel::mongo::{MongoOptions, MongoReadStore, connect_database};
 use callisto_core::readmodel::search::TantivySearchIndex;
 use callisto_core::readmodel::{ReadStore, SearchIndex};
 
 pub struct LogSide {
     pub log: Arc<dyn EventLog>,
     pub codec: Arc<Codec>,
+    /// Seals events for writers and opens them for readers.
+    pub keyring: Arc<Keyring>,
+}
+
+impl LogSide {
+    /// How readers of the log (projectors, export, dlq) decode and open events.
+    pub fn reader(&self) -> Arc<EventReader> {
+        Arc::new(EventReader::new(self.codec.clone(), self.keyring.clone()))
+    }
 }
 
 pub struct EmbeddedReadSide {
@@ -39,7 +53,54 @@ fn in_use(what: &str, dir: &std::path::Path) -> String {
     format!("opening the {what} in {} (is another callisto process using this data dir?)", dir.display())
 }
 
-pub fn open_log(settings: &Settings) -> anyhow::Result<LogSide> {
+/// MongoDB connection options from `mongodb.*`, when `mongodb.uri` is set.
+fn mongo_options(settings: &Settings) -> Option<MongoOptions> {
+    let m = &settings.mongodb;
+    let mut options = MongoOptions::new(m.uri.clone()?, m.database.clone());
+    options.write_concern = m.write_concern.clone();
+    options.read_concern = m.read_concern.clone();
+    options.timeout = Duration::from_millis(m.timeout_ms);
+    Some(options)
+}
+
+/// The key store `privacy.key_store` names (MongoDB by default when `mongodb.uri` is set) and
+/// the master key, behind the [`Keyring`].
+pub async fn open_keyring(settings: &Settings) -> anyhow::Result<Arc<Keyring>> {
+    let privacy = &settings.privacy;
+    let dir = &settings.storage.data_dir;
+    let mongo = mongo_options(settings);
+    let kind = privacy.key_store.clone().unwrap_or_else(|| if mongo.is_some() { "mongodb" } else { "embedded" }.into());
+    let store: Arc<dyn KeyStore> = match kind.as_str() {
+        "embedded" => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+            Arc::new(
+                EmbeddedKeyStore::open(&dir.join(callisto_core::privacy::embedded::FILE))
+                    .with_context(|| in_use("key store", dir))?,
+            )
+        }
+        "mongodb" => {
+            let options = mongo.context("privacy.key_store = mongodb needs mongodb.uri")?;
+            let db = connect_database(&options).await.context("connecting to MongoDB for the key store")?;
+            Arc::new(MongoKeyStore::new(&db))
+        }
+        other => anyhow::bail!("privacy.key_store must be embedded or mongodb, not {other:?}"),
+    };
+    // Only the default location is created on demand; a configured file must exist.
+    let master = load_master_key(&privacy.master_key_path(&settings.storage), privacy.master_key_file.is_none())?;
+    let previous = privacy
+        .previous_master_key_files
+        .iter()
+        .map(|path| load_master_key(path, false))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let options = KeyringOptions {
+        cache_ttl: Duration::from_millis(privacy.key_cache_ttl_ms),
+        cache_entries: privacy.key_cache_entries,
+        timeout: Duration::from_millis(privacy.timeout_ms),
+    };
+    Ok(Arc::new(Keyring::new(store, master, previous, &options)))
+}
+
+pub async fn open_log(settings: &Settings) -> anyhow::Result<LogSide> {
     let dir = &settings.storage.data_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
     let registry: Arc<dyn SchemaRegistry> = match &settings.schema_registry.url {
@@ -75,7 +136,8 @@ pub fn open_log(settings: &Settings) -> anyhow::Result<LogSide> {
             Arc::new(EmbeddedLog::open(&dir.join("log.redb"), options).with_context(|| in_use("event log", dir))?)
         }
     };
-    Ok(LogSide { log, codec: Arc::new(codec) })
+    let keyring = open_keyring(settings).await?;
+    Ok(LogSide { log, codec: Arc::new(codec), keyring })
 }
 
 /// The read models the projector and query API serve from: MongoDB and Elasticsearch where
@@ -107,12 +169,8 @@ pub async fn open_configured_read_models(settings: &Settings, usage: ReadModelUs
     };
     let embedded = || embedded.as_ref().expect("opened when a server is not configured");
     let store: Arc<dyn ReadStore> = match &settings.mongodb.uri {
-        Some(uri) => {
-            let m = &settings.mongodb;
-            let mut options = MongoOptions::new(uri.clone(), m.database.clone());
-            options.write_concern = m.write_concern.clone();
-            options.read_concern = m.read_concern.clone();
-            options.timeout = Duration::from_millis(m.timeout_ms);
+        Some(_) => {
+            let mut options = mongo_options(settings).expect("mongodb.uri is set");
             options.checkpoint_poll = poll;
             MongoReadStore::connect(&options).await.context("connecting to MongoDB")?
         }

@@ -15,8 +15,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use callisto_avro::Codec;
 use callisto_core::log::{EventLog, LogError, Record};
+use callisto_core::privacy::EventReader;
 use callisto_core::readmodel::{ProjectedEvent, Projection, timeline_entry};
 use callisto_projectors::dlq as headers;
 use serde::{Deserialize, Serialize};
@@ -49,8 +49,10 @@ pub struct Detail {
     /// Header values as text where they are UTF-8, else as hex.
     pub headers: Vec<(String, String)>,
     pub key: String,
-    pub payload_hex: String,
-    /// The event as it decodes with today's schemas, or why it does not.
+    /// The original bytes; withheld for an erased person, whose events may predate sealing.
+    pub payload_hex: Option<String>,
+    /// The event as it decodes with today's schemas and opens with the keyring (personal
+    /// fields absent and `erased: true` for an erased person), or why it does not.
     pub decoded: Option<serde_json::Value>,
     pub decode_error: Option<String>,
 }
@@ -134,20 +136,20 @@ async fn one(log: &dyn EventLog, dlq_topic: &str, id: &str) -> Result<Record, St
     found.into_iter().find(|r| r.offset == offset).ok_or_else(|| format!("no dead letter {id}"))
 }
 
-pub async fn show(log: &dyn EventLog, codec: &Codec, dlq_topic: &str, id: &str) -> Result<Detail, String> {
+pub async fn show(log: &dyn EventLog, reader: &EventReader, dlq_topic: &str, id: &str) -> Result<Detail, String> {
     let record = one(log, dlq_topic, id).await?;
-    let (decoded, decode_error) = match codec.decode(&record.payload) {
-        Ok(event) => {
+    let (decoded, decode_error, erased) = match reader.read(&record.payload).await {
+        Ok(opened) => {
             let source_partition = text(record.header(headers::SOURCE_PARTITION)).parse().unwrap_or(record.partition);
             let source_offset = text(record.header(headers::SOURCE_OFFSET)).parse().unwrap_or(record.offset);
             let projected = ProjectedEvent {
                 partition: source_partition,
                 offset: source_offset,
-                ..ProjectedEvent::from_record(&record, event)
+                ..ProjectedEvent::from_opened(&record, opened)
             };
-            (serde_json::to_value(timeline_entry(&projected)).ok(), None)
+            (serde_json::to_value(timeline_entry(&projected)).ok(), None, projected.erased)
         }
-        Err(e) => (None, Some(e.to_string())),
+        Err(e) => (None, Some(e.to_string()), false),
     };
     Ok(Detail {
         entry: entry_of(&record),
@@ -161,7 +163,7 @@ pub async fn show(log: &dyn EventLog, codec: &Codec, dlq_topic: &str, id: &str) 
             })
             .collect(),
         key: String::from_utf8_lossy(&record.key).into_owned(),
-        payload_hex: hex(&record.payload),
+        payload_hex: (!erased).then(|| hex(&record.payload)),
         decoded,
         decode_error,
     })
@@ -170,7 +172,7 @@ pub async fn show(log: &dyn EventLog, codec: &Codec, dlq_topic: &str, id: &str) 
 /// Re-drives the given dead letters (all when `ids` is `None`) through their projections.
 pub async fn redrive(
     log: &dyn EventLog,
-    codec: &Codec,
+    reader: &EventReader,
     dlq_topic: &str,
     projections: &HashMap<&'static str, Arc<dyn Projection>>,
     ids: Option<&[String]>,
@@ -192,12 +194,12 @@ pub async fn redrive(
             let projection = projections
                 .get(entry.projection.as_str())
                 .ok_or_else(|| format!("unknown projection {:?}", entry.projection))?;
-            let event = codec.decode(&record.payload).map_err(|e| format!("still does not decode: {e}"))?;
+            let opened = reader.read(&record.payload).await.map_err(|e| format!("still does not read: {e}"))?;
             let partition =
                 text(record.header(headers::SOURCE_PARTITION)).parse().map_err(|_| "no source partition".to_owned())?;
             let offset =
                 text(record.header(headers::SOURCE_OFFSET)).parse().map_err(|_| "no source offset".to_owned())?;
-            let projected = ProjectedEvent { partition, offset, ..ProjectedEvent::from_record(&record, event) };
+            let projected = ProjectedEvent { partition, offset, ..ProjectedEvent::from_opened(&record, opened) };
             // Re-driving must not move the partition's checkpoint: the projector already went
             // past this event, and any other position would skip or repeat live events.
             let checkpoints = projection.checkpoints().await.map_err(|e| e.to_string())?;

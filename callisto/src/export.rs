@@ -14,6 +14,7 @@ use apache_avro::types::Value;
 use callisto_avro::{Codec, EventKind};
 use callisto_core::config::Settings;
 use callisto_core::log::{EventLog, LogError, Record};
+use callisto_core::privacy::{EventReader, Opened};
 use callisto_core::readmodel::{ProjectedEvent, timeline_entry};
 use callisto_core::replay::{Position, ReplayRequest, Replayed, plan, stream};
 use futures::StreamExt;
@@ -73,7 +74,7 @@ impl ChunkSink for WriteSink {
 /// the number of records the export will read, `on_record` ticks once per record.
 pub async fn export(
     log: Arc<dyn EventLog>,
-    codec: Arc<Codec>,
+    reader: Arc<EventReader>,
     topic: &str,
     selection: &Selection,
     on_planned: impl FnOnce(u64),
@@ -90,7 +91,7 @@ pub async fn export(
     on_planned(spans.iter().map(|s| s.len()).sum());
     let mut summary =
         ExportSummary { topic: topic.to_owned(), format: selection.format, records: 0, undecodable: 0, bytes: 0 };
-    let mut records = std::pin::pin!(stream(log, codec.clone(), topic.to_owned(), spans));
+    let mut records = std::pin::pin!(stream(log, reader, topic.to_owned(), spans));
     match selection.format {
         Format::Jsonl => {
             let mut buffer = Vec::with_capacity(CHUNK + 1024);
@@ -110,7 +111,7 @@ pub async fn export(
             let mut writer = apache_avro::Writer::new(callisto_avro::schemas::export_schema(), Vec::new());
             while let Some(replayed) = next(&mut records, &mut summary).await? {
                 on_record();
-                if let Some(row) = avro_row(&codec, &replayed.record) {
+                if let Some(row) = avro_row(&replayed) {
                     writer.append(row).context("writing an Avro record")?;
                 }
                 if writer.get_ref().len() >= CHUNK {
@@ -149,7 +150,7 @@ pub async fn run_direct(
     output: Option<PathBuf>,
     progress: bool,
 ) -> anyhow::Result<ExportSummary> {
-    let side = backends::open_log(settings)?;
+    let side = backends::open_log(settings).await?;
     let bar = crate::replay::progress_bar(progress);
     let file: Box<dyn Write + Send> = match &output {
         Some(path) => Box::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?),
@@ -158,7 +159,7 @@ pub async fn run_direct(
     let mut sink = WriteSink(Box::new(std::io::BufWriter::new(file)));
     let summary = export(
         side.log.clone(),
-        side.codec.clone(),
+        side.reader(),
         &settings.log.topic,
         selection,
         |total| bar.set_length(total),
@@ -171,9 +172,13 @@ pub async fn run_direct(
     Ok(summary)
 }
 
-/// The Avro row of one record, or `None` when its payload does not decode.
-fn avro_row(codec: &Codec, record: &Record) -> Option<Value> {
-    let (kind, value) = codec.decode_value(&record.payload).ok()?;
+/// The Avro row of one record, or `None` when its payload does not read. Personal fields are
+/// in clear, or blank with `erased: true` for an erased person; `sealed` is never written.
+fn avro_row(replayed: &Replayed) -> Option<Value> {
+    let record = &replayed.record;
+    let opened = replayed.event.as_ref().ok()?;
+    let value = Codec::to_value(&opened.event).ok()?;
+    let kind = opened.event.kind();
     let branch = EventKind::ALL.iter().position(|k| *k == kind)? as u32;
     Some(Value::Record(vec![
         ("topic".into(), Value::String(record.topic.clone())),
@@ -182,10 +187,11 @@ fn avro_row(codec: &Codec, record: &Record) -> Option<Value> {
         ("timestamp".into(), Value::TimestampMillis(record.timestamp_ms)),
         ("key".into(), Value::String(String::from_utf8_lossy(&record.key).into_owned())),
         ("event".into(), Value::Union(branch, Box::new(value))),
+        ("erased".into(), Value::Boolean(opened.erased)),
     ]))
 }
 
-fn jsonl_line(record: &Record, event: &Result<callisto_avro::PersonEvent, String>) -> serde_json::Value {
+fn jsonl_line(record: &Record, event: &Result<Opened, String>) -> serde_json::Value {
     let timestamp = chrono::DateTime::from_timestamp_millis(record.timestamp_ms).map(|t| t.to_rfc3339());
     let mut line = serde_json::json!({
         "topic": record.topic,
@@ -195,9 +201,12 @@ fn jsonl_line(record: &Record, event: &Result<callisto_avro::PersonEvent, String
         "key": String::from_utf8_lossy(&record.key),
     });
     match event {
-        Ok(event) => {
-            let projected = ProjectedEvent::from_record(record, event.clone());
+        Ok(opened) => {
+            let projected = ProjectedEvent::from_opened(record, opened.clone());
             line["event"] = serde_json::to_value(timeline_entry(&projected)).unwrap_or_default();
+            if opened.erased {
+                line["erased"] = serde_json::Value::Bool(true);
+            }
         }
         Err(error) => line["error"] = serde_json::Value::String(error.clone()),
     }

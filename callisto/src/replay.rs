@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use callisto_avro::Codec;
 use callisto_core::config::Settings;
 use callisto_core::log::EventLog;
+use callisto_core::privacy::EventReader;
 use callisto_core::readmodel::Projection;
 use callisto_core::readmodel::embedded::EmbeddedReadStore;
 use callisto_core::readmodel::search::TantivySearchIndex;
@@ -38,7 +38,7 @@ impl GenerationRuntime {
     pub async fn start(
         settings: &Settings,
         log: Arc<dyn EventLog>,
-        codec: Arc<Codec>,
+        reader: Arc<EventReader>,
         generation: u32,
         start_offsets: Option<Vec<u64>>,
     ) -> anyhow::Result<Self> {
@@ -48,7 +48,7 @@ impl GenerationRuntime {
         let mut projector_settings = callisto_projectors::ProjectorSettings::new(&settings.log.topic);
         projector_settings.start_offsets = start_offsets;
         projector_settings.group = format!("callisto-projectors.g{generation}");
-        let projector = callisto_projectors::Projector::new(log, codec, projections, projector_settings)
+        let projector = callisto_projectors::Projector::new(log, reader, projections, projector_settings)
             .start(shutdown.clone())
             .await?;
         Ok(Self { generation, store: side.store, search: side.search, shutdown, projector })
@@ -228,12 +228,11 @@ pub async fn run_direct(settings: &Settings, action: Action, show_progress: bool
                     next
                 }
             };
-            let side = backends::open_log(settings)?;
+            let side = backends::open_log(settings).await?;
             let starts = start_offsets(side.log.as_ref(), &settings.log.topic, from).await?;
             let started = Instant::now();
             let runtime =
-                GenerationRuntime::start(settings, side.log.clone(), side.codec.clone(), generation, starts.clone())
-                    .await?;
+                GenerationRuntime::start(settings, side.log.clone(), side.reader(), generation, starts.clone()).await?;
             let bar = progress_bar(show_progress);
             let done = catch_up(side.log.as_ref(), &settings.log.topic, &runtime, None, &starts, |p| {
                 bar.set_length(p.total);

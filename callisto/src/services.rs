@@ -32,8 +32,10 @@ pub async fn run_writer(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let auth = Auth::from_settings(&settings, security.insecure_no_auth).await?;
-    let embedded = backends::open_log(&settings)?;
-    let state = callisto_writers::state(&settings, embedded.log.clone(), embedded.codec.clone()).await?;
+    let embedded = backends::open_log(&settings).await?;
+    let state =
+        callisto_writers::state(&settings, embedded.log.clone(), embedded.codec.clone(), embedded.keyring.clone())
+            .await?;
     let app = callisto_writers::build(&settings, state, &auth);
     let listener = bind(&settings, "writer").await?;
     callisto_core::http::serve(listener, app, &settings.http.tls, shutdown).await?;
@@ -49,14 +51,14 @@ pub async fn run_projector(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let auth = Auth::from_settings(&settings, security.insecure_no_auth).await?;
-    let log_side = backends::open_log(&settings)?;
+    let log_side = backends::open_log(&settings).await?;
     let read_side = backends::open_configured_read_models(&settings, backends::ReadModelUse::Projecting).await?;
     let stop = CancellationToken::new();
     let projections: Vec<Arc<dyn Projection>> = vec![read_side.store.clone(), read_side.search.clone()];
     let settings_for_projector = callisto_projectors::ProjectorSettings::new(&settings.log.topic);
     let log = log_side.log.clone();
     log.ensure_topic(&settings.log.topic, settings.log.partitions).await?;
-    let projector = callisto_projectors::Projector::new(log, log_side.codec, projections, settings_for_projector)
+    let projector = callisto_projectors::Projector::new(log, log_side.reader(), projections, settings_for_projector)
         .start(stop.clone())
         .await?;
     let store = read_side.store.clone();
@@ -146,6 +148,7 @@ pub struct Dev {
     pub addr: SocketAddr,
     pub log: Arc<dyn EventLog>,
     pub codec: Arc<callisto_avro::Codec>,
+    pub keyring: Arc<callisto_core::privacy::Keyring>,
     /// What readers read: the live generation, behind the blue/green switch.
     pub store: Arc<SwitchedReadStore>,
     pub search: Arc<SwitchedSearchIndex>,
@@ -167,11 +170,12 @@ impl Dev {
             crate::keys::ensure_dev_key(settings)?;
         }
         let auth = Auth::from_settings(settings, security.insecure_no_auth).await?;
-        let log_side = backends::open_log(settings)?;
-        let (log, codec) = (log_side.log, log_side.codec);
-        let writer = callisto_writers::state(settings, log.clone(), codec.clone()).await?;
+        let log_side = backends::open_log(settings).await?;
+        let reader = log_side.reader();
+        let (log, codec, keyring) = (log_side.log, log_side.codec, log_side.keyring);
+        let writer = callisto_writers::state(settings, log.clone(), codec.clone(), keyring.clone()).await?;
         let partitions = log.partitions(&settings.log.topic).await?;
-        let generations = DevGenerations::open(settings, log.clone(), codec.clone()).await?;
+        let generations = DevGenerations::open(settings, log.clone(), reader).await?;
         let (store, search) = (generations.store.clone(), generations.search.clone());
 
         let query = callisto_query_api::QueryState {
@@ -183,13 +187,17 @@ impl Dev {
         let app = dev_router(settings, &auth, writer, query, generations.clone(), log.clone(), store.clone());
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
+        let period = settings.privacy.compact_after_erasure_secs;
+        if period > 0 {
+            tokio::spawn(generations.clone().compact_after_erasures(Duration::from_secs(period), shutdown.clone()));
+        }
         let tls = settings.http.tls.clone();
         let stopped = shutdown.clone().cancelled_owned();
         let server = tokio::spawn(async move { callisto_core::http::serve(listener, app, &tls, stopped).await });
         let data_dir = settings.storage.data_dir.clone();
         crate::admin::advertise(&data_dir, addr, settings.http.tls.enabled())
             .context("advertising the admin address")?;
-        Ok(Self { addr, log, codec, store, search, generations, data_dir, shutdown, server })
+        Ok(Self { addr, log, codec, keyring, store, search, generations, data_dir, shutdown, server })
     }
 
     /// Stops serving (draining in-flight requests), then stops every generation's projectors

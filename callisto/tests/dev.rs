@@ -241,7 +241,8 @@ async fn replaying_the_log_from_zero_rebuilds_identical_read_models() {
         ids.push(id);
     }
     let log = app.dev.log.clone();
-    let codec = app.dev.codec.clone();
+    // The same keyring as the dev server: the events are sealed with its keys.
+    let reader = Arc::new(callisto_core::privacy::EventReader::new(app.dev.codec.clone(), app.dev.keyring.clone()));
     let ends = log.end_offsets("persons").await.unwrap();
     wait_for_checkpoints(app.dev.store.as_ref(), &ends).await;
     wait_for_checkpoints(app.dev.search.as_ref(), &ends).await;
@@ -254,7 +255,7 @@ async fn replaying_the_log_from_zero_rebuilds_identical_read_models() {
     let projections: Vec<Arc<dyn Projection>> = vec![store.clone(), search.clone()];
     let projector = callisto_projectors::Projector::new(
         log.clone(),
-        codec,
+        reader,
         projections,
         callisto_projectors::ProjectorSettings::new("persons"),
     )

@@ -150,8 +150,7 @@ async fn a_projector_killed_mid_batch_resumes_without_loss_or_repeats() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     projector.terminate();
 
-    let codec = codec(&data);
-    let expected = fold_log(&log, &codec).await;
+    let expected = fold_log(&log, &common::reader_of(&data, codec(&data))).await;
     let read = callisto::backends::open_read_models(&settings).unwrap();
     let actual = all_persons(read.store.as_ref()).await;
     assert_eq!(actual.len(), PERSONS);

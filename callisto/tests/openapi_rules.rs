@@ -478,7 +478,7 @@ async fn what_the_document_calls_valid_is_accepted_and_each_declared_rule_is_enf
     let mut accepted_invalid = Vec::new();
     let mut counts: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let operations: Vec<Operation> = operations(&doc).into_iter().filter(|o| !o.path.starts_with("/admin/")).collect();
-    assert_eq!(operations.len(), 12, "8 commands and 4 reads");
+    assert_eq!(operations.len(), 13, "9 commands (erasure among them) and 4 reads");
     for operation in &operations {
         let key = format!("{} {}", operation.method.to_uppercase(), operation.path);
         let mut base_request = None;

@@ -113,7 +113,8 @@ async fn a_rebuild_under_load_switches_without_failed_reads_and_rolls_back() {
 
     // The new generation equals a fold over the whole log.
     settle(&dev).await;
-    let expected = fold_log(dev.log.as_ref(), &dev.codec).await;
+    let reader = callisto_core::privacy::EventReader::new(dev.codec.clone(), dev.keyring.clone());
+    let expected = fold_log(dev.log.as_ref(), &reader).await;
     assert_eq!(all_persons(dev.store.as_ref()).await, expected, "new generation = fold over the log");
     assert!(dir.path().join("generations/g1/readmodel.redb").exists());
 
@@ -245,7 +246,7 @@ async fn an_interrupted_rebuild_resumes_and_never_touches_the_live_generation() 
     let registry = Arc::new(EmbeddedRegistry::open(&dir.path().join("schemas.redb")).unwrap());
     let codec = Codec::new(registry, "persons").unwrap();
     let log = EmbeddedLog::open(&dir.path().join("log.redb"), EmbeddedLogOptions::default()).unwrap();
-    let expected = fold_log(&log, &codec).await;
+    let expected = fold_log(&log, &common::reader_of(dir.path(), codec)).await;
     assert_eq!(expected.len(), 400);
     let rebuilt = EmbeddedReadStore::open(&dir.path().join("generations/g1/readmodel.redb")).unwrap();
     assert_eq!(all_persons(&rebuilt).await, expected, "the resumed rebuild ends correct");

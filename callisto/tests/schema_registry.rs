@@ -110,6 +110,7 @@ fn a_newer_producers_schema_is_fetched_once_and_resolved() {
         ("correlation_id".into(), Avro::String("java".into())),
         ("note_id".into(), Avro::Uuid(Uuid::new_v4())),
         ("text".into(), Avro::String("from elsewhere".into())),
+        ("sealed".into(), Avro::Union(0, Box::new(Avro::Null))),
         ("language".into(), Avro::Union(1, Box::new(Avro::String("en".into())))),
     ]);
     let mut bytes = vec![0];

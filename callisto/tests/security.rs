@@ -38,8 +38,9 @@ async fn serve(app: axum::Router, settings: &Settings) -> String {
 
 async fn serve_writer(settings: &Settings) -> String {
     let auth = Auth::from_settings(settings, false).await.unwrap();
-    let side = callisto::backends::open_log(settings).unwrap();
-    let state = callisto_writers::state(settings, side.log.clone(), side.codec.clone()).await.unwrap();
+    let side = callisto::backends::open_log(settings).await.unwrap();
+    let state =
+        callisto_writers::state(settings, side.log.clone(), side.codec.clone(), side.keyring.clone()).await.unwrap();
     serve(callisto_writers::build(settings, state, &auth), settings).await
 }
 
@@ -64,6 +65,7 @@ fn expected_scope(method: &str, path: &str) -> &'static str {
         (_, p) if p.starts_with("/admin/") => "admin",
         ("get", "/v1/search") => "search",
         ("get", _) => "persons:read",
+        ("delete", "/v1/persons/{id}") => "persons:erase",
         _ => "persons:write",
     }
 }
@@ -99,6 +101,8 @@ fn fixture(method: &str, template: &str, person: &str, person_readable: bool) ->
         }
         ("delete", "/v1/persons/{id}/tags/{tag}") => call(format!("/v1/persons/{person}/tags/matrix"), None, &[202]),
         ("post", "/v1/persons/{id}/archive") => call(format!("/v1/persons/{person}/archive"), None, &[202]),
+        // Someone else: the matrix's person must stay writable for the other commands.
+        ("delete", "/v1/persons/{id}") => call(format!("/v1/persons/{}", uuid::Uuid::new_v4()), None, &[202]),
         ("get", "/v1/persons") => call("/v1/persons?limit=5".into(), None, &[200]),
         ("get", "/v1/persons/{id}") => call(format!("/v1/persons/{person}"), None, read),
         ("get", "/v1/persons/{id}/timeline") => call(format!("/v1/persons/{person}/timeline"), None, &[200]),
@@ -113,6 +117,7 @@ fn fixture(method: &str, template: &str, person: &str, person_readable: bool) ->
         ("get", "/admin/v1/dlq/{id}") => call("/admin/v1/dlq/0:0".into(), None, &[404]),
         ("post", "/admin/v1/dlq/replay") => call(template.into(), Some(json!({"ids": []})), &[200]),
         ("post", "/admin/v1/dlq/purge") => call(template.into(), None, &[200]),
+        ("post", "/admin/v1/compact") => call(template.into(), None, &[200]),
         _ => None,
     }
 }
@@ -281,7 +286,7 @@ async fn every_operation_of_dev_writer_and_query_api_refuses_bad_callers() {
         .unwrap();
     assert_eq!(visible.status(), StatusCode::OK);
     let covered = run_matrix(&client, &base, &settings, &key, &id, true, &admin).await;
-    assert_eq!(covered, 21, "dev serves 8 commands, 4 reads and 9 admin operations");
+    assert_eq!(covered, 23, "dev serves 9 commands (erasure among them), 4 reads and 10 admin operations");
 
     // What no document lists: health is open, metrics needs admin or metrics, unknown routes
     // say nothing to strangers.
@@ -310,7 +315,7 @@ async fn every_operation_of_dev_writer_and_query_api_refuses_bad_callers() {
     // The writer and the query API as separate services.
     let settings = secure_settings(&root.path().join("writer"), &key);
     let base = serve_writer(&settings).await;
-    assert_eq!(run_matrix(&client, &base, &settings, &key, &id, false, &admin).await, 8);
+    assert_eq!(run_matrix(&client, &base, &settings, &key, &id, false, &admin).await, 9);
 
     let settings = secure_settings(&root.path().join("query"), &key);
     let base = serve_query_api(&settings).await;

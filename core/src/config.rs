@@ -69,6 +69,10 @@ pub const ENVIRONMENT: &[(&str, &str)] = &[
         "CALLISTO__AUTH__LIMITS__ANONYMOUS__PER_SECOND",
         "requests per second per source address without valid credentials",
     ),
+    ("CALLISTO__PRIVACY__KEY_STORE", "embedded or mongodb; where per-person data keys live"),
+    ("CALLISTO__PRIVACY__MASTER_KEY_FILE", "file with the 64-hex-digit master key that wraps data keys"),
+    ("CALLISTO__PRIVACY__KEY_CACHE_TTL_MS", "how long a data key is cached; bounds use after erasure"),
+    ("CALLISTO__PRIVACY__COMPACT_AFTER_ERASURE_SECS", "compaction period of embedded stores after an erasure"),
     ("CALLISTO__TELEMETRY__LOG_FORMAT", "json (default) or text"),
     ("CALLISTO__TELEMETRY__LOG_LEVEL", "tracing filter, e.g. info or callisto_core=debug"),
 ];
@@ -86,6 +90,53 @@ pub struct Settings {
     pub elasticsearch: ElasticsearchSettings,
     pub telemetry: TelemetrySettings,
     pub auth: AuthSettings,
+    pub privacy: PrivacySettings,
+}
+
+/// Crypto-shredding: where data keys live and the master key that wraps them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivacySettings {
+    /// `embedded` (`DATA_DIR/keys.redb`) or `mongodb` (a `keys` collection in `mongodb.database`).
+    /// Default: `mongodb` when `mongodb.uri` is set, else `embedded`. Every process that writes
+    /// or reads events must share one key store.
+    pub key_store: Option<String>,
+    /// The master key (64 hex digits in a file, e.g. a mounted Secret). Default
+    /// `DATA_DIR/master.key`, created on first start when missing.
+    pub master_key_file: Option<PathBuf>,
+    /// Master keys rotated out, still used to unwrap keys `callisto privacy rewrap` has not
+    /// re-wrapped yet.
+    pub previous_master_key_files: Vec<PathBuf>,
+    /// How long an unwrapped data key is used without asking the key store: the bound on how
+    /// long another process may still seal or open with a key after it is destroyed.
+    pub key_cache_ttl_ms: u64,
+    /// Persons whose key state is cached per process.
+    pub key_cache_entries: usize,
+    /// Bound on every key store call.
+    pub timeout_ms: u64,
+    /// How often the embedded read models and key store are compacted after an erasure, so
+    /// erased data leaves the disk files; 0 turns the schedule off (the admin route remains).
+    pub compact_after_erasure_secs: u64,
+}
+
+impl Default for PrivacySettings {
+    fn default() -> Self {
+        Self {
+            key_store: None,
+            master_key_file: None,
+            previous_master_key_files: Vec::new(),
+            key_cache_ttl_ms: 30_000,
+            key_cache_entries: 100_000,
+            timeout_ms: 3_000,
+            compact_after_erasure_secs: 300,
+        }
+    }
+}
+
+impl PrivacySettings {
+    pub fn master_key_path(&self, storage: &StorageSettings) -> PathBuf {
+        self.master_key_file.clone().unwrap_or_else(|| storage.data_dir.join(crate::privacy::MASTER_KEY_FILE))
+    }
 }
 
 /// Who may call Callisto: API keys, bearer JWTs, and the rate limits every caller gets.

@@ -6,6 +6,8 @@
 //! - [`readmodel`]: person documents, timelines and search; the `Projection`, `ReadStore` and
 //!   `SearchIndex` ports with their embedded adapters (redb, tantivy) and production ones
 //!   (MongoDB, Elasticsearch).
+//! - [`privacy`]: crypto-shredding: personal fields sealed with per-person data keys, the
+//!   `KeyStore` port (embedded, MongoDB) and the `Keyring` services seal and open events with.
 //! - [`rules`]: input rules (lengths, patterns) shared by the handlers and the OpenAPI
 //!   document, so what is enforced is what is declared.
 //! - [`resilience`]: timeout, retries and circuit breaker around read-model server calls.
@@ -23,6 +25,7 @@ pub mod config;
 pub mod http;
 pub mod log;
 pub mod partition;
+pub mod privacy;
 pub mod readmodel;
 pub mod replay;
 pub mod resilience;

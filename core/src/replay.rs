@@ -1,16 +1,17 @@
 //! Replay: a stream of decoded events from a position in the log, for batch jobs written in Rust.
-//! `callisto export` is built on it.
+//! `callisto export` is built on it. Events come opened by the keyring: personal fields in
+//! clear, or blank and marked erased for an erased person.
 //!
 //! ```no_run
-//! # async fn job(log: std::sync::Arc<dyn callisto_core::log::EventLog>, codec: std::sync::Arc<callisto_avro::Codec>) -> anyhow::Result<()> {
+//! # async fn job(log: std::sync::Arc<dyn callisto_core::log::EventLog>, reader: std::sync::Arc<callisto_core::privacy::EventReader>) -> anyhow::Result<()> {
 //! use callisto_core::replay::{Position, ReplayRequest, plan, stream};
 //! use futures::StreamExt;
 //! let request = ReplayRequest { topic: "persons".into(), partitions: None, from: Some(Position::Offset(0)), to: None };
 //! let spans = plan(log.as_ref(), &request).await?;
-//! let mut events = std::pin::pin!(stream(log, codec, "persons".into(), spans));
+//! let mut events = std::pin::pin!(stream(log, reader, "persons".into(), spans));
 //! while let Some(replayed) = events.next().await {
 //!     let replayed = replayed?;
-//!     println!("{}:{} {:?}", replayed.record.partition, replayed.record.offset, replayed.event.map(|e| e.kind()));
+//!     println!("{}:{} {:?}", replayed.record.partition, replayed.record.offset, replayed.event.map(|e| e.event.kind()));
 //! }
 //! # Ok(()) }
 //! ```
@@ -28,7 +29,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use callisto_avro::{Codec, PersonEvent};
+use crate::privacy::{EventReader, Opened};
 use chrono::{DateTime, Utc};
 use futures::Stream;
 
@@ -96,7 +97,9 @@ pub enum ReplayError {
 #[derive(Debug, Clone)]
 pub struct Replayed {
     pub record: Record,
-    pub event: Result<PersonEvent, String>,
+    /// The event opened by the keyring (personal fields blank and `erased` for an erased
+    /// person), or why it does not read.
+    pub event: Result<Opened, String>,
 }
 
 /// Resolves a request to offset spans, one per selected partition, in partition order.
@@ -156,20 +159,20 @@ const BATCH: usize = 1000;
 /// memory stays flat however long the replay.
 pub fn stream(
     log: Arc<dyn EventLog>,
-    codec: Arc<Codec>,
+    reader: Arc<EventReader>,
     topic: String,
     spans: Vec<PartitionSpan>,
 ) -> impl Stream<Item = Result<Replayed, LogError>> {
     struct State {
         log: Arc<dyn EventLog>,
-        codec: Arc<Codec>,
+        reader: Arc<EventReader>,
         topic: String,
         spans: VecDeque<PartitionSpan>,
         buffered: VecDeque<Record>,
     }
     let state = State {
         log,
-        codec,
+        reader,
         topic,
         spans: spans.into_iter().filter(|s| !s.is_empty()).collect(),
         buffered: VecDeque::new(),
@@ -177,7 +180,17 @@ pub fn stream(
     futures::stream::unfold(state, |mut state| async move {
         loop {
             if let Some(record) = state.buffered.pop_front() {
-                let event = state.codec.decode(&record.payload).map_err(|e| e.to_string());
+                let event = match state.reader.read(&record.payload).await {
+                    Ok(opened) => Ok(opened),
+                    // A key store outage is not a property of the record: the replay stops
+                    // rather than hand out records it could not open.
+                    Err(e) if e.is_outage() => {
+                        state.spans.clear();
+                        state.buffered.clear();
+                        return Some((Err(LogError::Unavailable(e.to_string())), state));
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
                 return Some((Ok(Replayed { record, event }), state));
             }
             let span = state.spans.front_mut()?;

@@ -11,8 +11,12 @@ use uuid::Uuid;
 #[test]
 fn bulk_bodies_are_ndjson_with_external_versions() {
     let actions = vec![
-        IndexAction { id: "person:p1".into(), version: 14, source: json!({"kind": "person", "name": "Ada Lovelace"}) },
-        IndexAction { id: "note:n1".into(), version: 11, source: json!({"kind": "note", "text": "engine"}) },
+        IndexAction {
+            id: "person:p1".into(),
+            version: 14,
+            source: Some(json!({"kind": "person", "name": "Ada Lovelace"})),
+        },
+        IndexAction { id: "note:n1".into(), version: 11, source: Some(json!({"kind": "note", "text": "engine"})) },
     ];
     let ndjson = body::ndjson(&body::bulk_lines("callisto-persons", &actions));
     let expected = concat!(
@@ -33,7 +37,7 @@ fn bulks_are_split_by_count_and_by_bytes() {
     let action = |n: usize, bytes: usize| IndexAction {
         id: format!("person:{n}"),
         version: n as u64,
-        source: json!({"text": "x".repeat(bytes)}),
+        source: Some(json!({"text": "x".repeat(bytes)})),
     };
     let by_count = body::chunks((0..25).map(|n| action(n, 10)).collect(), 10, usize::MAX);
     assert_eq!(by_count.iter().map(Vec::len).collect::<Vec<_>>(), vec![10, 10, 5]);
@@ -351,6 +355,7 @@ async fn a_batch_is_bulk_indexed_retried_item_by_item_then_checkpointed() {
                 tags: vec![],
             }),
             principal: None,
+            erased: false,
         },
         ProjectedEvent {
             partition: 3,
@@ -365,6 +370,7 @@ async fn a_batch_is_bulk_indexed_retried_item_by_item_then_checkpointed() {
                 text: "engine".into(),
             }),
             principal: None,
+            erased: false,
         },
     ];
     index.apply(3, &events, 21).await.unwrap();
@@ -426,4 +432,25 @@ async fn a_failing_cluster_turns_searches_into_prompt_unavailable_errors() {
     let error = index.search(&request).await.unwrap_err();
     assert!(error.to_string().contains("paused"), "{error}");
     assert_eq!(searches(), 10);
+}
+
+#[test]
+fn erasures_are_versioned_deletes_and_a_missing_document_is_already_gone() {
+    let actions = vec![IndexAction { id: "person:p1".into(), version: 20, source: None }];
+    let ndjson = body::ndjson(&body::bulk_lines("callisto-persons", &actions));
+    assert_eq!(
+        ndjson,
+        concat!(
+            r#"{"delete":{"_index":"callisto-persons","_id":"person:p1","version":20,"version_type":"external"}}"#,
+            "\n"
+        )
+    );
+    let answer = json!({"errors": true, "items": [
+        {"delete": {"_id": "person:p1", "status": 404, "result": "not_found"}},
+        {"delete": {"_id": "note:n1", "status": 200, "result": "deleted"}},
+        {"index": {"_id": "note:n2", "status": 404, "error": {"type": "index_not_found_exception", "reason": "no such index"}}}
+    ]});
+    let outcome = body::bulk_outcome(&answer).unwrap();
+    assert_eq!(outcome.written, 2, "a delete of a missing document counts as done");
+    assert_eq!(outcome.rejected.len(), 1, "an index answered 404 is still a failure");
 }

@@ -65,6 +65,7 @@ fn timeline_and_checkpoint_commands() {
         correlation_id: "c".into(),
         principal: Some("api_key-1".into()),
         data: serde_json::json!({"text": "engine"}),
+        erased: false,
     };
     let insert = bulk::insert_timeline(&[entry], &wc).unwrap();
     assert_eq!(insert.get_str("insert").unwrap(), "timeline");
@@ -120,11 +121,28 @@ fn answers_are_read_as_documented() {
 
 #[test]
 fn listing_filters_use_the_indexed_fields_and_the_id_cursor() {
-    assert_eq!(list_filter(&ListFilter::default(), None), doc! {});
+    // Erased persons' markers are never listed.
+    assert_eq!(list_filter(&ListFilter::default(), None), doc! { "status": { "$ne": "erased" } });
     let cursor = Uuid::parse_str("0b0eee91-a052-473c-b3b0-90643805ef37").unwrap();
     let filter = ListFilter { tag: Some("vip".into()), status: Some(Status::Archived) };
     assert_eq!(
         list_filter(&filter, Some(cursor)),
         doc! { "tags": "vip", "status": "archived", "_id": { "$gt": "0b0eee91-a052-473c-b3b0-90643805ef37" } }
     );
+}
+
+#[test]
+fn erasing_scrubs_every_timeline_entry_of_the_persons() {
+    let wc = bulk::write_concern("majority", std::time::Duration::from_secs(10));
+    let ids = vec!["0b0eee91-a052-473c-b3b0-90643805ef37".to_owned()];
+    let command = bulk::scrub_timelines(&ids, &wc);
+    assert_eq!(command.get_str("update").unwrap(), "timeline");
+    let update = command.get_array("updates").unwrap()[0].as_document().unwrap();
+    assert_eq!(
+        update.get_document("q").unwrap(),
+        &doc! { "person_id": { "$in": ["0b0eee91-a052-473c-b3b0-90643805ef37"] }, "erased": { "$ne": true } }
+    );
+    assert_eq!(update.get_document("u").unwrap(), &doc! { "$set": { "data": {}, "erased": true } });
+    assert!(update.get_bool("multi").unwrap(), "every entry, not the first");
+    assert_eq!(command.get_document("writeConcern").unwrap(), &wc);
 }

@@ -7,7 +7,8 @@
 //! - [`member`]: a projection as a consumer-group member: starts a worker for each partition
 //!   the log assigns (at the projection's checkpoint + 1), drains it on revoke.
 //! - [`worker`]: the per-(projection, partition) loop: take a batch from the partition's feed,
-//!   decode, apply with the checkpoint, record the group position, repeat.
+//!   decode and open (personal data, through the keyring), apply with the checkpoint, record
+//!   the group position, repeat.
 //! - [`dlq`]: dead-lettering events that cannot be decoded or applied, with their original bytes.
 //! - [`retry`]: back-off with jitter for dependency calls.
 //!
@@ -19,7 +20,11 @@
 //!   processes share partitions and scale out and in; a revoked partition's batch in hand is
 //!   finished before the next owner starts after it.
 //! - A store that is down pauses its partitions, retrying with back-off; it never loses events.
-//! - A poison event is dead-lettered and its partition moves on.
+//! - A poison event is dead-lettered and its partition moves on; so is sealed personal data
+//!   that fails authentication (moved or altered ciphertext). A key store that is down pauses
+//!   the partition like a store that is down.
+//! - Events of an erased person (key destroyed) are applied as erasures: read models keep
+//!   nothing of the person, however often the log is replayed.
 
 pub mod dlq;
 pub mod member;
@@ -29,8 +34,8 @@ pub mod worker;
 use std::sync::Arc;
 use std::time::Duration;
 
-use callisto_avro::Codec;
 use callisto_core::log::{EventLog, GroupHandler, LogError, PartitionFeed, PositionFeed};
+use callisto_core::privacy::EventReader;
 use callisto_core::readmodel::Projection;
 use tokio_util::sync::CancellationToken;
 
@@ -70,7 +75,7 @@ impl ProjectorSettings {
 /// Runs every projection over every partition until `shutdown` is cancelled.
 pub struct Projector {
     log: Arc<dyn EventLog>,
-    codec: Arc<Codec>,
+    reader: Arc<EventReader>,
     projections: Vec<Arc<dyn Projection>>,
     settings: ProjectorSettings,
 }
@@ -78,11 +83,11 @@ pub struct Projector {
 impl Projector {
     pub fn new(
         log: Arc<dyn EventLog>,
-        codec: Arc<Codec>,
+        reader: Arc<EventReader>,
         projections: Vec<Arc<dyn Projection>>,
         settings: ProjectorSettings,
     ) -> Self {
-        Self { log, codec, projections, settings }
+        Self { log, reader, projections, settings }
     }
 
     /// Ensures the dead-letter topic exists (with the source topic's partition count), joins
@@ -97,7 +102,7 @@ impl Projector {
         for projection in &self.projections {
             let member = Arc::new(member::Member::new(
                 self.log.clone(),
-                self.codec.clone(),
+                self.reader.clone(),
                 projection.clone(),
                 self.settings.clone(),
                 shutdown.clone(),

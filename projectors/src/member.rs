@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use callisto_avro::Codec;
 use callisto_core::log::{EventLog, GroupHandler, PartitionFeed};
+use callisto_core::privacy::EventReader;
 use callisto_core::readmodel::Projection;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -20,7 +20,7 @@ use crate::worker::Worker;
 
 pub struct Member {
     pub log: Arc<dyn EventLog>,
-    pub codec: Arc<Codec>,
+    pub reader: Arc<EventReader>,
     pub projection: Arc<dyn Projection>,
     pub settings: ProjectorSettings,
     pub shutdown: CancellationToken,
@@ -30,12 +30,12 @@ pub struct Member {
 impl Member {
     pub fn new(
         log: Arc<dyn EventLog>,
-        codec: Arc<Codec>,
+        reader: Arc<EventReader>,
         projection: Arc<dyn Projection>,
         settings: ProjectorSettings,
         shutdown: CancellationToken,
     ) -> Self {
-        Self { log, codec, projection, settings, shutdown, workers: Mutex::new(HashMap::new()) }
+        Self { log, reader, projection, settings, shutdown, workers: Mutex::new(HashMap::new()) }
     }
 
     /// The consumer group this projection's members share.
@@ -79,7 +79,7 @@ impl GroupHandler for Member {
             let stop = self.shutdown.child_token();
             let worker = Worker {
                 log: self.log.clone(),
-                codec: self.codec.clone(),
+                reader: self.reader.clone(),
                 projection: self.projection.clone(),
                 settings: self.settings.clone(),
                 partition,

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use callisto_avro::Codec;
 use callisto_core::log::{AppendRequest, EventLog, LogError, PartitionFeed, Record};
+use callisto_core::privacy::EventReader;
 use callisto_core::readmodel::{ProjectedEvent, Projection, StoreError};
 use tokio_util::sync::CancellationToken;
 
@@ -15,7 +15,8 @@ use crate::{ProjectorSettings, dlq};
 pub struct Worker {
     /// For dead letters.
     pub log: Arc<dyn EventLog>,
-    pub codec: Arc<Codec>,
+    /// Decodes records and opens their personal data.
+    pub reader: Arc<EventReader>,
     pub projection: Arc<dyn Projection>,
     pub settings: ProjectorSettings,
     pub partition: u32,
@@ -92,16 +93,28 @@ impl Worker {
         }
     }
 
-    /// Decodes with a few attempts (a registry may be briefly unreachable). `None` on shutdown.
+    /// Decodes and opens with a few attempts (a registry may be briefly unreachable); a key
+    /// store that is down is waited for, however long. `None` on shutdown.
     async fn decode(&self, record: &Record, shutdown: &CancellationToken) -> Option<Result<ProjectedEvent, String>> {
         let mut delays = backoff();
         let mut attempt = 1;
+        let mut outages = 0u32;
         loop {
-            match self.codec.decode(&record.payload) {
-                Ok(event) => {
-                    return Some(Ok(ProjectedEvent::from_record(record, event)));
+            match self.reader.read(&record.payload).await {
+                Ok(opened) => {
+                    return Some(Ok(ProjectedEvent::from_opened(record, opened)));
                 }
-                Err(e) if attempt >= self.settings.event_attempts => return Some(Err(format!("decode: {e}"))),
+                Err(e) if e.is_outage() => {
+                    outages += 1;
+                    if outages == 3 {
+                        tracing::warn!(partition = self.partition, error = %e, "key store unavailable; partition paused, retrying with back-off");
+                    }
+                    tokio::select! {
+                        () = shutdown.cancelled() => return None,
+                        () = tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5))) => {}
+                    }
+                }
+                Err(e) if attempt >= self.settings.event_attempts => return Some(Err(e.to_string())),
                 Err(_) => {
                     attempt += 1;
                     tokio::select! {

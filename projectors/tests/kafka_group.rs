@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use callisto_avro::events::NoteAdded;
 use callisto_avro::{Codec, EmbeddedRegistry, PersonEvent};
 use callisto_core::log::{AppendRequest, EventLog, KafkaLog, KafkaLogOptions};
+use callisto_core::privacy::EventReader;
 use callisto_core::readmodel::{Checkpoints, ProjectedEvent, Projection, StoreError};
 use callisto_projectors::{Projector, ProjectorSettings, dlq};
 use rdkafka::mocking::MockCluster;
@@ -112,7 +113,7 @@ struct Member {
 async fn start_member(
     name: &'static str,
     options: &KafkaLogOptions,
-    codec: &Arc<Codec>,
+    reader: &Arc<EventReader>,
     applied: &Arc<Mutex<Applied>>,
     settings: &ProjectorSettings,
 ) -> Member {
@@ -121,7 +122,7 @@ async fn start_member(
         Arc::new(Recording { member: name, applied: applied.clone(), progress: watch::channel(BTreeMap::new()).0 });
     let stop = CancellationToken::new();
     let done =
-        Projector::new(log, codec.clone(), vec![projection], settings.clone()).start(stop.clone()).await.unwrap();
+        Projector::new(log, reader.clone(), vec![projection], settings.clone()).start(stop.clone()).await.unwrap();
     Member { stop, done }
 }
 
@@ -141,6 +142,7 @@ async fn members_share_partitions_and_hand_them_over_without_loss_or_repeats() {
     let dir = tempfile::tempdir().unwrap();
     let codec =
         Arc::new(Codec::new(Arc::new(EmbeddedRegistry::open(&dir.path().join("s.redb")).unwrap()), &topic).unwrap());
+    let reader = Arc::new(EventReader::new(codec.clone(), callisto_core::privacy::open_embedded(dir.path()).unwrap()));
     let producer = KafkaLog::new(options.clone()).unwrap();
     let mut settings = ProjectorSettings::new(&topic);
     settings.group = format!("group-test-{}", Uuid::new_v4().simple());
@@ -149,13 +151,13 @@ async fn members_share_partitions_and_hand_them_over_without_loss_or_repeats() {
     let applied = Arc::new(Mutex::new(Applied::default()));
 
     // One member: it owns every partition.
-    let first = start_member("first", &options, &codec, &applied, &settings).await;
+    let first = start_member("first", &options, &reader, &applied, &settings).await;
     let mut expected = produce(&producer, &codec, &topic, 300, Duration::ZERO).await;
     wait_applied(&applied, &expected, Duration::from_secs(30)).await;
 
     // A second member joins under a steady load: the group rebalances and the partitions
     // moved to it start after the shared checkpoint.
-    let second = start_member("second", &options, &codec, &applied, &settings).await;
+    let second = start_member("second", &options, &reader, &applied, &settings).await;
     let joined_at = expected.len();
     expected.extend(produce(&producer, &codec, &topic, 400, Duration::from_millis(10)).await);
     let shared_deadline = Instant::now() + Duration::from_secs(30);

@@ -5,13 +5,13 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use callisto_core::auth::{Auth, Rule};
 use callisto_core::http::{ApiPath, ApiQuery, Problem};
 use callisto_core::readmodel::{
-    Facets, ListFilter, PersonDoc, Projection, SearchHit, SearchRequest, StoreError, TimelineEntry,
+    Facets, ListFilter, PersonDoc, Projection, SearchHit, SearchRequest, Status, StoreError, TimelineEntry,
 };
 use callisto_core::token::{self, ConsistencyToken};
 use serde::Serialize;
@@ -114,6 +114,7 @@ async fn wait(state: &QueryState, tokens: Vec<ConsistencyToken>, projection: &dy
     params(("id" = Uuid, Path, description = "the person's id"), GetParams,
         ("Callisto-Consistency-Token" = Option<String>, Header, description = "wait until this write is visible")),
     responses((status = 200, body = PersonDoc), (status = 404, body = Problem, content_type = PROBLEM),
+        (status = 410, body = Problem, content_type = PROBLEM, description = "The person was erased."),
         (status = "4XX", body = Problem, content_type = PROBLEM), (status = 503, body = Problem, content_type = PROBLEM)))]
 pub async fn get_person(
     State(state): State<QueryState>,
@@ -126,6 +127,15 @@ pub async fn get_person(
     let token = token_of(&state, &headers, query.after.as_deref())?;
     let stale = wait(&state, token, state.store.as_ref()).await;
     match state.store.get(id).await.map_err(store_problem)? {
+        Some(doc) if doc.status == Status::Erased => {
+            let problem = Problem::new(
+                StatusCode::GONE,
+                "person-erased",
+                "Person erased",
+                format!("person {id} was erased; nothing about them is kept"),
+            );
+            Ok(answer("get_person", started, stale, problem))
+        }
         Some(doc) => Ok(answer("get_person", started, stale, axum::Json(doc))),
         None => {
             let problem = Problem::not_found(format!("no person with id {id}"));

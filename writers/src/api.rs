@@ -16,6 +16,7 @@ use callisto_core::auth::{Auth, Caller, Rule};
 use callisto_core::http::{ApiJson, ApiJsonOrEmpty, ApiPath, FieldError, Problem};
 use callisto_core::log;
 use callisto_core::log::{AppendRequest, Appended, EventLog, IdempotencyKey, LogError};
+use callisto_core::privacy::{KeyError, Keyring};
 use callisto_core::token::{self, ConsistencyToken};
 use chrono::Utc;
 use failsafe::futures::CircuitBreaker as _;
@@ -48,17 +49,25 @@ pub struct WriterState {
 struct Inner {
     log: Arc<dyn EventLog>,
     codec: Arc<Codec>,
+    /// Seals every event's personal fields with the person's data key.
+    keyring: Arc<Keyring>,
     topic: String,
     append_timeout: Duration,
     breaker: Breaker,
 }
 
 impl WriterState {
-    pub fn new(log: Arc<dyn EventLog>, codec: Arc<Codec>, topic: String, append_timeout: Duration) -> Self {
+    pub fn new(
+        log: Arc<dyn EventLog>,
+        codec: Arc<Codec>,
+        keyring: Arc<Keyring>,
+        topic: String,
+        append_timeout: Duration,
+    ) -> Self {
         let backoff = failsafe::backoff::equal_jittered(BREAKER_BACKOFF_MIN, BREAKER_BACKOFF_MAX);
         let policy = failsafe::failure_policy::consecutive_failures(BREAKER_FAILURES, backoff);
         let breaker = failsafe::Config::new().failure_policy(policy).build();
-        Self { inner: Arc::new(Inner { log, codec, topic, append_timeout, breaker }) }
+        Self { inner: Arc::new(Inner { log, codec, keyring, topic, append_timeout, breaker }) }
     }
 
     pub fn log(&self) -> &Arc<dyn EventLog> {
@@ -78,8 +87,9 @@ pub struct Accepted {
 }
 
 /// The command routes, each behind `auth`'s guard with scope `persons:write` and the
-/// commands budget.
+/// commands budget; erasure with scope `persons:erase`.
 pub fn routes(state: WriterState, auth: &Arc<Auth>) -> Router {
+    let erase_route = Router::new().route("/v1/persons/{id}", delete(erase)).with_state(state.clone());
     let routes = Router::new()
         .route("/v1/persons", post(register))
         .route("/v1/persons/{id}/name", put(rename))
@@ -90,7 +100,27 @@ pub fn routes(state: WriterState, auth: &Arc<Auth>) -> Router {
         .route("/v1/persons/{id}/tags/{tag}", delete(untag))
         .route("/v1/persons/{id}/archive", post(archive))
         .with_state(state);
-    auth.protect(routes, Rule::COMMANDS)
+    auth.protect(routes, Rule::COMMANDS).merge(auth.protect(erase_route, Rule::ERASE))
+}
+
+/// What a key store failure means for a command.
+fn key_problem(kind: EventKind, person_id: Uuid, error: KeyError) -> Problem {
+    match error {
+        KeyError::Erased => Problem::new(
+            StatusCode::GONE,
+            "person-erased",
+            "Person erased",
+            format!("person {person_id} was erased; no further events are accepted for them"),
+        ),
+        KeyError::Unavailable(why) => {
+            tracing::warn!(command = kind.name(), error = %why, "key store unavailable");
+            Problem::unavailable("the key store is unavailable; retry later", RETRY_AFTER_SECS)
+        }
+        KeyError::Unreadable(why) => {
+            tracing::error!(command = kind.name(), error = %why, "the person's data key is unusable");
+            Problem::unavailable("the person's data key cannot be used; retry later", RETRY_AFTER_SECS)
+        }
+    }
 }
 
 /// The four fields every event carries, fixed before the event body is built.
@@ -227,8 +257,18 @@ impl WriterState {
         };
         let envelope = Envelope { event_id: Uuid::new_v4(), person_id, occurred_at: Utc::now(), correlation_id };
         let event = build(envelope);
+        // Personal fields leave this process sealed. `PersonErased` carries none, and its key
+        // is already destroyed.
+        let (event, sealed) = if kind == EventKind::PersonErased {
+            (event, None)
+        } else {
+            self.inner.keyring.seal(event).await.map_err(|e| {
+                outcome(if matches!(e, KeyError::Erased) { "gone" } else { "unavailable" });
+                key_problem(kind, person_id, e)
+            })?
+        };
         let meta = event.meta();
-        let payload = self.inner.codec.encode(&event).map_err(|e| {
+        let payload = self.inner.codec.encode_sealed(&event, sealed.as_ref()).map_err(|e| {
             tracing::error!(error = %e, "encoding a validated command failed");
             Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error", "event could not be encoded")
         })?;
@@ -548,6 +588,38 @@ pub async fn archive(
     state
         .command(ctx, person_id, EventKind::PersonArchived, &body.raw, c, |e| {
             event!(Archived(PersonArchived), e, { reason })
+        })
+        .await
+}
+
+#[utoipa::path(delete, path = "/v1/persons/{id}", tag = "commands",
+    params(("id" = Uuid, Path, description = "the person's id"), IdempotencyKeyHeader),
+    responses((status = 202, body = Accepted,
+            description = "The person's data key is destroyed and `PersonErased` is appended. Idempotent."),
+        (status = "4XX", body = Problem, content_type = PROBLEM),
+        (status = 503, body = Problem, content_type = PROBLEM)))]
+/// Erases a person: destroys their data key, so every event's personal fields become unreadable
+/// everywhere, then appends `PersonErased` so read models drop what they hold. Repeating it is
+/// harmless: the key stays destroyed and read models treat a second `PersonErased` as the first.
+pub async fn erase(
+    State(state): State<WriterState>,
+    PersonPath(person_id): PersonPath,
+    ctx: CommandContext,
+) -> Result<Response, Problem> {
+    let kind = EventKind::PersonErased;
+    // The key goes first: if the append then fails, a retry appends it, and nothing can be
+    // read in the meantime.
+    state.inner.keyring.destroy(person_id).await.map_err(|e| key_problem(kind, person_id, e))?;
+    // The guard writes the audit line for the request itself (`Rule::ERASE` always audits).
+    tracing::info!(%person_id, "data key destroyed");
+    state
+        .command(ctx, person_id, kind, &[], Checker::default(), |e| {
+            PersonEvent::Erased(PersonErased {
+                event_id: e.event_id,
+                person_id: e.person_id,
+                occurred_at: e.occurred_at,
+                correlation_id: e.correlation_id,
+            })
         })
         .await
 }

@@ -23,14 +23,21 @@ use callisto_core::auth::Auth;
 use callisto_core::config::Settings;
 use callisto_core::http::{ReadinessCheck, service_router};
 use callisto_core::log::EventLog;
+use callisto_core::privacy::Keyring;
 
 pub use api::WriterState;
 
 /// The writer's state for `settings`, over an already-open log and codec. Creates the topic
 /// with the configured partition count, or checks the count of an existing one.
-pub async fn state(settings: &Settings, log: Arc<dyn EventLog>, codec: Arc<Codec>) -> anyhow::Result<WriterState> {
+pub async fn state(
+    settings: &Settings,
+    log: Arc<dyn EventLog>,
+    codec: Arc<Codec>,
+    keyring: Arc<Keyring>,
+) -> anyhow::Result<WriterState> {
     log.ensure_topic(&settings.log.topic, settings.log.partitions).await?;
-    Ok(WriterState::new(log, codec, settings.log.topic.clone(), Duration::from_millis(settings.log.append_timeout_ms)))
+    let append_timeout = Duration::from_millis(settings.log.append_timeout_ms);
+    Ok(WriterState::new(log, codec, keyring, settings.log.topic.clone(), append_timeout))
 }
 
 /// The complete writer service: command routes plus health, readiness, metrics and OpenAPI,

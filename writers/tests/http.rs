@@ -15,6 +15,7 @@ struct TestApp {
     client: reqwest::Client,
     log: Arc<dyn EventLog>,
     codec: Arc<Codec>,
+    keyring: Arc<callisto_core::privacy::Keyring>,
     settings: Settings,
     _dir: tempfile::TempDir,
 }
@@ -49,7 +50,8 @@ async fn spawn_with(
     )
     .unwrap();
     let auth = callisto_core::auth::Auth::from_settings(&settings, false).await.unwrap();
-    let state = callisto_writers::state(&settings, log.clone(), codec.clone()).await.unwrap();
+    let keyring = callisto_core::privacy::open_embedded(dir.path()).unwrap();
+    let state = callisto_writers::state(&settings, log.clone(), codec.clone(), keyring.clone()).await.unwrap();
     let app = callisto_writers::build(&settings, state, &auth);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -60,7 +62,7 @@ async fn spawn_with(
         format!("ApiKey {}", key.key).parse().unwrap(),
     )]);
     let client = reqwest::Client::builder().default_headers(headers).build().unwrap();
-    TestApp { base, client, log, codec, settings, _dir: dir }
+    TestApp { base, client, log, codec, keyring, settings, _dir: dir }
 }
 
 impl TestApp {
@@ -97,8 +99,12 @@ impl TestApp {
         let records = self.log.read("persons", partition, offset, 1, Duration::ZERO).await.unwrap();
         let record = records.into_iter().next().expect("acknowledged event is in the log");
         assert_eq!(record.offset, offset);
-        let event = self.codec.decode(&record.payload).unwrap();
-        (record, event)
+        // As written, the personal fields are sealed; opened with the person's key, they are back.
+        let (event, sealed) = self.codec.decode_sealed(&record.payload).unwrap();
+        assert_eq!(sealed.is_some(), event.carries_personal_data(), "{event:?}");
+        let opened = self.keyring.open(event, sealed).await.unwrap();
+        assert!(!opened.erased);
+        (record, opened.event)
     }
 }
 
@@ -156,6 +162,12 @@ async fn register_appends_a_decodable_event_and_answers_with_a_token() {
     assert!(record.header("traceparent").is_some_and(|t| t.len() == 55));
     let PersonEvent::Registered(e) = event else { panic!("wrong event {event:?}") };
     assert_eq!(e.given_name, "Ada", "names are trimmed");
+    for clear in ["Lovelace", "ada@", "7946", "Ring Road"] {
+        let bytes = clear.as_bytes();
+        assert!(!record.payload.windows(bytes.len()).any(|w| w == bytes), "{clear:?} is in the payload in clear");
+    }
+    let PersonEvent::Registered(as_written) = app.codec.decode(&record.payload).unwrap() else { unreachable!() };
+    assert_eq!((as_written.given_name.as_str(), as_written.email), ("", None), "written blank, sealed");
     assert_eq!(e.tags, ["vip", "math"]);
     assert_eq!(e.address.unwrap().country, "GB");
     assert_eq!(e.date_of_birth.unwrap().to_string(), "1815-12-10");

@@ -610,9 +610,11 @@ mod rebuild {
             super::Projections::Search => "search only",
         };
         let started = Instant::now();
+        let keyring = callisto_core::privacy::open_embedded(dir)?;
+        let reader = Arc::new(callisto_core::privacy::EventReader::new(codec.clone(), keyring));
         let handle = callisto_projectors::Projector::new(
             log.clone(),
-            codec.clone(),
+            reader,
             projections.clone(),
             callisto_projectors::ProjectorSettings::new(TOPIC),
         )

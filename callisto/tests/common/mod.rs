@@ -15,6 +15,7 @@ use callisto::services::Dev;
 use callisto_avro::Codec;
 use callisto_core::config::Settings;
 use callisto_core::log::EventLog;
+use callisto_core::privacy::EventReader;
 use callisto_core::readmodel::{ListFilter, PersonDoc, ProjectedEvent, ReadStore, fold};
 use serde_json::Value;
 use uuid::Uuid;
@@ -65,20 +66,26 @@ pub async fn post_json(client: &reqwest::Client, url: impl reqwest::IntoUrl, bod
     json_of(client.post(url).json(&body)).await
 }
 
-/// The documents a fold over the whole `persons` topic gives, with the same version guard.
-pub async fn fold_log(log: &dyn EventLog, codec: &Codec) -> BTreeMap<Uuid, PersonDoc> {
+/// The documents a fold over the whole `persons` topic gives, with the same version guard,
+/// events opened by `reader`'s keyring as projectors open them.
+pub async fn fold_log(log: &dyn EventLog, reader: &EventReader) -> BTreeMap<Uuid, PersonDoc> {
     let mut docs: BTreeMap<Uuid, PersonDoc> = BTreeMap::new();
     for (partition, end) in log.end_offsets("persons").await.unwrap().into_iter().enumerate() {
         for record in log.read("persons", partition as u32, 0, end as usize, Duration::ZERO).await.unwrap() {
-            let event = codec.decode(&record.payload).unwrap();
-            let id = event.meta().person_id;
-            let projected = ProjectedEvent::from_record(&record, event);
+            let opened = reader.read(&record.payload).await.unwrap();
+            let id = opened.event.meta().person_id;
+            let projected = ProjectedEvent::from_opened(&record, opened);
             if let Some(doc) = fold(docs.get(&id).cloned(), &projected) {
                 docs.insert(id, doc);
             }
         }
     }
     docs
+}
+
+/// A reader over `codec` and the embedded keyring of data dir `dir` (no process may hold it).
+pub fn reader_of(dir: &Path, codec: Codec) -> EventReader {
+    EventReader::new(std::sync::Arc::new(codec), callisto_core::privacy::open_embedded(dir).unwrap())
 }
 
 /// Every document in the store, through paging.

@@ -42,6 +42,9 @@ pub enum Scope {
     PersonsWrite,
     #[serde(rename = "persons:read")]
     PersonsRead,
+    /// `DELETE /v1/persons/{id}`: erasing a person cannot be undone, so it is a scope of its own.
+    #[serde(rename = "persons:erase")]
+    PersonsErase,
     #[serde(rename = "search")]
     Search,
     #[serde(rename = "admin")]
@@ -52,12 +55,14 @@ pub enum Scope {
 }
 
 impl Scope {
-    pub const ALL: [Scope; 5] = [Self::PersonsWrite, Self::PersonsRead, Self::Search, Self::Admin, Self::Metrics];
+    pub const ALL: [Scope; 6] =
+        [Self::PersonsWrite, Self::PersonsRead, Self::PersonsErase, Self::Search, Self::Admin, Self::Metrics];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::PersonsWrite => "persons:write",
             Self::PersonsRead => "persons:read",
+            Self::PersonsErase => "persons:erase",
             Self::Search => "search",
             Self::Admin => "admin",
             Self::Metrics => "metrics",
@@ -153,6 +158,8 @@ pub struct Rule {
 
 impl Rule {
     pub const COMMANDS: Rule = Rule { scopes: &[Scope::PersonsWrite], budget: Budget::Commands, audit: Audit::Never };
+    /// Erasure: a command, and always audited.
+    pub const ERASE: Rule = Rule { scopes: &[Scope::PersonsErase], budget: Budget::Commands, audit: Audit::Always };
     pub const READS: Rule = Rule { scopes: &[Scope::PersonsRead], budget: Budget::Reads, audit: Audit::Never };
     pub const PERSON_READ: Rule =
         Rule { scopes: &[Scope::PersonsRead], budget: Budget::Reads, audit: Audit::PersonReads };

@@ -43,7 +43,7 @@ use uuid::Uuid;
 
 use super::{
     Checkpoints, Facets, HitKind, PersonDoc, ProjectedEvent, Projection, SearchHit, SearchIndex, SearchRequest,
-    SearchResults, StoreError, fold,
+    SearchResults, Status, StoreError, fold,
 };
 use crate::resilience::{Guard, READ_TIMEOUT};
 
@@ -119,7 +119,8 @@ pub struct IndexAction {
     pub id: String,
     /// The offset of the event this write reflects (external version).
     pub version: u64,
-    pub source: Value,
+    /// The document to index, or `None` to delete it (an erased person's documents).
+    pub source: Option<Value>,
 }
 
 /// Request bodies and the reading of answers; no I/O.
@@ -193,15 +194,15 @@ pub mod body {
 
     /// The bulk body's lines: an action line then the source, per write.
     pub fn bulk_lines(index: &str, actions: &[IndexAction]) -> Vec<Value> {
-        actions
-            .iter()
-            .flat_map(|a| {
-                [
-                    json!({"index": {"_index": index, "_id": a.id, "version": a.version, "version_type": "external"}}),
-                    a.source.clone(),
-                ]
-            })
-            .collect()
+        let mut lines = Vec::with_capacity(actions.len() * 2);
+        for a in actions {
+            let target = json!({"_index": index, "_id": a.id, "version": a.version, "version_type": "external"});
+            match &a.source {
+                Some(source) => lines.extend([json!({"index": target}), source.clone()]),
+                None => lines.push(json!({"delete": target})),
+            }
+        }
+        lines
     }
 
     /// NDJSON as it goes on the wire: one JSON document per line, newline-terminated.
@@ -214,7 +215,7 @@ pub mod body {
         let mut out: Vec<Vec<IndexAction>> = Vec::new();
         let mut bytes = 0;
         for action in actions {
-            let size = action.source.to_string().len() + action.id.len() + 96;
+            let size = action.source.as_ref().map_or(0, |s| s.to_string().len()) + action.id.len() + 96;
             let full =
                 out.last().is_none_or(|c| c.len() >= max_actions.max(1) || (bytes + size > max_bytes && !c.is_empty()));
             if full {
@@ -248,6 +249,8 @@ pub mod body {
             let status = result["status"].as_u64().unwrap_or(0);
             match status {
                 200..=299 => outcome.written += 1,
+                // Deleting what is not there: already gone.
+                404 if item.get("delete").is_some() => outcome.written += 1,
                 409 => outcome.stale += 1,
                 429 | 500..=599 => outcome.retry.push(at),
                 _ => {
@@ -557,6 +560,7 @@ impl ElasticSearchIndex {
             let id = event.event.meta().person_id;
             let Some(after) = fold(current.get(&id).cloned(), event) else { continue };
             if let PersonEvent::NoteAdded(note) = &event.event
+                && !event.erases()
                 && after.version.offset == event.offset
             {
                 new_notes.push((id, note.note_id, note.text.clone(), event.offset));
@@ -570,10 +574,25 @@ impl ElasticSearchIndex {
             if before == Some(after) {
                 continue;
             }
+            if after.status == Status::Erased {
+                // Every document of the person goes, at the erasure's version, so an older
+                // write arriving late is refused.
+                actions.push(IndexAction { id: format!("person:{id}"), version: after.version.offset, source: None });
+                if let Some(before) = before.filter(|b| b.note_count > 0) {
+                    for (note_id, _) in self.notes_of(before).await? {
+                        actions.push(IndexAction {
+                            id: format!("note:{note_id}"),
+                            version: after.version.offset,
+                            source: None,
+                        });
+                    }
+                }
+                continue;
+            }
             actions.push(IndexAction {
                 id: format!("person:{id}"),
                 version: after.version.offset,
-                source: body::person_source(after),
+                source: Some(body::person_source(after)),
             });
             if let Some(before) = before
                 && before.note_count > 0
@@ -583,7 +602,7 @@ impl ElasticSearchIndex {
                     actions.push(IndexAction {
                         id: format!("note:{note_id}"),
                         version: after.version.offset,
-                        source: body::note_source(after, note_id, &text),
+                        source: Some(body::note_source(after, note_id, &text)),
                     });
                 }
             }
@@ -595,7 +614,7 @@ impl ElasticSearchIndex {
                 actions.push(IndexAction {
                     id: format!("note:{note_id}"),
                     version: offset,
-                    source: body::note_source(person, note_id, &text),
+                    source: Some(body::note_source(person, note_id, &text)),
                 });
             }
         }
@@ -700,6 +719,17 @@ impl Projection for ElasticSearchIndex {
 
     fn progress(&self) -> watch::Receiver<Checkpoints> {
         self.progress.subscribe()
+    }
+
+    /// Asks Elasticsearch to merge away deleted documents now rather than on its own schedule.
+    async fn compact(&self) -> Result<(), StoreError> {
+        let path = format!("/{}/_forcemerge", self.options.alias());
+        let query = [("only_expunge_deletes", "true")];
+        let (status, answer) = self.call("expunging deleted documents", Method::Post, &path, &query, None).await?;
+        if status >= 300 {
+            return Err(body::request_error(status, &answer));
+        }
+        Ok(())
     }
 }
 

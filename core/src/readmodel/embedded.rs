@@ -9,7 +9,7 @@
 //! - `checkpoints`: partition → last applied offset.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
@@ -17,8 +17,8 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::{
-    Checkpoints, ListFilter, Page, PersonDoc, ProjectedEvent, Projection, ReadStore, StoreError, TimelineEntry, fold,
-    timeline_entry,
+    Checkpoints, ListFilter, Page, PersonDoc, ProjectedEvent, Projection, ReadStore, Status, StoreError, TimelineEntry,
+    fold, timeline_entry,
 };
 
 const PERSONS: TableDefinition<&str, &[u8]> = TableDefinition::new("persons");
@@ -35,7 +35,9 @@ fn unavailable<E: std::fmt::Display>(e: E) -> StoreError {
 }
 
 pub struct EmbeddedReadStore {
-    db: Arc<Database>,
+    /// Used under the read lock (redb serialises writers itself); [`compact`](Self::compact)
+    /// takes the write lock, as redb compaction needs the database to itself.
+    db: Arc<RwLock<Database>>,
     progress: watch::Sender<Checkpoints>,
 }
 
@@ -57,7 +59,7 @@ impl EmbeddedReadStore {
         txn.commit().map_err(unavailable)?;
         let checkpoints = read_checkpoints(&db)?;
         let (progress, _) = watch::channel(checkpoints);
-        Ok(Self { db: Arc::new(db), progress })
+        Ok(Self { db: Arc::new(RwLock::new(db)), progress })
     }
 
     async fn blocking<T: Send + 'static>(
@@ -65,8 +67,15 @@ impl EmbeddedReadStore {
         f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db)).await.map_err(unavailable)?
+        tokio::task::spawn_blocking(move || f(&*db.read().map_err(unavailable)?)).await.map_err(unavailable)?
     }
+}
+
+/// Compacts a redb file until it shrinks no further. Free pages are only handed back to the
+/// file system at the end of the file, so this is what makes deleted data leave the disk file.
+pub fn compact_redb(db: &mut Database) -> Result<(), StoreError> {
+    while db.compact().map_err(unavailable)? {}
+    Ok(())
 }
 
 fn read_checkpoints(db: &Database) -> Result<Checkpoints, StoreError> {
@@ -126,8 +135,29 @@ fn apply_in(txn: &WriteTransaction, events: &[ProjectedEvent]) -> Result<(), Sto
             continue;
         }
         if let Some(after) = fold(before.clone(), ev) {
+            if super::scrubs_timeline(before.as_ref(), ev) {
+                scrub_timeline(txn, &id)?;
+            }
             save_doc(txn, before.as_ref(), &after)?;
         }
+    }
+    Ok(())
+}
+
+/// Rewrites every timeline entry of the person without its content.
+fn scrub_timeline(txn: &WriteTransaction, id: &str) -> Result<(), StoreError> {
+    let mut table = txn.open_table(TIMELINE).map_err(unavailable)?;
+    let entries: Vec<(u64, TimelineEntry)> = table
+        .range((id, 0)..=(id, u64::MAX))
+        .map_err(unavailable)?
+        .map(|entry| {
+            let (key, value) = entry.map_err(unavailable)?;
+            Ok((key.value().1, decode::<TimelineEntry>(value.value())?))
+        })
+        .collect::<Result<_, StoreError>>()?;
+    for (offset, entry) in entries.into_iter().filter(|(_, e)| !e.erased) {
+        let bytes = serde_json::to_vec(&entry.scrubbed()).map_err(unavailable)?;
+        table.insert((id, offset), bytes.as_slice()).map_err(unavailable)?;
     }
     Ok(())
 }
@@ -169,6 +199,15 @@ impl Projection for EmbeddedReadStore {
     fn progress(&self) -> watch::Receiver<Checkpoints> {
         self.progress.subscribe()
     }
+
+    /// Packs the file, so pages that held erased persons' documents and timelines are cut off
+    /// the end of the file instead of lingering as free pages.
+    async fn compact(&self) -> Result<(), StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || compact_redb(&mut *db.write().map_err(unavailable)?))
+            .await
+            .map_err(unavailable)?
+    }
 }
 
 #[async_trait]
@@ -201,7 +240,7 @@ impl ReadStore for EmbeddedReadStore {
                 }
                 let Some(found) = persons.get(id).map_err(unavailable)? else { return Ok(true) };
                 let doc: PersonDoc = decode(found.value())?;
-                let matches = filter.status.is_none_or(|s| s == doc.status)
+                let matches = filter.status.map_or(doc.status != Status::Erased, |s| s == doc.status)
                     && filter.tag.as_ref().is_none_or(|t| doc.tags.contains(t));
                 if matches {
                     items.push(doc);

@@ -41,6 +41,9 @@ pub struct ProjectedEvent {
     pub event: PersonEvent,
     /// Who asked for the event, from the record's `callisto.principal` header.
     pub principal: Option<String>,
+    /// The person is erased: the event's personal fields are blank and read models keep
+    /// nothing of the person but an erased marker.
+    pub erased: bool,
 }
 
 impl ProjectedEvent {
@@ -55,7 +58,19 @@ impl ProjectedEvent {
                 .header(crate::log::PRINCIPAL_HEADER)
                 .and_then(|p| std::str::from_utf8(p).ok())
                 .map(str::to_owned),
+            erased: false,
         }
+    }
+
+    /// An event opened by the [`Keyring`](crate::privacy::Keyring), with where it sits.
+    pub fn from_opened(record: &crate::log::Record, opened: crate::privacy::Opened) -> Self {
+        Self { erased: opened.erased, ..Self::from_record(record, opened.event) }
+    }
+
+    /// Whether the event leaves the person erased: a `PersonErased`, or any event of a person
+    /// whose key is destroyed.
+    pub fn erases(&self) -> bool {
+        self.erased || matches!(self.event, PersonEvent::Erased(_))
     }
 }
 
@@ -73,6 +88,8 @@ pub struct Version {
 pub enum Status {
     Active,
     Archived,
+    /// Erased: the document is a marker without personal data, and reads answer 410.
+    Erased,
 }
 
 impl Status {
@@ -80,9 +97,11 @@ impl Status {
         match self {
             Status::Active => "active",
             Status::Archived => "archived",
+            Status::Erased => "erased",
         }
     }
 
+    /// A status callers may filter on; erased persons are never listed.
     pub fn parse(s: &str) -> Option<Status> {
         match s {
             "active" => Some(Status::Active),
@@ -159,15 +178,55 @@ pub struct TimelineEntry {
     /// before callers were recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub principal: Option<String>,
-    /// The event's own fields (names, text, tag …), as JSON.
+    /// The event's own fields (names, text, tag …), as JSON; empty when erased.
     #[schema(value_type = Object)]
     pub data: serde_json::Value,
+    /// The person was erased: the entry keeps its type, time and ids, and no content.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub erased: bool,
+}
+
+impl TimelineEntry {
+    /// This entry with its content removed.
+    pub fn scrubbed(mut self) -> Self {
+        self.data = serde_json::json!({});
+        self.erased = true;
+        self
+    }
+}
+
+/// What is left of an erased person: ids and times, no personal data, no tags.
+fn erased_marker(doc: Option<PersonDoc>, ev: &ProjectedEvent) -> PersonDoc {
+    let meta = ev.event.meta();
+    PersonDoc {
+        person_id: meta.person_id,
+        given_name: String::new(),
+        family_name: String::new(),
+        email: None,
+        phone: None,
+        date_of_birth: None,
+        address: None,
+        tags: Vec::new(),
+        status: Status::Erased,
+        archive_reason: None,
+        note_count: 0,
+        created_at: doc.as_ref().map_or(meta.occurred_at, |d| d.created_at),
+        updated_at: doc.as_ref().map_or(meta.occurred_at, |d| d.updated_at.max(meta.occurred_at)),
+        version: Version { partition: ev.partition, offset: ev.offset },
+    }
 }
 
 /// Applies `event` to the current document. Returns `None` when the person is unknown and the
 /// event does not register them: such events stay on the timeline but make no document.
 /// The caller has already checked the version guard.
 pub fn fold(doc: Option<PersonDoc>, ev: &ProjectedEvent) -> Option<PersonDoc> {
+    if ev.erases() {
+        return Some(erased_marker(doc, ev));
+    }
+    // An erased person stays erased, whatever follows.
+    if doc.as_ref().is_some_and(|d| d.status == Status::Erased) {
+        return doc;
+    }
     let meta = ev.event.meta();
     let version = Version { partition: ev.partition, offset: ev.offset };
     let mut doc = match (&ev.event, doc) {
@@ -230,10 +289,18 @@ pub fn fold(doc: Option<PersonDoc>, ev: &ProjectedEvent) -> Option<PersonDoc> {
             d.archive_reason = e.reason.clone();
             d
         }
+        (PersonEvent::Erased(_), Some(d)) => d,
     };
     doc.updated_at = doc.updated_at.max(meta.occurred_at);
     doc.version = version;
     Some(doc)
+}
+
+/// Whether applying `ev` to `before` must remove the content of the person's earlier timeline
+/// entries: on `PersonErased`, and when an erasure reaches a person still held in full. (Entries
+/// written while the person was already erased have no content to remove.)
+pub fn scrubs_timeline(before: Option<&PersonDoc>, ev: &ProjectedEvent) -> bool {
+    ev.erases() && (matches!(ev.event, PersonEvent::Erased(_)) || before.is_some_and(|b| b.status != Status::Erased))
 }
 
 /// The timeline entry for one event.
@@ -251,8 +318,9 @@ pub fn timeline_entry(ev: &ProjectedEvent) -> TimelineEntry {
         PersonEvent::NoteAdded(e) => json!({"note_id": e.note_id, "text": e.text}),
         PersonEvent::Tagged(e) | PersonEvent::Untagged(e) => json!({"tag": e.tag}),
         PersonEvent::Archived(e) => json!({"reason": e.reason}),
+        PersonEvent::Erased(_) => json!({}),
     };
-    TimelineEntry {
+    let entry = TimelineEntry {
         person_id: meta.person_id,
         partition: ev.partition,
         offset: ev.offset,
@@ -262,7 +330,9 @@ pub fn timeline_entry(ev: &ProjectedEvent) -> TimelineEntry {
         correlation_id: meta.correlation_id.to_owned(),
         principal: ev.principal.clone(),
         data,
-    }
+        erased: false,
+    };
+    if ev.erases() { entry.scrubbed() } else { entry }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -343,6 +413,12 @@ pub trait Projection: Send + Sync + 'static {
 
     /// Checkpoints as they advance; readers wait on it for consistency tokens.
     fn progress(&self) -> watch::Receiver<Checkpoints>;
+
+    /// Purges what the store still keeps on disk of deleted and replaced documents (after an
+    /// erasure). Stores that purge on their own schedule do nothing here.
+    async fn compact(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Documents and timelines.

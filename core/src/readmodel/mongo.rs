@@ -35,8 +35,8 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::{
-    Checkpoints, ListFilter, Page, PersonDoc, ProjectedEvent, Projection, ReadStore, StoreError, TimelineEntry, fold,
-    timeline_entry,
+    Checkpoints, ListFilter, Page, PersonDoc, ProjectedEvent, Projection, ReadStore, Status, StoreError, TimelineEntry,
+    fold, timeline_entry,
 };
 use crate::resilience::{Guard, READ_TIMEOUT};
 
@@ -147,6 +147,20 @@ pub mod bulk {
         Ok(doc! { "insert": TIMELINE, "documents": documents, "ordered": false, "writeConcern": write_concern.clone() })
     }
 
+    /// Removes the content of every timeline entry of the erased persons `ids`.
+    pub fn scrub_timelines(ids: &[String], write_concern: &Document) -> Document {
+        doc! {
+            "update": TIMELINE,
+            "updates": [{
+                "q": { "person_id": { "$in": ids }, "erased": { "$ne": true } },
+                "u": { "$set": { "data": {}, "erased": true } },
+                "multi": true,
+            }],
+            "ordered": false,
+            "writeConcern": write_concern.clone(),
+        }
+    }
+
     /// Moves a checkpoint forward only.
     pub fn advance_checkpoint(projection: &str, partition: u32, through: u64, write_concern: &Document) -> Document {
         doc! {
@@ -231,32 +245,38 @@ impl std::fmt::Debug for MongoReadStore {
     }
 }
 
+/// A handle on `options.database` with the configured read and write concerns and timeouts.
+/// The driver connects lazily; the first call reports a server that is not there.
+pub async fn connect_database(options: &MongoOptions) -> Result<Database, StoreError> {
+    let mut client_options =
+        ClientOptions::parse(&options.uri).await.map_err(|e| StoreError::InvalidRequest(e.to_string()))?;
+    client_options.server_selection_timeout = Some(options.timeout);
+    client_options.connect_timeout = Some(options.timeout);
+    client_options.app_name.get_or_insert_with(|| "callisto".into());
+    let client = Client::with_options(client_options).map_err(unavailable)?;
+    let read_concern = match options.read_concern.as_str() {
+        "majority" => ReadConcern::majority(),
+        "local" => ReadConcern::local(),
+        "available" => ReadConcern::available(),
+        "linearizable" => ReadConcern::linearizable(),
+        "snapshot" => ReadConcern::snapshot(),
+        other => return Err(StoreError::InvalidRequest(format!("unknown read concern {other:?}"))),
+    };
+    let write_concern = match options.write_concern.parse::<u32>() {
+        Ok(n) => WriteConcern::nodes(n),
+        Err(_) if options.write_concern == "majority" => WriteConcern::majority(),
+        Err(_) => WriteConcern::custom(options.write_concern.clone()),
+    };
+    Ok(client.database_with_options(
+        &options.database,
+        DatabaseOptions::builder().read_concern(read_concern).write_concern(write_concern).build(),
+    ))
+}
+
 impl MongoReadStore {
     /// Connects, creates the indexes, loads the checkpoints and starts following them.
     pub async fn connect(options: &MongoOptions) -> Result<Arc<Self>, StoreError> {
-        let mut client_options =
-            ClientOptions::parse(&options.uri).await.map_err(|e| StoreError::InvalidRequest(e.to_string()))?;
-        client_options.server_selection_timeout = Some(options.timeout);
-        client_options.connect_timeout = Some(options.timeout);
-        client_options.app_name.get_or_insert_with(|| "callisto".into());
-        let client = Client::with_options(client_options).map_err(unavailable)?;
-        let read_concern = match options.read_concern.as_str() {
-            "majority" => ReadConcern::majority(),
-            "local" => ReadConcern::local(),
-            "available" => ReadConcern::available(),
-            "linearizable" => ReadConcern::linearizable(),
-            "snapshot" => ReadConcern::snapshot(),
-            other => return Err(StoreError::InvalidRequest(format!("unknown read concern {other:?}"))),
-        };
-        let write_concern = match options.write_concern.parse::<u32>() {
-            Ok(n) => WriteConcern::nodes(n),
-            Err(_) if options.write_concern == "majority" => WriteConcern::majority(),
-            Err(_) => WriteConcern::custom(options.write_concern.clone()),
-        };
-        let db = client.database_with_options(
-            &options.database,
-            DatabaseOptions::builder().read_concern(read_concern).write_concern(write_concern).build(),
-        );
+        let db = connect_database(options).await?;
         let store = Arc::new(Self {
             persons: db.collection(PERSONS),
             timeline: db.collection(TIMELINE),
@@ -344,9 +364,13 @@ impl Projection for MongoReadStore {
             };
             let docs = self.load(&ids).await?;
             let mut changed: BTreeMap<Uuid, PersonDoc> = BTreeMap::new();
+            let mut scrub: Vec<String> = Vec::new();
             for event in events {
                 let id = event.event.meta().person_id;
                 let before = changed.get(&id).or_else(|| docs.get(&id)).cloned();
+                if super::scrubs_timeline(before.as_ref(), event) {
+                    scrub.push(id.to_string());
+                }
                 if let Some(after) = fold(before.clone(), event)
                     && Some(&after) != before.as_ref()
                 {
@@ -359,6 +383,10 @@ impl Projection for MongoReadStore {
             }
             let entries: Vec<TimelineEntry> = events.iter().map(timeline_entry).collect();
             self.command("writing timelines", &bulk::insert_timeline(&entries, &self.write_concern)?).await?;
+            if !scrub.is_empty() {
+                scrub.dedup();
+                self.command("erasing timelines", &bulk::scrub_timelines(&scrub, &self.write_concern)).await?;
+            }
         }
         // Only now, with the batch durable, does the checkpoint move.
         let checkpoint = bulk::advance_checkpoint(PROJECTION, partition, through, &self.write_concern);
@@ -412,9 +440,10 @@ pub fn list_filter(filter: &ListFilter, cursor: Option<Uuid>) -> Document {
     if let Some(tag) = &filter.tag {
         query.insert("tags", tag.clone());
     }
-    if let Some(status) = filter.status {
-        query.insert("status", status.as_str());
-    }
+    match filter.status {
+        Some(status) => query.insert("status", status.as_str()),
+        None => query.insert("status", doc! { "$ne": Status::Erased.as_str() }),
+    };
     if let Some(cursor) = cursor {
         query.insert("_id", doc! { "$gt": cursor.to_string() });
     }

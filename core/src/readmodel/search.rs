@@ -36,7 +36,7 @@ use uuid::Uuid;
 
 use super::{
     Checkpoints, Facets, HitKind, PersonDoc, ProjectedEvent, Projection, SearchHit, SearchIndex, SearchRequest,
-    SearchResults, StoreError, fold,
+    SearchResults, Status, StoreError, fold,
 };
 
 /// Lower-cases and folds accents (`Zoë` finds `zoe`), as analysts expect of names.
@@ -306,6 +306,20 @@ impl Inner {
         Ok(())
     }
 
+    /// Commits, merges every segment (dropping deleted documents for good) and removes the
+    /// files no commit uses any more.
+    fn compact(&self, progress: &watch::Sender<Checkpoints>) -> Result<(), StoreError> {
+        self.commit_pending(progress)?;
+        let mut pending = self.pending.lock().map_err(unavailable)?;
+        let segments = self.index.searchable_segment_ids().map_err(unavailable)?;
+        if !segments.is_empty() {
+            pending.writer.merge(&segments).wait().map_err(unavailable)?;
+        }
+        self.reader.reload().map_err(unavailable)?;
+        pending.writer.garbage_collect_files().wait().map_err(unavailable)?;
+        Ok(())
+    }
+
     /// Adds one partition's batch to the writer and returns the `added` count a commit must
     /// reach for the batch to be durable.
     fn add(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<u64, StoreError> {
@@ -331,7 +345,7 @@ impl Inner {
                 continue;
             }
             *current = fold(current.take(), ev);
-            if let (PersonEvent::NoteAdded(e), Some(_)) = (&ev.event, current.as_ref()) {
+            if let (PersonEvent::NoteAdded(e), Some(_), false) = (&ev.event, current.as_ref(), ev.erases()) {
                 new_notes.entry(id).or_default().push(NoteDoc { note_id: e.note_id, text: e.text.clone() });
             }
         }
@@ -341,6 +355,11 @@ impl Inner {
                 continue;
             }
             pending.writer.delete_term(self.person_term(*id));
+            if after.status == Status::Erased {
+                // Erased: every document of the person goes; nothing is added back.
+                pending.writer.delete_term(Term::from_field_text(self.fields.note_owner, &id.to_string()));
+                continue;
+            }
             pending.writer.add_document(self.person_document(after)?).map_err(unavailable)?;
             let facets_changed = before.as_ref().is_some_and(|b| {
                 b.tags != after.tags || b.status != after.status || display_name(b) != display_name(after)
@@ -609,6 +628,12 @@ impl Projection for TantivySearchIndex {
 
     fn progress(&self) -> watch::Receiver<Checkpoints> {
         self.progress.subscribe()
+    }
+
+    async fn compact(&self) -> Result<(), StoreError> {
+        let inner = self.inner.clone();
+        let progress = self.progress.clone();
+        tokio::task::spawn_blocking(move || inner.compact(&progress)).await.map_err(unavailable)?
     }
 }
 

@@ -64,6 +64,10 @@ macro_rules! delegate_projection {
                 self.current().apply(partition, events, through).await
             }
 
+            async fn compact(&self) -> Result<(), StoreError> {
+                self.current().compact().await
+            }
+
             async fn checkpoints(&self) -> Result<Checkpoints, StoreError> {
                 self.current().checkpoints().await
             }

@@ -35,7 +35,7 @@ pub fn unique(prefix: &str) -> String {
 }
 
 pub fn at(partition: u32, offset: u64, event: PersonEvent) -> ProjectedEvent {
-    ProjectedEvent { partition, offset, timestamp_ms: 0, event, principal: None }
+    ProjectedEvent { partition, offset, timestamp_ms: 0, event, principal: None, erased: false }
 }
 
 pub fn registered(id: Uuid, name: &str, tags: &[&str]) -> PersonEvent {
