@@ -10,7 +10,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use callisto_avro::PersonEvent;
-use callisto_avro::events::{NoteAdded, PersonArchived, PersonRegistered, TagChanged};
+use callisto_avro::events::{NoteAdded, PersonArchived, PersonErased, PersonRegistered, TagChanged};
 use callisto_core::readmodel::{
     ListFilter, ProjectedEvent, Projection, ReadStore, SearchIndex, SearchRequest, Status, StoreError,
 };
@@ -108,6 +108,66 @@ where
     checkpoints_round_trip(&open).await;
     listing(open("listing".into()).await).await;
     bad_input(open("bad-input".into()).await).await;
+    erasure(open("erasure".into()).await).await;
+}
+
+pub fn erased(id: Uuid) -> PersonEvent {
+    PersonEvent::Erased(PersonErased {
+        event_id: Uuid::new_v4(),
+        person_id: id,
+        occurred_at: Utc::now(),
+        correlation_id: "c".into(),
+    })
+}
+
+/// `event` as projectors see it once the person's key is destroyed: personal fields blank.
+pub fn after_erasure(partition: u32, offset: u64, mut event: PersonEvent) -> ProjectedEvent {
+    event.take_personal();
+    ProjectedEvent { erased: true, ..at(partition, offset, event) }
+}
+
+/// `PersonErased` leaves an erased marker with nothing personal, scrubs the timeline, and hides
+/// the person from listings; events read after the key is gone (redeliveries, a replay from
+/// offset 0) bring nothing back; another person is untouched.
+async fn erasure(store: Arc<dyn ReadStore>) {
+    let (id, other) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut events = history(id);
+    events.push(at(3, 15, registered(other, "Grace", &["vip"])));
+    store.apply(3, &events, 15).await.unwrap();
+    store.apply(3, &[at(3, 16, erased(id))], 16).await.unwrap();
+    let check = |label: &'static str| {
+        let store = store.clone();
+        async move {
+            let marker = store.get(id).await.unwrap().expect("an erased marker");
+            assert_eq!(marker.status, Status::Erased, "{label}");
+            assert_eq!(
+                (marker.given_name.as_str(), marker.email.as_deref(), marker.tags.len()),
+                ("", None, 0),
+                "{label}"
+            );
+            let timeline = store.timeline(id, 100, None).await.unwrap();
+            assert_eq!(
+                timeline.items.iter().map(|e| e.offset).collect::<Vec<_>>(),
+                vec![10, 11, 12, 13, 14, 16],
+                "{label}"
+            );
+            assert!(
+                timeline.items.iter().all(|e| e.erased && e.data == serde_json::json!({})),
+                "{label}: {timeline:?}"
+            );
+            let listed = store.list(&ListFilter::default(), 100, None).await.unwrap();
+            assert_eq!(listed.items.iter().map(|d| d.person_id).collect::<Vec<_>>(), vec![other], "{label}");
+            let vip = store.list(&ListFilter { tag: Some("vip".into()), status: None }, 100, None).await.unwrap();
+            assert_eq!(vip.items.len(), 1, "{label}");
+            assert_eq!(store.get(other).await.unwrap().unwrap().given_name, "Grace", "{label}");
+        }
+    };
+    check("after PersonErased").await;
+    // Redelivered and replayed: the key is gone, so the events arrive erased.
+    let replayed: Vec<ProjectedEvent> = history(id).into_iter().map(|e| after_erasure(3, e.offset, e.event)).collect();
+    store.apply(3, &replayed, 16).await.unwrap();
+    store.apply(3, &[at(3, 16, erased(id))], 16).await.unwrap();
+    check("after a redelivery").await;
 }
 
 async fn guard_and_redelivery(store: Arc<dyn ReadStore>) {
@@ -212,6 +272,31 @@ where
     search_guard_and_redelivery(open("guard".into()).await).await;
     checkpoints_round_trip(&open).await;
     search_semantics(open("semantics".into()).await).await;
+    search_erasure(open("erasure".into()).await).await;
+}
+
+/// An erased person's documents (person and notes) are gone from search, and events read after
+/// the key is destroyed put nothing back; another person is still found.
+async fn search_erasure(index: Arc<dyn SearchIndex>) {
+    let (id, other) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut events = history(id);
+    events.push(at(3, 15, registered(other, "Grace", &["vip"])));
+    events.push(at(3, 16, note(other, "the engine of Grace")));
+    index.apply(3, &events, 16).await.unwrap();
+    assert_eq!(index.search(&request("engine")).await.unwrap().total, 2);
+    index.apply(3, &[at(3, 17, erased(id))], 17).await.unwrap();
+    let only_other = |results: callisto_core::readmodel::SearchResults| {
+        assert!(results.hits.iter().all(|h| h.person_id == other), "{results:?}");
+        results.total
+    };
+    assert_eq!(only_other(index.search(&request("")).await.unwrap()), 2, "Grace and her note");
+    assert_eq!(only_other(index.search(&request("bernoulli")).await.unwrap()), 0);
+    assert_eq!(only_other(index.search(&request("Ada")).await.unwrap()), 0);
+    let replayed: Vec<ProjectedEvent> = history(id).into_iter().map(|e| after_erasure(3, e.offset, e.event)).collect();
+    index.apply(3, &replayed, 17).await.unwrap();
+    let results = index.search(&request("")).await.unwrap();
+    assert_eq!(only_other(results.clone()), 2, "a replay brings nothing back");
+    assert_eq!(results.facets.status.get("erased"), None);
 }
 
 async fn search_guard_and_redelivery(index: Arc<dyn SearchIndex>) {

@@ -1,0 +1,161 @@
+//! The `KeyStore` contract, and the `Keyring` over it, against the embedded store (always) and
+//! MongoDB (with `MONGODB_URI`): keys are created once and shared by racing writers, wrapped
+//! (never in clear), destroyed for good with a tombstone, re-wrapped by a new master key
+//! without touching sealed events; a destroyed key opens nothing, in this process at once and
+//! in another within the cache bound.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use callisto_avro::PersonEvent;
+use callisto_avro::events::{NoteAdded, PersonRegistered};
+use callisto_core::privacy::embedded::EmbeddedKeyStore;
+use callisto_core::privacy::mongo::MongoKeyStore;
+use callisto_core::privacy::{KeyError, KeyStore, Keyring, KeyringOptions, MasterKey, StoredKey};
+use callisto_core::readmodel::mongo::{MongoOptions, connect_database};
+use chrono::Utc;
+use uuid::Uuid;
+
+mod contract;
+
+fn keyring(store: Arc<dyn KeyStore>, current: &str, previous: &[&str], ttl: Duration) -> Keyring {
+    let options = KeyringOptions { cache_ttl: ttl, ..KeyringOptions::default() };
+    let previous = previous.iter().map(|k| MasterKey::from_hex(k).unwrap()).collect();
+    Keyring::new(store, MasterKey::from_hex(current).unwrap(), previous, &options)
+}
+
+fn registered(person: Uuid) -> PersonEvent {
+    PersonEvent::Registered(PersonRegistered {
+        event_id: Uuid::new_v4(),
+        person_id: person,
+        occurred_at: Utc::now(),
+        correlation_id: "c".into(),
+        given_name: "Hedy".into(),
+        family_name: "Lamarr".into(),
+        email: Some("hedy@example.org".into()),
+        phone: None,
+        date_of_birth: None,
+        address: None,
+        tags: vec!["radio".into()],
+    })
+}
+
+fn noted(person: Uuid, text: &str) -> PersonEvent {
+    PersonEvent::NoteAdded(NoteAdded {
+        event_id: Uuid::new_v4(),
+        person_id: person,
+        occurred_at: Utc::now(),
+        correlation_id: "c".into(),
+        note_id: Uuid::new_v4(),
+        text: text.into(),
+    })
+}
+
+async fn key_store_contract(store: Arc<dyn KeyStore>) {
+    // The store itself: first insert wins, tombstones are final.
+    let person = Uuid::new_v4();
+    assert_eq!(store.load(person).await.unwrap(), None);
+    let first = StoredKey::Active { kek_id: "k1".into(), wrapped: vec![1; 60], created_at: Utc::now() };
+    let second = StoredKey::Active { kek_id: "k1".into(), wrapped: vec![2; 60], created_at: Utc::now() };
+    assert_eq!(store.insert_if_absent(person, first.clone()).await.unwrap(), first);
+    assert_eq!(store.insert_if_absent(person, second).await.unwrap(), first, "a racing writer gets the stored key");
+    assert_eq!(store.load(person).await.unwrap(), Some(first.clone()));
+    store.destroy(person, Utc::now()).await.unwrap();
+    store.destroy(person, Utc::now()).await.unwrap();
+    let tombstone = store.load(person).await.unwrap().unwrap();
+    assert!(matches!(tombstone, StoredKey::Destroyed { .. }), "{tombstone:?}");
+    let again = store.insert_if_absent(person, first.clone()).await.unwrap();
+    assert!(matches!(again, StoredKey::Destroyed { .. }), "a destroyed key is never recreated");
+    let never_seen = Uuid::new_v4();
+    store.destroy(never_seen, Utc::now()).await.unwrap();
+    assert!(matches!(store.load(never_seen).await.unwrap(), Some(StoredKey::Destroyed { .. })));
+
+    // The keyring over it.
+    let (old, new) = (MasterKey::generate_hex(), MasterKey::generate_hex());
+    let ring = keyring(store.clone(), &old, &[], Duration::from_secs(30));
+    let hedy = Uuid::new_v4();
+    let (sealed_event, sealed) = ring.seal(registered(hedy)).await.unwrap();
+    let sealed = sealed.expect("a registration carries personal data");
+    let PersonEvent::Registered(blank) = &sealed_event else { unreachable!() };
+    assert_eq!((blank.given_name.as_str(), blank.email.as_deref(), blank.tags.len()), ("", None, 1));
+    let opened = ring.open(sealed_event.clone(), Some(sealed.clone())).await.unwrap();
+    assert_eq!((opened.event.clone(), opened.erased), (registered_like(&opened.event, hedy), false));
+    let Some(StoredKey::Active { wrapped, .. }) = store.load(hedy).await.unwrap() else { panic!("an active key") };
+    assert_eq!(wrapped.len(), 12 + 32 + 16, "nonce, the 256-bit key, the tag: wrapped, not clear");
+
+    // Ciphertext moved to another event does not open.
+    let (other_event, _) = ring.seal(noted(hedy, "moved")).await.unwrap();
+    assert!(matches!(ring.open(other_event, Some(sealed.clone())).await, Err(KeyError::Unreadable(_))));
+
+    // Rotation: the new master key re-wraps; old events still open; the old key is not needed.
+    let (note_event, note_sealed) = ring.seal(noted(hedy, "before rotation")).await.unwrap();
+    let rotated = keyring(store.clone(), &new, &[&old], Duration::from_secs(30));
+    assert!(rotated.rewrap_all().await.unwrap() >= 1);
+    let only_new = keyring(store.clone(), &new, &[], Duration::from_secs(30));
+    let opened = only_new.open(note_event.clone(), note_sealed.clone()).await.unwrap();
+    let PersonEvent::NoteAdded(note) = opened.event else { unreachable!() };
+    assert_eq!(note.text, "before rotation");
+    assert!(
+        matches!(ring.open(sealed_event.clone(), Some(sealed.clone())).await, Ok(o) if !o.erased),
+        "a cached key keeps working until it expires"
+    );
+
+    // Another process, with a short cache, sees the erasure within its bound.
+    let elsewhere = keyring(store.clone(), &new, &[], Duration::from_millis(200));
+    assert!(!elsewhere.open(sealed_event.clone(), Some(sealed.clone())).await.unwrap().erased);
+    only_new.destroy(hedy).await.unwrap();
+    let here = only_new.open(sealed_event.clone(), Some(sealed.clone())).await.unwrap();
+    assert!(here.erased, "the destroying process forgets the key at once");
+    let PersonEvent::Registered(blank) = here.event else { unreachable!() };
+    assert_eq!(blank.given_name, "");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(elsewhere.open(sealed_event.clone(), Some(sealed.clone())).await.unwrap().erased, "after the cache bound");
+    assert!(matches!(only_new.seal(noted(hedy, "late")).await, Err(KeyError::Erased)));
+    assert!(matches!(only_new.key_for_writing(hedy).await, Err(KeyError::Erased)));
+    assert!(matches!(store.load(hedy).await.unwrap(), Some(StoredKey::Destroyed { .. })), "the wrapped key is gone");
+    store.compact().await.unwrap();
+}
+
+/// `event`'s identity with Hedy's personal fields, to compare an opened event with the original.
+fn registered_like(event: &PersonEvent, person: Uuid) -> PersonEvent {
+    let PersonEvent::Registered(e) = event else { panic!("not a registration") };
+    let PersonEvent::Registered(original) = registered(person) else { unreachable!() };
+    PersonEvent::Registered(PersonRegistered {
+        event_id: e.event_id,
+        occurred_at: e.occurred_at,
+        correlation_id: e.correlation_id.clone(),
+        ..original
+    })
+}
+
+#[tokio::test]
+async fn the_embedded_key_store_meets_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedKeyStore::open(&dir.path().join("keys.redb")).unwrap());
+    key_store_contract(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mongodb_key_store_meets_the_contract() {
+    let Some(uri) = contract::server_url("MONGODB_URI") else { return };
+    let options = MongoOptions::new(uri, contract::unique("callisto-keys"));
+    let db = connect_database(&options).await.unwrap();
+    key_store_contract(Arc::new(MongoKeyStore::new(&db))).await;
+}
+
+/// With the store unreachable, the keyring answers `Unavailable` promptly (timeout, retries,
+/// then the breaker), never a guess.
+#[tokio::test]
+async fn an_unreachable_key_store_is_unavailable_not_a_guess() {
+    let options = MongoOptions {
+        timeout: Duration::from_millis(300),
+        ..MongoOptions::new("mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=300", "nowhere")
+    };
+    let db = connect_database(&options).await.unwrap();
+    let ring = keyring(Arc::new(MongoKeyStore::new(&db)), &MasterKey::generate_hex(), &[], Duration::from_secs(30));
+    let started = std::time::Instant::now();
+    let person = Uuid::new_v4();
+    assert!(matches!(ring.seal(registered(person)).await, Err(KeyError::Unavailable(_))));
+    assert!(matches!(ring.open(noted(person, "x"), None).await, Err(KeyError::Unavailable(_))));
+    assert!(started.elapsed() < Duration::from_secs(20), "answered in {:?}", started.elapsed());
+}
