@@ -216,3 +216,74 @@ async fn faults_under_load_lose_nothing_and_duplicate_nothing() {
     }
     dev.stop().await.unwrap();
 }
+
+/// Over Kafka, no record on the topic (payload, key or headers) ever holds a personal field in
+/// clear, and erasure through the API works end to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_bytes_never_hold_personal_data_and_erasure_works_over_kafka() {
+    use callisto_core::log::{EventLog, KafkaLog, KafkaLogOptions};
+    const SECRETS: [&str; 4] = ["Wilhelmina", "Vandersloot", "wvs@kafka-probe.example", "stroopwafel confessions"];
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = settings(dir.path());
+    let _cluster = start_kafka_mock(&mut settings, 3).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dev = Dev::start(&settings, listener).await.unwrap();
+    let base = format!("http://{}", dev.addr);
+    let client = common::client(dir.path());
+    let person = post_json(
+        &client,
+        format!("{base}/v1/persons"),
+        json!({"given_name": SECRETS[0], "family_name": SECRETS[1], "email": SECRETS[2]}),
+    )
+    .await;
+    let id = person["person_id"].as_str().unwrap().to_owned();
+    let note = post_json(&client, format!("{base}/v1/persons/{id}/notes"), json!({"text": SECRETS[3]})).await;
+    let token = note["consistency_token"].as_str().unwrap();
+    let read =
+        client.get(format!("{base}/v1/persons/{id}")).header("callisto-consistency-token", token).send().await.unwrap();
+    assert_eq!(read.json::<Value>().await.unwrap()["given_name"], SECRETS[0], "projectors open what writers sealed");
+
+    let raw = KafkaLog::new(KafkaLogOptions::new(settings.kafka.brokers.clone().unwrap())).unwrap();
+    let raw_bytes = || async {
+        let mut all = Vec::new();
+        for topic in ["persons", "persons.dlq"] {
+            for (partition, end) in raw.end_offsets(topic).await.unwrap().into_iter().enumerate() {
+                for record in
+                    raw.read(topic, partition as u32, 0, end as usize, std::time::Duration::ZERO).await.unwrap()
+                {
+                    all.extend(record.payload);
+                    all.extend(record.key);
+                    record.headers.into_iter().for_each(|(name, value)| {
+                        all.extend(name.into_bytes());
+                        all.extend(value);
+                    });
+                }
+            }
+        }
+        all
+    };
+    let bytes = raw_bytes().await;
+    assert!(bytes.windows(id.len()).any(|w| w == id.as_bytes()), "the probe reads the person's records");
+    for secret in SECRETS {
+        assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "{secret:?} is on the topic in clear");
+    }
+
+    let erased = client.delete(format!("{base}/v1/persons/{id}")).send().await.unwrap();
+    assert_eq!(erased.status(), StatusCode::ACCEPTED);
+    let token = erased.json::<Value>().await.unwrap()["consistency_token"].as_str().unwrap().to_owned();
+    let gone = client
+        .get(format!("{base}/v1/persons/{id}"))
+        .header("callisto-consistency-token", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), StatusCode::GONE);
+    let found: Value =
+        client.get(format!("{base}/v1/search?q=stroopwafel&after={token}")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(found["total"], 0, "{found}");
+    let bytes = raw_bytes().await;
+    for secret in SECRETS {
+        assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "{secret:?} on the topic after erasure");
+    }
+    dev.stop().await.unwrap();
+}
