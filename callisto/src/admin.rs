@@ -220,6 +220,29 @@ pub async fn export(
     })
 }
 
+/// `callisto privacy compact`: through the running dev server when there is one, else on the
+/// stopped data dir's live read models and key store.
+pub async fn compact(settings: &Settings, api_key: Option<&str>) -> anyhow::Result<Compacted> {
+    if let Some(AdminClient { base, client }) = running_dev(settings, api_key).await? {
+        let response = client.post(format!("{base}/admin/v1/compact")).send().await?;
+        let status = response.status();
+        let body: serde_json::Value = response.json().await?;
+        anyhow::ensure!(status.is_success(), "{}", body["detail"].as_str().unwrap_or("the dev server refused"));
+        return Ok(serde_json::from_value(body)?);
+    }
+    crate::backends::require_embedded_read_models(settings, "callisto privacy compact")?;
+    let generations = Generations::load(&settings.storage.data_dir)?;
+    let mut compacted = Vec::new();
+    for generation in [Some(generations.live), generations.previous].into_iter().flatten() {
+        let side = crate::backends::open_generation(settings, generation)?;
+        side.store.compact().await?;
+        side.search.compact().await?;
+        compacted.push(generation);
+    }
+    crate::backends::open_keyring(settings).await?.compact().await?;
+    Ok(Compacted { generations: compacted, key_store: true })
+}
+
 /// A `callisto dlq` request.
 #[derive(Debug, Clone)]
 pub enum DlqCommand {
@@ -506,7 +529,7 @@ impl DevGenerations {
             .route("/admin/v1/dlq/replay", post(dlq_replay))
             .route("/admin/v1/dlq/purge", post(dlq_purge))
             .route("/admin/v1/dlq/{id}", axum::routing::get(dlq_show))
-            .route("/admin/v1/compact", post(compact))
+            .route("/admin/v1/compact", post(compact_now))
             .with_state(self);
         auth.protect(routes, callisto_core::auth::Rule::ADMIN)
     }
@@ -526,7 +549,7 @@ const PROBLEM: &str = "application/problem+json";
         dlq_show,
         dlq_replay,
         dlq_purge,
-        compact
+        compact_now
     ),
     components(schemas(Problem, callisto_core::http::FieldError))
 )]
@@ -649,7 +672,7 @@ pub struct Compacted {
 /// Compacts every kept generation's read models and the key store, so what erasures deleted
 /// leaves the files on disk now rather than at the next scheduled compaction.
 #[utoipa::path(post, path = "/admin/v1/compact", tag = "admin", responses((status = 200, body = Compacted), (status = "4XX", body = Problem, content_type = PROBLEM), (status = 503, body = Problem, content_type = PROBLEM)))]
-async fn compact(State(dev): State<Arc<DevGenerations>>) -> Result<Json<Compacted>, Problem> {
+async fn compact_now(State(dev): State<Arc<DevGenerations>>) -> Result<Json<Compacted>, Problem> {
     Ok(Json(dev.compact().await.map_err(unavailable)?))
 }
 

@@ -48,6 +48,32 @@ enum Command {
     /// Manage API keys: create (the key is shown once), list, revoke. Running services pick up
     /// changes within seconds.
     Keys(KeysArgs),
+    /// Personal data: rotate the master key that wraps data keys, and compact the embedded
+    /// stores so erased data leaves the disk now.
+    Privacy(PrivacyArgs),
+}
+
+#[derive(Debug, Args)]
+struct PrivacyArgs {
+    /// Directory of the embedded data (overrides storage.data_dir).
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: PrivacyCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum PrivacyCommand {
+    /// Write a fresh master key (64 hex digits, mode 0600) to FILE, for a rotation: point
+    /// privacy.master_key_file at it, list the old one in privacy.previous_master_key_files,
+    /// restart, then run `rewrap`.
+    NewMasterKey { file: PathBuf },
+    /// Re-wrap every data key still wrapped by a previous master key with the current one.
+    /// Events are not touched: the data keys themselves do not change.
+    Rewrap,
+    /// Compact the embedded read models and key store (through a running `callisto dev`), so
+    /// what erasures deleted is gone from the files now.
+    Compact,
 }
 
 #[derive(Debug, Args)]
@@ -67,7 +93,8 @@ enum KeysCommand {
         /// What the key is for, e.g. the enrolled source's name.
         #[arg(long)]
         name: String,
-        /// Comma-separated scopes: persons:write, persons:read, search, admin, metrics.
+        /// Comma-separated scopes: persons:write, persons:read, persons:erase, search, admin,
+        /// metrics.
         #[arg(long, value_delimiter = ',', required = true)]
         scopes: Vec<callisto_core::auth::Scope>,
         /// When the key stops working, RFC 3339.
@@ -232,6 +259,9 @@ fn main() -> anyhow::Result<()> {
         if let Command::Keys(args) = &cli.command {
             return keys(cli.config.as_deref(), args);
         }
+        if let Command::Privacy(args) = &cli.command {
+            return privacy(cli.config.as_deref(), args, cli.api_key.as_deref()).await;
+        }
         let (Command::Dev(DevArgs { serve: args, .. })
         | Command::Writer(args)
         | Command::Projector(args)
@@ -250,7 +280,7 @@ fn main() -> anyhow::Result<()> {
             Command::Writer(_) => callisto::services::run_writer(settings, security, shutdown).await,
             Command::Projector(_) => callisto::services::run_projector(settings, security, shutdown).await,
             Command::QueryApi(_) => callisto::services::run_query_api(settings, security, shutdown).await,
-            Command::Export(_) | Command::Replay(_) | Command::Dlq(_) | Command::Keys(_) => {
+            Command::Export(_) | Command::Replay(_) | Command::Dlq(_) | Command::Keys(_) | Command::Privacy(_) => {
                 unreachable!("batch commands returned above")
             }
         }
@@ -363,6 +393,27 @@ async fn dlq(config: Option<&std::path::Path>, args: &DlqArgs, api_key: Option<&
             }
         }
         _ => println!("{}", serde_json::to_string_pretty(&answer)?),
+    }
+    Ok(())
+}
+
+async fn privacy(config: Option<&std::path::Path>, args: &PrivacyArgs, api_key: Option<&str>) -> anyhow::Result<()> {
+    let settings = batch_settings(config, &args.data_dir, [])?;
+    match &args.command {
+        PrivacyCommand::NewMasterKey { file } => {
+            callisto_core::privacy::write_new_master_key(file)
+                .with_context(|| format!("writing a new master key to {}", file.display()))?;
+            eprintln!("wrote a new master key to {}; keep it as safe as the old one", file.display());
+        }
+        PrivacyCommand::Rewrap => {
+            let keyring = callisto::backends::open_keyring(&settings).await?;
+            let rewrapped = keyring.rewrap_all().await?;
+            eprintln!("re-wrapped {rewrapped} data keys with master key {}", keyring.master_key_id());
+        }
+        PrivacyCommand::Compact => {
+            let compacted = callisto::admin::compact(&settings, api_key).await?;
+            println!("{}", serde_json::to_string(&compacted)?);
+        }
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! person is untouched throughout.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -199,4 +200,68 @@ async fn an_erased_person_is_gone_from_reads_search_exports_and_every_file_on_di
         assert_eq!(files_containing(dir.path(), needle), Vec::<String>::new(), "{needle:?} came back with the rebuild");
     }
     dev.stop().await.unwrap();
+}
+
+fn callisto(args: &[&str]) -> std::process::Output {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_callisto")).args(args).output().unwrap();
+    assert!(output.status.success(), "callisto {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    output
+}
+
+/// Rotating the master key: a new key file, the old one listed as previous, `privacy rewrap`;
+/// then the new key alone opens events sealed before the rotation, and `privacy compact` works
+/// on a stopped data dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_master_key_rotates_without_touching_events() {
+    use callisto_core::privacy::{EventReader, Keyring, KeyringOptions, load_master_key};
+    let dir = tempfile::tempdir().unwrap();
+    let dev = start_dev(dir.path()).await;
+    let base = format!("http://{}", dev.addr);
+    let person = post_json(
+        &common::client(dir.path()),
+        format!("{base}/v1/persons"),
+        json!({"given_name": "Rosalind", "family_name": "Franklin"}),
+    )
+    .await;
+    let (partition, offset) = (person["partition"].as_u64().unwrap() as u32, person["offset"].as_u64().unwrap());
+    dev.stop().await.unwrap();
+
+    let data = dir.path().to_str().unwrap();
+    let new_key = dir.path().join("master-2026.key");
+    callisto(&["privacy", "new-master-key", new_key.to_str().unwrap()]);
+    let config = dir.path().join("callisto.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[privacy]\nmaster_key_file = {:?}\nprevious_master_key_files = [{:?}]\n",
+            new_key.display().to_string(),
+            dir.path().join("master.key").display().to_string()
+        ),
+    )
+    .unwrap();
+    let rewrapped = callisto(&["--config", config.to_str().unwrap(), "privacy", "rewrap", "--data-dir", data]);
+    assert!(String::from_utf8_lossy(&rewrapped.stderr).contains("re-wrapped 1 data keys"), "{rewrapped:?}");
+
+    // Only the new master key now: the event sealed before the rotation still opens.
+    let store = callisto_core::privacy::embedded::EmbeddedKeyStore::open(&dir.path().join("keys.redb")).unwrap();
+    let keyring = Keyring::new(
+        Arc::new(store),
+        load_master_key(&new_key, false).unwrap(),
+        Vec::new(),
+        &KeyringOptions::default(),
+    );
+    let registry = callisto_avro::EmbeddedRegistry::open(&dir.path().join("schemas.redb")).unwrap();
+    let codec = callisto_avro::Codec::new(Arc::new(registry), "persons").unwrap();
+    let reader = EventReader::new(Arc::new(codec), Arc::new(keyring));
+    let log = callisto_core::log::EmbeddedLog::open(&dir.path().join("log.redb"), Default::default()).unwrap();
+    let record =
+        callisto_core::log::EventLog::read(&log, "persons", partition, offset, 1, Duration::ZERO).await.unwrap();
+    let opened = reader.read(&record[0].payload).await.unwrap();
+    let callisto_avro::PersonEvent::Registered(e) = opened.event else { panic!("a registration") };
+    assert_eq!(e.given_name, "Rosalind");
+    drop((reader, log));
+
+    let compacted = callisto(&["privacy", "compact", "--data-dir", data]);
+    let compacted: Value = serde_json::from_slice(&compacted.stdout).unwrap();
+    assert_eq!(compacted["generations"], json!([0]));
 }

@@ -100,28 +100,36 @@ pub fn open_embedded(dir: &std::path::Path) -> anyhow::Result<Arc<Keyring>> {
 /// The default master key file name in the data dir.
 pub const MASTER_KEY_FILE: &str = "master.key";
 
+/// Writes a fresh master key to `path` (mode 0600); refuses to replace an existing file.
+pub fn write_new_master_key(path: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    std::io::Write::write_all(&mut file, MasterKey::generate_hex().as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing the master key {}", path.display()))
+}
+
 /// Reads the master key file at `path`; with `create`, writes a fresh one (mode 0600) first
 /// when there is none.
 pub fn load_master_key(path: &std::path::Path, create: bool) -> anyhow::Result<MasterKey> {
     use anyhow::Context;
     if create && !path.exists() {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        match options.open(path) {
-            Ok(mut file) => {
-                std::io::Write::write_all(&mut file, MasterKey::generate_hex().as_bytes())
-                    .and_then(|()| file.sync_all())
-                    .with_context(|| format!("writing the master key {}", path.display()))?;
+        match write_new_master_key(path) {
+            Ok(()) => {
                 tracing::info!(path = %path.display(), "created a master key; keep it safe, without it no personal data opens");
             }
             // Another process created it first: use theirs.
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e).with_context(|| format!("creating the master key {}", path.display())),
+            Err(e)
+                if e.downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::AlreadyExists) => {}
+            Err(e) => return Err(e),
         }
     }
     let text = zeroize::Zeroizing::new(
@@ -357,6 +365,11 @@ impl Keyring {
         self.destroyed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         metrics::counter!("callisto_persons_erased_total").increment(1);
         Ok(())
+    }
+
+    /// The id of the master key new data keys are wrapped with.
+    pub fn master_key_id(&self) -> &str {
+        self.master.id()
     }
 
     /// How many keys this process has destroyed since it started.
