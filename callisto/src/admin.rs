@@ -220,8 +220,9 @@ pub async fn export(
     })
 }
 
-/// `callisto privacy compact`: through the running dev server when there is one, else on the
-/// stopped data dir's live read models and key store.
+/// `callisto privacy compact`: through the running dev server when there is one; else on the
+/// configured MongoDB and Elasticsearch read models, or the stopped data dir's kept generations;
+/// then the key store.
 pub async fn compact(settings: &Settings, api_key: Option<&str>) -> anyhow::Result<Compacted> {
     if let Some(AdminClient { base, client }) = running_dev(settings, api_key).await? {
         let response = client.post(format!("{base}/admin/v1/compact")).send().await?;
@@ -230,7 +231,16 @@ pub async fn compact(settings: &Settings, api_key: Option<&str>) -> anyhow::Resu
         anyhow::ensure!(status.is_success(), "{}", body["detail"].as_str().unwrap_or("the dev server refused"));
         return Ok(serde_json::from_value(body)?);
     }
-    crate::backends::require_embedded_read_models(settings, "callisto privacy compact")?;
+    if settings.mongodb.uri.is_some() || settings.elasticsearch.url.is_some() {
+        // Servers purge on their own schedule; this asks them to now where they can
+        // (Elasticsearch expunges deleted documents).
+        let read =
+            crate::backends::open_configured_read_models(settings, crate::backends::ReadModelUse::Serving).await?;
+        read.store.compact().await?;
+        read.search.compact().await?;
+        crate::backends::open_keyring(settings).await?.compact().await?;
+        return Ok(Compacted { generations: Vec::new(), key_store: true });
+    }
     let generations = Generations::load(&settings.storage.data_dir)?;
     let mut compacted = Vec::new();
     for generation in [Some(generations.live), generations.previous].into_iter().flatten() {
