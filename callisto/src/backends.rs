@@ -85,6 +85,13 @@ pub async fn open_keyring(settings: &Settings) -> anyhow::Result<Arc<Keyring>> {
         }
         other => anyhow::bail!("privacy.key_store must be embedded or mongodb, not {other:?}"),
     };
+    // A shared key store needs every process on one master key: a per-process default would let
+    // each process wrap keys the others cannot unwrap.
+    anyhow::ensure!(
+        kind == "embedded" || privacy.master_key_file.is_some(),
+        "privacy.master_key_file (CALLISTO__PRIVACY__MASTER_KEY_FILE) must be set with a shared key \
+         store: every process must use the same master key; create one with `callisto privacy new-master-key`"
+    );
     // Only the default location is created on demand; a configured file must exist.
     let master = load_master_key(&privacy.master_key_path(&settings.storage), privacy.master_key_file.is_none())?;
     let previous = privacy
