@@ -5,6 +5,9 @@
 //!   plain `apache-avro` `Value` round trip.
 //! - `partitioning_1024_uuid_keys`: Kafka's murmur2 against std's hasher.
 //! - `log_append/*`: the embedded log with 1, 8 and 64 appenders against raw redb commits.
+//! - `personal_data_seal/*` and `personal_data_open/*`: sealing an event's personal fields with
+//!   the person's data key (writers) and opening them (projectors, rebuilds), with the key in
+//!   the keyring's cache and read from the key store, against the codec alone on a clear event.
 //! - `kafka_append/*`: the Kafka log's appends (delivery report awaited, token fields
 //!   extracted) against a raw rdkafka `FutureProducer` with the same producer settings, on a
 //!   3-broker librdkafka mock cluster.
@@ -200,5 +203,67 @@ fn kafka_appends(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, codec_vs_plain_avro, murmur2_partitioning, log_appends, kafka_appends);
+/// What crypto-shredding adds per event: the writer's seal + encode and a reader's decode + open,
+/// against encoding and decoding the same event in clear.
+fn personal_data(c: &mut Criterion) {
+    use callisto_core::privacy::embedded::EmbeddedKeyStore;
+    use callisto_core::privacy::{Keyring, KeyringOptions, MasterKey};
+    use std::time::Duration;
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(EmbeddedRegistry::open(&dir.path().join("schemas.redb")).unwrap());
+    let codec = Codec::new(registry, "persons").unwrap();
+    let store = Arc::new(EmbeddedKeyStore::open(&dir.path().join("keys.redb")).unwrap());
+    let keyring = |ttl: Duration| {
+        let master = MasterKey::from_hex(&std::fs::read_to_string(dir.path().join("master.key")).unwrap()).unwrap();
+        Keyring::new(store.clone(), master, Vec::new(), &KeyringOptions { cache_ttl: ttl, ..Default::default() })
+    };
+    callisto_core::privacy::write_new_master_key(&dir.path().join("master.key")).unwrap();
+    let cached = keyring(Duration::from_secs(3600));
+    let uncached = keyring(Duration::ZERO);
+    for (name, event) in [("registered", fixtures::registered()), ("note_50_words", fixtures::note(50))] {
+        let clear = codec.encode(&event).unwrap();
+        let (blank, sealed) = runtime.block_on(cached.seal(event.clone())).unwrap();
+        let sealed_bytes = codec.encode_sealed(&blank, sealed.as_ref()).unwrap();
+
+        let mut group = c.benchmark_group(format!("personal_data_seal/{name}"));
+        group.bench_function("baseline_encode_clear", |b| {
+            b.iter(|| runtime.block_on(async { black_box(codec.encode(black_box(&event)).unwrap()) }))
+        });
+        for (label, ring) in
+            [("callisto_seal_and_encode_cached_key", &cached), ("callisto_seal_and_encode_key_store_read", &uncached)]
+        {
+            group.bench_function(label, |b| {
+                b.iter(|| {
+                    runtime.block_on(async {
+                        let (blank, sealed) = ring.seal(black_box(event.clone())).await.unwrap();
+                        black_box(codec.encode_sealed(&blank, sealed.as_ref()).unwrap())
+                    })
+                })
+            });
+        }
+        group.finish();
+
+        let mut group = c.benchmark_group(format!("personal_data_open/{name}"));
+        group.bench_function("baseline_decode_clear", |b| {
+            b.iter(|| runtime.block_on(async { black_box(codec.decode(black_box(&clear)).unwrap()) }))
+        });
+        for (label, ring) in
+            [("callisto_decode_and_open_cached_key", &cached), ("callisto_decode_and_open_key_store_read", &uncached)]
+        {
+            group.bench_function(label, |b| {
+                b.iter(|| {
+                    runtime.block_on(async {
+                        let (event, sealed) = codec.decode_sealed(black_box(&sealed_bytes)).unwrap();
+                        black_box(ring.open(event, sealed).await.unwrap())
+                    })
+                })
+            });
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, codec_vs_plain_avro, murmur2_partitioning, personal_data, log_appends, kafka_appends);
 criterion_main!(benches);

@@ -1,7 +1,8 @@
 //! The key store as a dependency that fails, and sealed data that was tampered with: with the key
 //! store down, commands answer 503 and projectors pause, then resume with nothing lost or
 //! skipped; ciphertext moved to another event fails authentication and is dead-lettered while
-//! the partition moves on.
+//! the partition moves on; once the person is erased, `dlq show` prints that dead letter without
+//! content or payload.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -181,6 +182,18 @@ async fn a_dead_key_store_pauses_everything_and_tampered_ciphertext_is_dead_lett
     let error = String::from_utf8_lossy(dead[0].header("dlq.error").unwrap()).into_owned();
     assert!(error.contains("authentication failed"), "{error}");
     assert!(!error.contains("first note"), "the error holds no plaintext: {error}");
+
+    // Once the person is erased, `dlq show` prints the dead letter without content or payload.
+    let reader = EventReader::new(codec.clone(), keyring.clone());
+    let dead_id = format!("{}:{}", dead[0].partition, dead[0].offset);
+    let before = callisto::dlq::show(log.as_ref(), &reader, "persons.dlq", &dead_id).await.unwrap();
+    assert!(before.payload_hex.is_some() && before.decoded.is_none(), "still unreadable, bytes shown: {before:?}");
+    let erased = client.delete(format!("{base}/v1/persons/{id}")).send().await.unwrap();
+    assert_eq!(erased.status(), StatusCode::ACCEPTED);
+    let after = callisto::dlq::show(log.as_ref(), &reader, "persons.dlq", &dead_id).await.unwrap();
+    let decoded = after.decoded.expect("an erased event reads, without content");
+    assert_eq!((decoded["erased"].clone(), decoded["data"].clone()), (json!(true), json!({})), "{decoded}");
+    assert!(after.payload_hex.is_none(), "the raw payload is withheld for an erased person");
 
     shutdown.cancel();
     projector.await.unwrap();

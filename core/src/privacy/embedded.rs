@@ -6,7 +6,6 @@
 //! the file holds nothing of a destroyed key.
 
 use std::path::Path;
-use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -15,6 +14,7 @@ use uuid::Uuid;
 
 use super::{KeyStore, StoredKey};
 use crate::readmodel::StoreError;
+use crate::readmodel::embedded::SharedDb;
 
 /// The file name in the data dir.
 pub const FILE: &str = "keys.redb";
@@ -26,9 +26,7 @@ fn unavailable<E: std::fmt::Display>(e: E) -> StoreError {
 }
 
 pub struct EmbeddedKeyStore {
-    /// Written under the read lock (redb serialises writers itself); compaction, which needs
-    /// the database to itself, takes the write lock.
-    db: Arc<RwLock<Database>>,
+    db: SharedDb,
 }
 
 impl std::fmt::Debug for EmbeddedKeyStore {
@@ -47,15 +45,14 @@ impl EmbeddedKeyStore {
         let txn = db.begin_write().map_err(unavailable)?;
         txn.open_table(KEYS).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
-        Ok(Self { db: Arc::new(RwLock::new(db)) })
+        Ok(Self { db: SharedDb::new(db) })
     }
 
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&*db.read().map_err(unavailable)?)).await.map_err(unavailable)?
+        self.db.blocking(f).await
     }
 
     fn write(
@@ -144,11 +141,6 @@ impl KeyStore for EmbeddedKeyStore {
 
     /// Packs the file so pages freed by destroyed keys are gone from disk.
     async fn compact(&self) -> Result<(), StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || {
-            crate::readmodel::embedded::compact_redb(&mut *db.write().map_err(unavailable)?)
-        })
-        .await
-        .map_err(unavailable)?
+        self.db.compact().await
     }
 }

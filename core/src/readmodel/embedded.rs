@@ -34,10 +34,41 @@ fn unavailable<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// A redb database for blocking tasks: used under the read lock (redb serialises writers
+/// itself), compacted under the write lock, as redb compaction needs the database to itself.
+#[derive(Clone)]
+pub struct SharedDb(Arc<RwLock<Database>>);
+
+impl SharedDb {
+    pub fn new(db: Database) -> Self {
+        Self(Arc::new(RwLock::new(db)))
+    }
+
+    /// Runs `f` on a blocking thread.
+    pub async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = self.0.clone();
+        tokio::task::spawn_blocking(move || f(&*db.read().map_err(unavailable)?)).await.map_err(unavailable)?
+    }
+
+    /// Compacts until the file shrinks no further. Free pages are only handed back to the file
+    /// system at the end of the file, so this is what makes deleted data leave the disk file.
+    pub async fn compact(&self) -> Result<(), StoreError> {
+        let db = self.0.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut db = db.write().map_err(unavailable)?;
+            while db.compact().map_err(unavailable)? {}
+            Ok(())
+        })
+        .await
+        .map_err(unavailable)?
+    }
+}
+
 pub struct EmbeddedReadStore {
-    /// Used under the read lock (redb serialises writers itself); [`compact`](Self::compact)
-    /// takes the write lock, as redb compaction needs the database to itself.
-    db: Arc<RwLock<Database>>,
+    db: SharedDb,
     progress: watch::Sender<Checkpoints>,
 }
 
@@ -59,23 +90,15 @@ impl EmbeddedReadStore {
         txn.commit().map_err(unavailable)?;
         let checkpoints = read_checkpoints(&db)?;
         let (progress, _) = watch::channel(checkpoints);
-        Ok(Self { db: Arc::new(RwLock::new(db)), progress })
+        Ok(Self { db: SharedDb::new(db), progress })
     }
 
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&*db.read().map_err(unavailable)?)).await.map_err(unavailable)?
+        self.db.blocking(f).await
     }
-}
-
-/// Compacts a redb file until it shrinks no further. Free pages are only handed back to the
-/// file system at the end of the file, so this is what makes deleted data leave the disk file.
-pub fn compact_redb(db: &mut Database) -> Result<(), StoreError> {
-    while db.compact().map_err(unavailable)? {}
-    Ok(())
 }
 
 fn read_checkpoints(db: &Database) -> Result<Checkpoints, StoreError> {
@@ -203,10 +226,7 @@ impl Projection for EmbeddedReadStore {
     /// Packs the file, so pages that held erased persons' documents and timelines are cut off
     /// the end of the file instead of lingering as free pages.
     async fn compact(&self) -> Result<(), StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || compact_redb(&mut *db.write().map_err(unavailable)?))
-            .await
-            .map_err(unavailable)?
+        self.db.compact().await
     }
 }
 
