@@ -182,6 +182,21 @@ async fn an_erased_person_is_gone_from_reads_search_exports_and_every_file_on_di
     assert!(of_person.len() >= 4, "register, note, two erasures");
     assert!(of_person.iter().all(|l| l["erased"] == true), "{of_person:?}");
     assert!(exported.contains("Ravensworth"), "the other person exports in full");
+    let avro = client.get(format!("{base}/admin/v1/export?format=avro")).send().await.unwrap().bytes().await.unwrap();
+    for needle in ERASED {
+        assert!(!avro.windows(needle.len()).any(|w| w == needle.as_bytes()), "the Avro export holds {needle:?}");
+    }
+    let marked: Vec<bool> = apache_avro::Reader::new(&avro[..])
+        .unwrap()
+        .map(|row| {
+            let apache_avro::types::Value::Record(fields) = row.unwrap() else { panic!("a record") };
+            let field = |name: &str| fields.iter().find(|(n, _)| n == name).unwrap().1.clone();
+            (field("key"), field("erased"))
+        })
+        .filter(|(key, _)| *key == apache_avro::types::Value::String(id.clone()))
+        .map(|(_, erased)| erased == apache_avro::types::Value::Boolean(true))
+        .collect();
+    assert!(marked.len() >= 4 && marked.iter().all(|m| *m), "the Avro export marks the person's events erased");
 
     // Compaction, then not one file under the data dir holds any of the strings.
     let compacted = client.post(format!("{base}/admin/v1/compact")).send().await.unwrap();
