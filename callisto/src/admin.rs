@@ -253,6 +253,38 @@ pub async fn compact(settings: &Settings, api_key: Option<&str>) -> anyhow::Resu
     Ok(Compacted { generations: compacted, key_store: true })
 }
 
+/// Runs `compact` after erasures, every `period`: at the first tick that finds an erasure the
+/// projections applied a tick ago or more, so plaintext of an erased person leaves the embedded
+/// files within two periods. Ends with `shutdown`.
+pub async fn compact_after_erasures<F, Fut>(period: Duration, shutdown: tokio_util::sync::CancellationToken, compact: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut compacted = callisto_core::readmodel::erasures_applied();
+    let mut due: Option<u64> = None;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Some(count) = due.take() {
+            match compact().await {
+                Ok(()) => compacted = count,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "scheduled compaction failed; retrying next period")
+                }
+            }
+        }
+        let now = callisto_core::readmodel::erasures_applied();
+        if now != compacted {
+            due = Some(now);
+        }
+    }
+}
+
 /// A `callisto dlq` request.
 #[derive(Debug, Clone)]
 pub enum DlqCommand {
@@ -379,38 +411,6 @@ impl DevGenerations {
         generations.sort_unstable();
         tracing::info!(?generations, "compacted read models and key store");
         Ok(Compacted { generations, key_store: true })
-    }
-
-    /// Compacts after erasures, every `period`: at the first tick that finds an erasure a tick
-    /// old, so the projectors have applied it. Plaintext of an erased person therefore leaves
-    /// the embedded files within two periods. Ends with `shutdown`.
-    pub async fn compact_after_erasures(
-        self: Arc<Self>,
-        period: Duration,
-        shutdown: tokio_util::sync::CancellationToken,
-    ) {
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut compacted = self.reader.keyring.destroyed_count();
-        let mut due: Option<u64> = None;
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            if let Some(count) = due.take() {
-                match self.compact().await {
-                    Ok(_) => compacted = count,
-                    Err(e) => {
-                        tracing::warn!(error = %format!("{e:#}"), "scheduled compaction failed; retrying next period")
-                    }
-                }
-            }
-            let now = self.reader.keyring.destroyed_count();
-            if now != compacted {
-                due = Some(now);
-            }
-        }
     }
 
     fn point_readers_at(&self, runtime: &GenerationRuntime) {

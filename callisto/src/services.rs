@@ -58,9 +58,23 @@ pub async fn run_projector(
     let settings_for_projector = callisto_projectors::ProjectorSettings::new(&settings.log.topic);
     let log = log_side.log.clone();
     log.ensure_topic(&settings.log.topic, settings.log.partitions).await?;
-    let projector = callisto_projectors::Projector::new(log, log_side.reader(), projections, settings_for_projector)
-        .start(stop.clone())
-        .await?;
+    let projector =
+        callisto_projectors::Projector::new(log, log_side.reader(), projections.clone(), settings_for_projector)
+            .start(stop.clone())
+            .await?;
+    if settings.privacy.compact_after_erasure_secs > 0 {
+        let keyring = log_side.keyring.clone();
+        let period = Duration::from_secs(settings.privacy.compact_after_erasure_secs);
+        tokio::spawn(crate::admin::compact_after_erasures(period, stop.clone(), move || {
+            let (projections, keyring) = (projections.clone(), keyring.clone());
+            async move {
+                for projection in &projections {
+                    projection.compact().await?;
+                }
+                Ok(keyring.compact().await?)
+            }
+        }));
+    }
     let store = read_side.store.clone();
     let readiness: ReadinessCheck = Arc::new(move || {
         let store = store.clone();
@@ -189,7 +203,15 @@ impl Dev {
         let shutdown = CancellationToken::new();
         let period = settings.privacy.compact_after_erasure_secs;
         if period > 0 {
-            tokio::spawn(generations.clone().compact_after_erasures(Duration::from_secs(period), shutdown.clone()));
+            let generations = generations.clone();
+            tokio::spawn(crate::admin::compact_after_erasures(
+                Duration::from_secs(period),
+                shutdown.clone(),
+                move || {
+                    let generations = generations.clone();
+                    async move { generations.compact().await.map(drop) }
+                },
+            ));
         }
         let tls = settings.http.tls.clone();
         let stopped = shutdown.clone().cancelled_owned();

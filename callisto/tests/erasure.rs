@@ -280,3 +280,41 @@ async fn the_master_key_rotates_without_touching_events() {
     let compacted: Value = serde_json::from_slice(&compacted.stdout).unwrap();
     assert_eq!(compacted["generations"], json!([0]));
 }
+
+/// Without anyone asking, `callisto dev` compacts after an erasure: within two periods of
+/// `privacy.compact_after_erasure_secs` no file holds the erased person's strings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_follows_erasures_on_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = common::settings(dir.path());
+    settings.privacy.compact_after_erasure_secs = 1;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dev = callisto::services::Dev::start(&settings, listener).await.unwrap();
+    let base = format!("http://{}", dev.addr);
+    let client = common::client(dir.path());
+    let person = post_json(
+        &client,
+        format!("{base}/v1/persons"),
+        json!({"given_name": "Ottoline", "family_name": "Quarrendon"}),
+    )
+    .await;
+    let id = person["person_id"].as_str().unwrap().to_owned();
+    let token = person["consistency_token"].as_str().unwrap().to_owned();
+    let (status, _) = read_with(&client, format!("{base}/v1/persons/{id}"), &token).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!files_containing(dir.path(), "Quarrendon").is_empty(), "the read models hold the name");
+    let erased = client.delete(format!("{base}/v1/persons/{id}")).send().await.unwrap();
+    let token = erased.json::<Value>().await.unwrap()["consistency_token"].as_str().unwrap().to_owned();
+    let (status, _) = read_with(&client, format!("{base}/v1/persons/{id}"), &token).await;
+    assert_eq!(status, StatusCode::GONE);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let holders = files_containing(dir.path(), "Quarrendon");
+        if holders.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still on disk: {holders:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    dev.stop().await.unwrap();
+}

@@ -114,8 +114,9 @@ pub struct PrivacySettings {
     pub key_cache_entries: usize,
     /// Bound on every key store call.
     pub timeout_ms: u64,
-    /// How often the embedded read models and key store are compacted after an erasure, so
-    /// erased data leaves the disk files; 0 turns the schedule off (the admin route remains).
+    /// How often a process running projectors compacts its read models and key store after its
+    /// projections applied an erasure, so erased data leaves the disk files; 0 turns the
+    /// schedule off (`callisto privacy compact` and the admin route remain).
     pub compact_after_erasure_secs: u64,
 }
 

@@ -57,6 +57,7 @@ impl Worker {
             if let Outcome::Stopped = self.apply(&batch, through, &stop).await {
                 return;
             }
+            callisto_core::readmodel::record_erasures(batch.iter().map(|(_, e)| e));
             metrics::counter!("callisto_projected_events_total", "projection" => name).increment(records.len() as u64);
             metrics::histogram!("callisto_projection_batch_seconds", "projection" => name)
                 .record(started.elapsed().as_secs_f64());

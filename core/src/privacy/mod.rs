@@ -200,8 +200,6 @@ pub struct Keyring {
     cache: Mutex<lru::LruCache<Uuid, Cached>>,
     ttl: Duration,
     guard: Guard,
-    /// Keys destroyed by this process, so compaction can follow erasures.
-    destroyed: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -225,7 +223,6 @@ impl Keyring {
             cache: Mutex::new(lru::LruCache::new(entries)),
             ttl: options.cache_ttl,
             guard: Guard::new("key store", options.timeout, 3),
-            destroyed: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -362,7 +359,6 @@ impl Keyring {
         let at = Utc::now();
         self.guard.call("destroying a data key", || self.store.destroy(person, at)).await?;
         self.remember(person, Cached::Destroyed);
-        self.destroyed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         metrics::counter!("callisto_persons_erased_total").increment(1);
         Ok(())
     }
@@ -370,11 +366,6 @@ impl Keyring {
     /// The id of the master key new data keys are wrapped with.
     pub fn master_key_id(&self) -> &str {
         self.master.id()
-    }
-
-    /// How many keys this process has destroyed since it started.
-    pub fn destroyed_count(&self) -> u64 {
-        self.destroyed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Re-wraps every stored key still wrapped by a previous master key with the current one.

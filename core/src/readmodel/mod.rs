@@ -77,6 +77,23 @@ impl ProjectedEvent {
 /// partition → last applied offset.
 pub type Checkpoints = BTreeMap<u32, u64>;
 
+/// `PersonErased` events this process's projections have applied, so stores that keep deleted
+/// bytes until compacted can be compacted after erasures.
+static ERASURES_APPLIED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Counts `PersonErased` events among `events`, once they are applied.
+pub fn record_erasures<'a>(events: impl IntoIterator<Item = &'a ProjectedEvent>) {
+    let erasures = events.into_iter().filter(|e| matches!(e.event, PersonEvent::Erased(_))).count() as u64;
+    if erasures > 0 {
+        ERASURES_APPLIED.fetch_add(erasures, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// How many `PersonErased` events this process's projections have applied since it started.
+pub fn erasures_applied() -> u64 {
+    ERASURES_APPLIED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 pub struct Version {
     pub partition: u32,
