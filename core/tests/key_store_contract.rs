@@ -159,3 +159,65 @@ async fn an_unreachable_key_store_is_unavailable_not_a_guess() {
     assert!(matches!(ring.open(noted(person, "x"), None).await, Err(KeyError::Unavailable(_))));
     assert!(started.elapsed() < Duration::from_secs(20), "answered in {:?}", started.elapsed());
 }
+
+/// The README's recipe for a consumer outside Callisto, followed with nothing but an AES-GCM
+/// library, an Avro library, the key store's record and the master key file's text.
+#[tokio::test]
+async fn a_foreign_consumer_decrypts_with_the_documented_recipe() {
+    use aes_gcm::aead::{Aead, KeyInit, Payload};
+    use aes_gcm::{Aes256Gcm, Key, Nonce};
+    use apache_avro::types::Value;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedKeyStore::open(&dir.path().join("keys.redb")).unwrap());
+    let master_hex = MasterKey::generate_hex();
+    let ring = keyring(store.clone(), &master_hex, &[], Duration::from_secs(30));
+    let registry = Arc::new(callisto_avro::EmbeddedRegistry::open(&dir.path().join("schemas.redb")).unwrap());
+    let codec = callisto_avro::Codec::new(registry, "persons").unwrap();
+    let person = Uuid::new_v4();
+    let (event, sealed) = ring.seal(registered(person)).await.unwrap();
+    let bytes = codec.encode_sealed(&event, sealed.as_ref()).unwrap();
+
+    // 1. The record, read with its schema after the 5-byte Confluent header.
+    let schema = apache_avro::Schema::parse_str(callisto_avro::EventKind::PersonRegistered.schema_text()).unwrap();
+    let Value::Record(fields) = apache_avro::from_avro_datum(&schema, &mut &bytes[5..], None).unwrap() else {
+        panic!("a record")
+    };
+    let field = |name: &str| fields.iter().find(|(n, _)| n == name).unwrap().1.clone();
+    let Value::Union(1, sealed) = field("sealed") else { panic!("sealed is set") };
+    let Value::Record(sealed) = *sealed else { panic!("a sealed record") };
+    let part = |name: &str| match &sealed.iter().find(|(n, _)| n == name).unwrap().1 {
+        Value::Bytes(b) => b.clone(),
+        Value::String(s) => s.clone().into_bytes(),
+        other => panic!("{name}: {other:?}"),
+    };
+    assert_eq!(part("algorithm"), b"AES-256-GCM");
+    let event_id = match field("event_id") {
+        Value::Uuid(u) => u.to_string(),
+        Value::String(s) => s,
+        other => panic!("event_id: {other:?}"),
+    };
+
+    // 2. The person's data key: unwrap with the master key, associated data the person id.
+    let Some(StoredKey::Active { wrapped, .. }) = store.load(person).await.unwrap() else { panic!("an active key") };
+    let master = hex::decode(master_hex.trim()).unwrap();
+    let kek = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&master));
+    let (nonce, ciphertext) = wrapped.split_at(12);
+    let aad = format!("callisto-data-key:{person}");
+    let data_key = kek.decrypt(Nonce::from_slice(nonce), Payload { msg: ciphertext, aad: aad.as_bytes() }).unwrap();
+
+    // 3. The personal fields: decrypt with the data key, associated data the event id, then Avro.
+    let cipher = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&data_key));
+    let nonce = part("nonce");
+    let plaintext = cipher
+        .decrypt(Nonce::from_slice(&nonce), Payload { msg: &part("ciphertext"), aad: event_id.as_bytes() })
+        .unwrap();
+    let personal_schema = apache_avro::Schema::parse_str(include_str!("../../avro/schemas/PersonalData.avsc")).unwrap();
+    let Value::Record(personal) =
+        apache_avro::from_avro_datum(&personal_schema, &mut plaintext.as_slice(), None).unwrap()
+    else {
+        panic!("a record")
+    };
+    let given = personal.iter().find(|(n, _)| n == "given_name").unwrap().1.clone();
+    assert_eq!(given, Value::Union(1, Box::new(Value::String("Hedy".into()))));
+}
