@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 mod common;
 use callisto_core::readmodel::ReadStore;
-use common::{post_json, start_dev};
+use common::{DevApp, dev_app, post_json, start_dev};
 
 /// Strings only the erased person's data contains, each one field of theirs.
 const ERASED: [&str; 6] = [
@@ -73,9 +73,7 @@ async fn rebuild(client: &reqwest::Client, base: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_erased_person_is_gone_from_reads_search_exports_and_every_file_on_disk() {
     let dir = tempfile::tempdir().unwrap();
-    let dev = start_dev(dir.path()).await;
-    let base = format!("http://{}", dev.addr);
-    let client = common::client(dir.path());
+    let DevApp { dev, base, client } = dev_app(&common::settings(dir.path())).await;
 
     let erased = post_json(
         &client,
@@ -303,10 +301,7 @@ async fn compaction_follows_erasures_on_its_own() {
     let dir = tempfile::tempdir().unwrap();
     let mut settings = common::settings(dir.path());
     settings.privacy.compact_after_erasure_secs = 1;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let dev = callisto::services::Dev::start(&settings, listener).await.unwrap();
-    let base = format!("http://{}", dev.addr);
-    let client = common::client(dir.path());
+    let DevApp { dev, base, client } = dev_app(&settings).await;
     let person = post_json(
         &client,
         format!("{base}/v1/persons"),

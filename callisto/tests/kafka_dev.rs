@@ -7,28 +7,14 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 mod common;
-use common::{post_json, settings};
-
-struct OnKafka {
-    dev: Dev,
-    base: String,
-    client: reqwest::Client,
-}
-
-/// `callisto dev` on `settings` (already pointed at a mock cluster), with a client as its key.
-async fn on_kafka(settings: &callisto_core::config::Settings) -> OnKafka {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let dev = Dev::start(settings, listener).await.unwrap();
-    let base = format!("http://{}", dev.addr);
-    OnKafka { dev, base, client: common::client(&settings.storage.data_dir) }
-}
+use common::{DevApp, dev_app, post_json, settings};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_flow_through_kafka_into_read_models_and_search() {
     let dir = tempfile::tempdir().unwrap();
     let mut settings = settings(dir.path());
     let _cluster = start_kafka_mock(&mut settings, 3).unwrap();
-    let OnKafka { dev, base, client } = on_kafka(&settings).await;
+    let DevApp { dev, base, client } = dev_app(&settings).await;
 
     let person = post_json(
         &client,
@@ -84,7 +70,7 @@ async fn faults_under_load_lose_nothing_and_duplicate_nothing() {
     settings.log.append_timeout_ms = 5_000;
     settings.query.consistency_wait_ms = 15_000;
     let cluster = start_kafka_mock(&mut settings, 3).unwrap();
-    let OnKafka { dev, base, client } = on_kafka(&settings).await;
+    let DevApp { dev, base, client } = dev_app(&settings).await;
     let mut people = Vec::new();
     for i in 0..8 {
         let person = post_json(
@@ -234,7 +220,7 @@ async fn topic_bytes_never_hold_personal_data_and_erasure_works_over_kafka() {
     let dir = tempfile::tempdir().unwrap();
     let mut settings = settings(dir.path());
     let _cluster = start_kafka_mock(&mut settings, 3).unwrap();
-    let OnKafka { dev, base, client } = on_kafka(&settings).await;
+    let DevApp { dev, base, client } = dev_app(&settings).await;
     let person = post_json(
         &client,
         format!("{base}/v1/persons"),

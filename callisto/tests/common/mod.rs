@@ -34,6 +34,20 @@ pub async fn start_dev(dir: &Path) -> Dev {
     Dev::start(&settings(dir), listener).await.unwrap()
 }
 
+/// A running `callisto dev` on `settings`, its base URL, and a client calling as its dev key.
+pub struct DevApp {
+    pub dev: Dev,
+    pub base: String,
+    pub client: reqwest::Client,
+}
+
+pub async fn dev_app(settings: &Settings) -> DevApp {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dev = Dev::start(settings, listener).await.unwrap();
+    let base = format!("http://{}", dev.addr);
+    DevApp { dev, base, client: client(&settings.storage.data_dir) }
+}
+
 /// The dev key of `dir` (created if no service made one yet), so tests call as an admin with
 /// every scope, as the README's walkthrough does.
 pub fn api_key(dir: &Path) -> String {
