@@ -2,7 +2,7 @@
 //! librdkafka's in-process mock cluster. Commands go through the Kafka producer, projectors
 //! read the partitions back, and reads with the token see the change.
 
-use callisto::services::{Dev, start_kafka_mock};
+use callisto::services::start_kafka_mock;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
