@@ -29,6 +29,26 @@ pub fn server_url(variable: &str) -> Option<String> {
     }
 }
 
+pub mod peers;
+
+/// What a suite runs against. Independent peers (servers that speak the protocol but are not
+/// the real product) may lack a feature; each gap is named here, and only the assertions that
+/// need that feature are skipped for them. Real servers and the embedded stores get every one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Server {
+    /// The embedded store, or a real MongoDB / Elasticsearch.
+    Reference,
+    /// `osmem-server` (PyPI), an OpenSearch-compatible in-memory server.
+    Osmem,
+}
+
+impl Server {
+    /// `search_after` with a `_score` sort key: osmem answers the page it was given again.
+    pub fn pages_by_score(self) -> bool {
+        self != Server::Osmem
+    }
+}
+
 /// A name no other run uses, for databases and index prefixes on shared servers.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", Uuid::new_v4().simple())
@@ -264,14 +284,14 @@ async fn bad_input(store: Arc<dyn ReadStore>) {
     assert!(store.list(&ListFilter { tag: Some("x".into()), status: None }, 10, None).await.unwrap().items.is_empty());
 }
 
-pub async fn search_index_contract<F, Fut>(open: F)
+pub async fn search_index_contract<F, Fut>(server: Server, open: F)
 where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Arc<dyn SearchIndex>>,
 {
     search_guard_and_redelivery(open("guard".into()).await).await;
     checkpoints_round_trip(&open).await;
-    search_semantics(open("semantics".into()).await).await;
+    search_semantics(server, open("semantics".into()).await).await;
     search_erasure(open("erasure".into()).await).await;
 }
 
@@ -315,7 +335,7 @@ async fn search_guard_and_redelivery(index: Arc<dyn SearchIndex>) {
     assert_eq!(index.search(&math).await.unwrap().total, 3);
 }
 
-async fn search_semantics(index: Arc<dyn SearchIndex>) {
+async fn search_semantics(server: Server, index: Arc<dyn SearchIndex>) {
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
     let events = vec![
         at(1, 0, registered(a, "Zoë", &["vip"])),
@@ -345,10 +365,12 @@ async fn search_semantics(index: Arc<dyn SearchIndex>) {
     assert_eq!(index.search(&second_page).await.unwrap().hits[0].person_id, b);
     // Paging as the query API does: the next page starts after the last hit's sort key where
     // the index pages by key, at the offset otherwise.
-    let first = index.search(&SearchRequest { limit: 1, ..request("engine") }).await.unwrap();
-    let next = SearchRequest { limit: 1, offset: 1, search_after: first.last_sort, ..request("engine") };
-    let next = index.search(&next).await.unwrap();
-    assert_eq!(next.hits.iter().map(|h| h.person_id).collect::<Vec<_>>(), vec![b]);
+    if server.pages_by_score() {
+        let first = index.search(&SearchRequest { limit: 1, ..request("engine") }).await.unwrap();
+        let next = SearchRequest { limit: 1, offset: 1, search_after: first.last_sort, ..request("engine") };
+        let next = index.search(&next).await.unwrap();
+        assert_eq!(next.hits.iter().map(|h| h.person_id).collect::<Vec<_>>(), vec![b]);
+    }
     // Bad input is the caller's error, not an outage.
     assert!(matches!(index.search(&request("name:(")).await, Err(StoreError::InvalidRequest(_))));
 }
