@@ -5,6 +5,7 @@
 //!
 //! ## Layout
 //! - [`admin`]: batch commands through a running `callisto dev`, and its admin API.
+//! - [`asyncapi`]: the AsyncAPI 3 document of the person and dead-letter topics.
 //! - [`backends`]: opens the embedded stand-ins (log, registry, read models) under the data dir.
 //! - [`dlq`]: `callisto dlq`: list, show, re-drive and purge dead letters.
 //! - [`export`]: `callisto export`, JSON Lines or Avro out of the log, on the replay API.
@@ -16,6 +17,7 @@
 //! - `main.rs`: the command line.
 
 pub mod admin;
+pub mod asyncapi;
 pub mod backends;
 pub mod dlq;
 pub mod export;

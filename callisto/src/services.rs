@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use callisto_core::auth::Auth;
 use callisto_core::config::Settings;
-use callisto_core::http::{ReadinessCheck, Router, service_router};
+use callisto_core::http::{ReadinessCheck, Router, document_route, service_router};
 use callisto_core::log::EventLog;
 use callisto_core::readmodel::Projection;
 use callisto_core::readmodel::switch::{SwitchedReadStore, SwitchedSearchIndex};
@@ -36,7 +36,8 @@ pub async fn run_writer(
     let state =
         callisto_writers::state(&settings, embedded.log.clone(), embedded.codec.clone(), embedded.keyring.clone())
             .await?;
-    let app = callisto_writers::build(&settings, state, &auth);
+    let asyncapi = crate::asyncapi::document(&settings.log.topic, settings.log.partitions);
+    let app = callisto_writers::build(&settings, state, &auth).merge(document_route("/asyncapi.json", asyncapi, &auth));
     let listener = bind(&settings, "writer").await?;
     callisto_core::http::serve(listener, app, &settings.http.tls, shutdown).await?;
     tracing::info!(service = "writer", "stopped");
@@ -244,9 +245,11 @@ fn dev_router(
     store: Arc<SwitchedReadStore>,
 ) -> Router {
     let partitions = query.partitions;
+    let asyncapi = crate::asyncapi::document(&settings.log.topic, partitions);
     let routes = callisto_writers::api::routes(writer, auth)
         .merge(callisto_query_api::routes(query, auth))
-        .merge(generations.routes(auth));
+        .merge(generations.routes(auth))
+        .merge(document_route("/asyncapi.json", asyncapi, auth));
     let mut openapi = callisto_writers::openapi::document();
     callisto_core::rules::merge_documents(&mut openapi, callisto_query_api::openapi::document(partitions));
     callisto_core::rules::merge_documents(

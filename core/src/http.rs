@@ -285,6 +285,15 @@ pub fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 pub type ReadinessCheck =
     std::sync::Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync>;
 
+/// `document` as JSON at `path`, for any authenticated caller: how the API contracts are served.
+pub fn document_route(path: &str, document: serde_json::Value, auth: &std::sync::Arc<Auth>) -> axum::Router {
+    let document = std::sync::Arc::new(document);
+    auth.protect(
+        Router::new().route(path, axum::routing::get(move || async move { axum::Json(document.as_ref().clone()) })),
+        Rule::ANY_CALLER,
+    )
+}
+
 /// Wraps a service's API routes with what every Callisto service serves and does:
 /// `/openapi.json` (any authenticated caller), `/healthz` and `/readyz` (open), `/metrics`
 /// (scope `admin` or `metrics`), problem+json for every error, security headers, CORS when
@@ -300,11 +309,7 @@ pub fn service_router(
     use axum::routing::get;
     // Install the recorder before the first request, so no early metric is dropped.
     crate::telemetry::prometheus();
-    let openapi = std::sync::Arc::new(openapi);
-    let documented = auth.protect(
-        Router::new().route("/openapi.json", get(move || async move { axum::Json(openapi.as_ref().clone()) })),
-        Rule::ANY_CALLER,
-    );
+    let documented = document_route("/openapi.json", openapi, auth);
     let metrics = auth.protect(
         Router::new().route(
             "/metrics",
