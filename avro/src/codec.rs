@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use apache_avro::{Schema, from_avro_datum, from_value, to_avro_datum, to_value};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::events::{PersonEvent, SealedPersonalData};
@@ -98,22 +97,22 @@ impl Codec {
         event: &PersonEvent,
         sealed: Option<&SealedPersonalData>,
     ) -> Result<Vec<u8>, CodecError> {
-        match event {
-            PersonEvent::Registered(e) => self.encode_record(EventKind::PersonRegistered, e, sealed),
-            PersonEvent::Renamed(e) => self.encode_record(EventKind::PersonRenamed, e, sealed),
-            PersonEvent::ContactChanged(e) => self.encode_record(EventKind::ContactDetailsChanged, e, sealed),
-            PersonEvent::AddressChanged(e) => self.encode_record(EventKind::AddressChanged, e, sealed),
-            PersonEvent::NoteAdded(e) => self.encode_record(EventKind::NoteAdded, e, sealed),
-            PersonEvent::Tagged(e) => self.encode_record(EventKind::PersonTagged, e, sealed),
-            PersonEvent::Untagged(e) => self.encode_record(EventKind::PersonUntagged, e, sealed),
-            PersonEvent::Archived(e) => self.encode_record(EventKind::PersonArchived, e, sealed),
-            PersonEvent::Erased(e) => self.encode_record(EventKind::PersonErased, e, sealed),
-        }
+        let kind = event.kind();
+        let body = to_avro_datum(kind.schema(), Self::to_value(event, sealed)?).map_err(avro_err)?;
+        let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+        out.push(MAGIC_BYTE);
+        out.extend_from_slice(&self.writer_id(kind).to_be_bytes());
+        out.extend_from_slice(&body);
+        Ok(out)
     }
 
-    /// `event` as an Avro value in this build's schema for its kind, `sealed` unset: what an
-    /// Avro export writes for an opened (or erased) event.
-    pub fn to_value(event: &PersonEvent) -> Result<apache_avro::types::Value, CodecError> {
+    /// `event` with `sealed` as an Avro value in this build's schema for its kind: the record an
+    /// Avro export writes, and the body [`encode_sealed`](Self::encode_sealed) frames.
+    pub fn to_value(
+        event: &PersonEvent,
+        sealed: Option<&SealedPersonalData>,
+    ) -> Result<apache_avro::types::Value, CodecError> {
+        let kind = event.kind();
         let value = match event {
             PersonEvent::Registered(e) => to_value(e),
             PersonEvent::Renamed(e) => to_value(e),
@@ -124,17 +123,7 @@ impl Codec {
             PersonEvent::Archived(e) => to_value(e),
             PersonEvent::Erased(e) => to_value(e),
         };
-        value.map_err(avro_err)?.resolve(event.kind().schema()).map_err(avro_err)
-    }
-
-    fn encode_record<T: Serialize>(
-        &self,
-        kind: EventKind,
-        record: &T,
-        sealed: Option<&SealedPersonalData>,
-    ) -> Result<Vec<u8>, CodecError> {
-        let schema = kind.schema();
-        let mut value = to_value(record).map_err(avro_err)?;
+        let mut value = value.map_err(avro_err)?;
         if let Some(sealed) = sealed {
             if !kind.carries_personal_data() {
                 return Err(CodecError::Avro(format!("{} has no personal fields to seal", kind.name())));
@@ -143,13 +132,7 @@ impl Codec {
                 fields.push((SEALED_FIELD.to_owned(), to_value(sealed).map_err(avro_err)?));
             }
         }
-        let value = value.resolve(schema).map_err(avro_err)?;
-        let body = to_avro_datum(schema, value).map_err(avro_err)?;
-        let mut out = Vec::with_capacity(HEADER_LEN + body.len());
-        out.push(MAGIC_BYTE);
-        out.extend_from_slice(&self.writer_id(kind).to_be_bytes());
-        out.extend_from_slice(&body);
-        Ok(out)
+        value.resolve(kind.schema()).map_err(avro_err)
     }
 
     /// Which kind and writer schema `id` stands for, asking the registry for ids not seen yet.

@@ -182,8 +182,10 @@ pub async fn export(
     let Some(AdminClient { base, client }) = running_dev(settings, api_key).await? else {
         return crate::export::run_direct(settings, selection, output, progress).await;
     };
-    let mut query: Vec<(&str, String)> =
-        vec![("format", serde_json::to_value(selection.format)?.as_str().unwrap_or("jsonl").to_owned())];
+    let mut query: Vec<(&str, String)> = vec![
+        ("format", serde_json::to_value(selection.format)?.as_str().unwrap_or("jsonl").to_owned()),
+        ("personal_data", serde_json::to_value(selection.personal_data)?.as_str().unwrap_or("clear").to_owned()),
+    ];
     if let Some(partitions) = &selection.partitions {
         query.push(("partitions", partitions.iter().map(u32::to_string).collect::<Vec<_>>().join(",")));
     }
@@ -698,6 +700,8 @@ async fn dlq_purge(State(dev): State<Arc<DevGenerations>>) -> Result<Json<crate:
 struct ExportParams {
     /// `jsonl` (default) or `avro`.
     format: Option<String>,
+    /// `clear` (default): personal fields opened; `sealed`: left sealed as in the log.
+    personal_data: Option<String>,
     partitions: Option<String>,
     from: Option<String>,
     to: Option<String>,
@@ -728,11 +732,20 @@ async fn export_stream(
     let position = |field: &str, raw: Option<String>| {
         raw.map(|r| r.parse::<Position>().map_err(|e| Problem::malformed(e.clone()).with_field(field, e))).transpose()
     };
+    let personal_data = match params.personal_data.as_deref() {
+        None | Some("clear") => crate::export::PersonalData::Clear,
+        Some("sealed") => crate::export::PersonalData::Sealed,
+        Some(other) => {
+            return Err(Problem::malformed(format!("personal_data {other:?} is not clear or sealed"))
+                .with_field("personal_data", "clear or sealed"));
+        }
+    };
     let selection = crate::export::Selection {
         partitions,
         from: position("from", params.from)?,
         to: position("to", params.to)?,
         format,
+        personal_data,
     };
     // Planning errors (an unknown partition) are answered before the stream starts.
     let request = callisto_core::replay::ReplayRequest {

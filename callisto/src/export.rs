@@ -11,10 +11,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use apache_avro::types::Value;
-use callisto_avro::{Codec, EventKind};
+use callisto_avro::events::SealedPersonalData;
+use callisto_avro::{Codec, EventKind, PersonEvent};
 use callisto_core::config::Settings;
-use callisto_core::log::{EventLog, LogError, Record};
-use callisto_core::privacy::{EventReader, Opened};
+use callisto_core::log::{EventLog, LogError};
+use callisto_core::privacy::EventReader;
 use callisto_core::readmodel::{ProjectedEvent, timeline_entry};
 use callisto_core::replay::{Position, ReplayRequest, Replayed, plan, stream};
 use futures::StreamExt;
@@ -34,6 +35,18 @@ pub enum Format {
     Avro,
 }
 
+/// How personal fields leave in an export.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PersonalData {
+    /// Opened with the person's key: readable by whoever holds the file.
+    #[default]
+    Clear,
+    /// Left sealed as in the log: the file holds ciphertext, so erasing a person later makes
+    /// their data in this file unreadable too. Readers decrypt with key store access.
+    Sealed,
+}
+
 /// What to export.
 #[derive(Debug, Clone)]
 pub struct Selection {
@@ -41,6 +54,7 @@ pub struct Selection {
     pub from: Option<Position>,
     pub to: Option<Position>,
     pub format: Format,
+    pub personal_data: PersonalData,
 }
 
 /// What an export wrote; printed at the end (as JSON with `--quiet`).
@@ -91,13 +105,14 @@ pub async fn export(
     on_planned(spans.iter().map(|s| s.len()).sum());
     let mut summary =
         ExportSummary { topic: topic.to_owned(), format: selection.format, records: 0, undecodable: 0, bytes: 0 };
+    let codec = reader.codec.clone();
     let mut records = std::pin::pin!(stream(log, reader, topic.to_owned(), spans));
     match selection.format {
         Format::Jsonl => {
             let mut buffer = Vec::with_capacity(CHUNK + 1024);
             while let Some(replayed) = next(&mut records, &mut summary).await? {
                 on_record();
-                serde_json::to_writer(&mut buffer, &jsonl_line(&replayed.record, &replayed.event))?;
+                serde_json::to_writer(&mut buffer, &jsonl_line(&codec, &replayed, selection.personal_data))?;
                 buffer.push(b'\n');
                 if buffer.len() >= CHUNK {
                     summary.bytes += buffer.len() as u64;
@@ -111,7 +126,7 @@ pub async fn export(
             let mut writer = apache_avro::Writer::new(callisto_avro::schemas::export_schema(), Vec::new());
             while let Some(replayed) = next(&mut records, &mut summary).await? {
                 on_record();
-                if let Some(row) = avro_row(&replayed) {
+                if let Some(row) = avro_row(&codec, &replayed, selection.personal_data) {
                     writer.append(row).context("writing an Avro record")?;
                 }
                 if writer.get_ref().len() >= CHUNK {
@@ -172,13 +187,31 @@ pub async fn run_direct(
     Ok(summary)
 }
 
-/// The Avro row of one record, or `None` when its payload does not read. Personal fields are
-/// in clear, or blank with `erased: true` for an erased person; `sealed` is never written.
-fn avro_row(replayed: &Replayed) -> Option<Value> {
-    let record = &replayed.record;
+/// An event as the export writes it: whether the person is erased, and the event opened, or
+/// (with [`PersonalData::Sealed`]) as written in the log, blank with its `sealed` field. An
+/// erased person's events are blank either way.
+struct Exported {
+    event: PersonEvent,
+    sealed: Option<SealedPersonalData>,
+    erased: bool,
+}
+
+fn exported(codec: &Codec, replayed: &Replayed, personal_data: PersonalData) -> Option<Exported> {
     let opened = replayed.event.as_ref().ok()?;
-    let value = Codec::to_value(&opened.event).ok()?;
-    let kind = opened.event.kind();
+    if personal_data == PersonalData::Clear || opened.erased {
+        return Some(Exported { event: opened.event.clone(), sealed: None, erased: opened.erased });
+    }
+    let (event, sealed) = codec.decode_sealed(&replayed.record.payload).ok()?;
+    Some(Exported { event, sealed, erased: false })
+}
+
+/// The Avro row of one record, or `None` when its payload does not read. Personal fields are
+/// in clear (or sealed, as asked), or blank with `erased: true` for an erased person.
+fn avro_row(codec: &Codec, replayed: &Replayed, personal_data: PersonalData) -> Option<Value> {
+    let record = &replayed.record;
+    let Exported { event, sealed, erased } = exported(codec, replayed, personal_data)?;
+    let value = Codec::to_value(&event, sealed.as_ref()).ok()?;
+    let kind = event.kind();
     let branch = EventKind::ALL.iter().position(|k| *k == kind)? as u32;
     Some(Value::Record(vec![
         ("topic".into(), Value::String(record.topic.clone())),
@@ -187,11 +220,12 @@ fn avro_row(replayed: &Replayed) -> Option<Value> {
         ("timestamp".into(), Value::TimestampMillis(record.timestamp_ms)),
         ("key".into(), Value::String(String::from_utf8_lossy(&record.key).into_owned())),
         ("event".into(), Value::Union(branch, Box::new(value))),
-        ("erased".into(), Value::Boolean(opened.erased)),
+        ("erased".into(), Value::Boolean(erased)),
     ]))
 }
 
-fn jsonl_line(record: &Record, event: &Result<Opened, String>) -> serde_json::Value {
+fn jsonl_line(codec: &Codec, replayed: &Replayed, personal_data: PersonalData) -> serde_json::Value {
+    let (record, event) = (&replayed.record, &replayed.event);
     let timestamp = chrono::DateTime::from_timestamp_millis(record.timestamp_ms).map(|t| t.to_rfc3339());
     let mut line = serde_json::json!({
         "topic": record.topic,
@@ -202,10 +236,25 @@ fn jsonl_line(record: &Record, event: &Result<Opened, String>) -> serde_json::Va
     });
     match event {
         Ok(opened) => {
-            let projected = ProjectedEvent::from_opened(record, opened.clone());
+            let Exported { event, sealed, erased } = exported(codec, replayed, personal_data).unwrap_or(Exported {
+                event: opened.event.clone(),
+                sealed: None,
+                erased: opened.erased,
+            });
+            let projected = ProjectedEvent { erased, ..ProjectedEvent::from_record(record, event) };
             line["event"] = serde_json::to_value(timeline_entry(&projected)).unwrap_or_default();
-            if opened.erased {
+            if erased {
                 line["erased"] = serde_json::Value::Bool(true);
+            }
+            if let Some(sealed) = sealed {
+                use base64::Engine as _;
+                let base64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+                line["sealed"] = serde_json::json!({
+                    "key_id": sealed.key_id,
+                    "algorithm": sealed.algorithm,
+                    "nonce": base64(&sealed.nonce),
+                    "ciphertext": base64(&sealed.ciphertext),
+                });
             }
         }
         Err(error) => line["error"] = serde_json::Value::String(error.clone()),

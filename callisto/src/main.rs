@@ -219,6 +219,10 @@ struct ExportArgs {
     to: Option<callisto_core::replay::Position>,
     #[arg(long, value_enum, default_value_t = callisto::export::Format::Jsonl)]
     format: callisto::export::Format,
+    /// Personal fields opened (`clear`), or left sealed as in the log (`sealed`), so that a later
+    /// erasure makes them unreadable in this file too.
+    #[arg(long, value_enum, default_value_t = callisto::export::PersonalData::Clear)]
+    personal_data: callisto::export::PersonalData,
     /// Output file; standard output when absent or `-`.
     #[arg(long)]
     output: Option<PathBuf>,
@@ -295,6 +299,7 @@ async fn export(config: Option<&std::path::Path>, args: &ExportArgs, api_key: Op
         from: args.from,
         to: args.to,
         format: args.format,
+        personal_data: args.personal_data,
     };
     let output = args.output.clone().filter(|p| p.as_os_str() != "-");
     let summary = callisto::admin::export(&settings, &selection, output, !args.quiet, api_key).await?;

@@ -115,6 +115,40 @@ async fn an_erased_person_is_gone_from_reads_search_exports_and_every_file_on_di
         let holders = files_containing(dir.path(), needle);
         assert!(!holders.iter().any(|f| f.ends_with("log.redb")), "{needle:?} in clear in the log: {holders:?}");
     }
+    // An export that keeps personal fields sealed holds ciphertext only; today the person's key
+    // opens it.
+    let sealed_export = client
+        .get(format!("{base}/admin/v1/export?format=jsonl&personal_data=sealed"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in ERASED {
+        assert!(!sealed_export.contains(needle), "the sealed export holds {needle:?} in clear");
+    }
+    let registration: Value = sealed_export
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|l| l["key"] == id.as_str() && l["event"]["event_type"] == "PersonRegistered")
+        .unwrap();
+    let sealed_in_file = {
+        use base64::Engine as _;
+        let bytes = |v: &Value| base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap()).unwrap();
+        let s = &registration["sealed"];
+        callisto_avro::events::SealedPersonalData {
+            key_id: s["key_id"].as_str().unwrap().to_owned(),
+            algorithm: s["algorithm"].as_str().unwrap().to_owned(),
+            nonce: bytes(&s["nonce"]),
+            ciphertext: bytes(&s["ciphertext"]),
+        }
+    };
+    let event_id = uuid::Uuid::parse_str(registration["event"]["event_id"].as_str().unwrap()).unwrap();
+    let person = uuid::Uuid::parse_str(&id).unwrap();
+    let key = dev.keyring.key_for_writing(person).await.unwrap();
+    assert_eq!(key.open(event_id, &sealed_in_file).unwrap().given_name.as_deref(), Some(ERASED[0]));
+
     // The probe works: the read model holds the plaintext, so the check below can fail.
     assert!(
         files_containing(dir.path(), ERASED[0]).iter().any(|f| f.contains("readmodel.redb")),
@@ -127,6 +161,9 @@ async fn an_erased_person_is_gone_from_reads_search_exports_and_every_file_on_di
     let again = client.delete(format!("{base}/v1/persons/{id}")).send().await.unwrap();
     assert_eq!(again.status(), StatusCode::ACCEPTED);
     let erased_token = again.json::<Value>().await.unwrap()["consistency_token"].as_str().unwrap().to_owned();
+
+    // The sealed export written before the erasure opens no more: the key is gone everywhere.
+    assert!(matches!(dev.keyring.key_for_writing(person).await, Err(callisto_core::privacy::KeyError::Erased)));
 
     // Later commands for the person are refused as gone.
     let late =
