@@ -699,9 +699,11 @@ async fn dlq_purge(State(dev): State<Arc<DevGenerations>>) -> Result<Json<crate:
 #[serde(deny_unknown_fields)]
 struct ExportParams {
     /// `jsonl` (default) or `avro`.
-    format: Option<String>,
+    #[param(value_type = Option<String>)]
+    format: Option<crate::export::Format>,
     /// `clear` (default): personal fields opened; `sealed`: left sealed as in the log.
-    personal_data: Option<String>,
+    #[param(value_type = Option<String>)]
+    personal_data: Option<crate::export::PersonalData>,
     partitions: Option<String>,
     from: Option<String>,
     to: Option<String>,
@@ -714,14 +716,6 @@ async fn export_stream(
     State(dev): State<Arc<DevGenerations>>,
     callisto_core::http::ApiQuery(params): callisto_core::http::ApiQuery<ExportParams>,
 ) -> Result<Response, Problem> {
-    let format = match params.format.as_deref() {
-        None | Some("jsonl") => crate::export::Format::Jsonl,
-        Some("avro") => crate::export::Format::Avro,
-        Some(other) => {
-            return Err(Problem::malformed(format!("format {other:?} is not jsonl or avro"))
-                .with_field("format", "jsonl or avro"));
-        }
-    };
     let partitions = params
         .partitions
         .map(|list| list.split(',').map(|p| p.trim().parse::<u32>()).collect::<Result<Vec<_>, _>>())
@@ -732,21 +726,14 @@ async fn export_stream(
     let position = |field: &str, raw: Option<String>| {
         raw.map(|r| r.parse::<Position>().map_err(|e| Problem::malformed(e.clone()).with_field(field, e))).transpose()
     };
-    let personal_data = match params.personal_data.as_deref() {
-        None | Some("clear") => crate::export::PersonalData::Clear,
-        Some("sealed") => crate::export::PersonalData::Sealed,
-        Some(other) => {
-            return Err(Problem::malformed(format!("personal_data {other:?} is not clear or sealed"))
-                .with_field("personal_data", "clear or sealed"));
-        }
-    };
     let selection = crate::export::Selection {
         partitions,
         from: position("from", params.from)?,
         to: position("to", params.to)?,
-        format,
-        personal_data,
+        format: params.format.unwrap_or(crate::export::Format::Jsonl),
+        personal_data: params.personal_data.unwrap_or_default(),
     };
+    let selection_format = selection.format;
     // Planning errors (an unknown partition) are answered before the stream starts.
     let request = callisto_core::replay::ReplayRequest {
         topic: dev.settings.log.topic.clone(),
@@ -770,7 +757,7 @@ async fn export_stream(
     let body = axum::body::Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     }));
-    let content_type = match format {
+    let content_type = match selection_format {
         crate::export::Format::Jsonl => "application/x-ndjson",
         crate::export::Format::Avro => "application/avro",
     };

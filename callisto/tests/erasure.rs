@@ -128,6 +128,11 @@ async fn an_erased_person_is_gone_from_reads_search_exports_and_every_file_on_di
     for needle in ERASED {
         assert!(!sealed_export.contains(needle), "the sealed export holds {needle:?} in clear");
     }
+    for bad in ["personal_data=plaintext", "format=xml"] {
+        let refused = client.get(format!("{base}/admin/v1/export?{bad}")).send().await.unwrap();
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST, "{bad}");
+        assert_eq!(refused.headers()["content-type"], "application/problem+json", "{bad}");
+    }
     let registration: Value = sealed_export
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())

@@ -228,16 +228,15 @@ impl Keyring {
 
     fn cached(&self, person: Uuid) -> Option<Cached> {
         let mut cache = self.cache.lock().expect("key cache poisoned");
-        let fresh = match cache.get(&person)? {
+        let found = cache.get(&person)?.clone();
+        let fresh = match &found {
             Cached::Active(_, at) | Cached::Missing(at) => at.elapsed() < self.ttl,
             Cached::Destroyed => true,
         };
-        if fresh {
-            cache.get(&person).cloned()
-        } else {
+        if !fresh {
             cache.pop(&person);
-            None
         }
+        fresh.then_some(found)
     }
 
     fn remember(&self, person: Uuid, state: Cached) {
