@@ -140,6 +140,16 @@ async fn a_dead_key_store_pauses_everything_and_tampered_ciphertext_is_dead_lett
     .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(read_store.progress().borrow().get(&partition).is_none(), "paused, not moving past unopened events");
+    // The pause shows as lag, in records and in seconds (the oldest waiting event's age).
+    let lag = |name: &str| -> f64 {
+        let scrape = callisto_core::telemetry::prometheus().render();
+        let series = format!("{name}{{projection=\"documents\",partition=\"{partition}\"}} ");
+        let line =
+            scrape.lines().find(|l| l.starts_with(&series)).unwrap_or_else(|| panic!("no {series} in the scrape"));
+        line[series.len()..].trim().parse().unwrap()
+    };
+    assert_eq!(lag("callisto_projection_lag"), (note_offset + 1) as f64, "registration and note wait");
+    assert!(lag("callisto_projection_lag_seconds") >= 1.0, "the registration has waited over a second");
     assert!(read_store.get(Uuid::parse_str(&id).unwrap()).await.unwrap().is_none());
 
     // Back: the projector resumes on its own, with every event.
@@ -147,6 +157,8 @@ async fn a_dead_key_store_pauses_everything_and_tampered_ciphertext_is_dead_lett
     wait_for_checkpoint(read_store.as_ref(), partition, note_offset).await;
     let doc = read_store.get(Uuid::parse_str(&id).unwrap()).await.unwrap().unwrap();
     assert_eq!((doc.given_name.as_str(), doc.note_count), ("Ada", 1));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(lag("callisto_projection_lag_seconds"), 0.0, "caught up: no event waits");
     let dlq_ends = log.end_offsets("persons.dlq").await.unwrap();
     assert!(dlq_ends.iter().all(|e| *e == 0), "nothing dead-lettered by the outage: {dlq_ends:?}");
 

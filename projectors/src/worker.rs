@@ -227,8 +227,12 @@ impl Worker {
     }
 }
 
-/// Publishes `callisto_projection_lag{projection, partition}` once a second for the partitions
-/// this process works on: records in the log that the projection has not applied yet.
+/// Publishes, once a second, for the partitions this process works on:
+/// - `callisto_projection_lag{projection, partition}`: records in the log the projection has not
+///   applied yet;
+/// - `callisto_projection_lag_seconds{projection, partition}`: how long the oldest of them has
+///   been waiting (its log timestamp to now), 0 when caught up — what an operator can compare
+///   with a freshness target, whatever the write rate.
 pub async fn report_lag(log: Arc<dyn EventLog>, members: Vec<Arc<Member>>, topic: String, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -240,10 +244,23 @@ pub async fn report_lag(log: Arc<dyn EventLog>, members: Vec<Arc<Member>>, topic
         for member in &members {
             let checkpoints = member.projection.progress().borrow().clone();
             for partition in member.owned() {
-                let Some(end) = ends.get(partition as usize) else { continue };
+                let Some(&end) = ends.get(partition as usize) else { continue };
                 let applied = checkpoints.get(&partition).map_or(0, |last| last + 1);
-                metrics::gauge!("callisto_projection_lag", "projection" => member.projection.name(), "partition" => partition.to_string())
-                    .set(end.saturating_sub(applied) as f64);
+                let labels =
+                    [("projection", member.projection.name().to_owned()), ("partition", partition.to_string())];
+                metrics::gauge!("callisto_projection_lag", &labels).set(end.saturating_sub(applied) as f64);
+                // One record read, only while behind: the oldest event not applied yet.
+                let seconds = if end > applied {
+                    match log.read(&topic, partition, applied, 1, Duration::ZERO).await {
+                        Ok(records) => records.first().map_or(0.0, |r| {
+                            (chrono::Utc::now().timestamp_millis() - r.timestamp_ms).max(0) as f64 / 1000.0
+                        }),
+                        Err(_) => continue,
+                    }
+                } else {
+                    0.0
+                };
+                metrics::gauge!("callisto_projection_lag_seconds", &labels).set(seconds);
             }
         }
     }
