@@ -337,9 +337,44 @@ pub fn service_router(
         .layer(axum::extract::DefaultBodyLimit::max(settings.body_limit_bytes))
         .layer(axum::middleware::map_response(problem_for_bare_errors))
         .layer(axum::middleware::map_response(security_headers));
-    with_cors(router, &settings.cors_origins)
+    with_cors(router.route_layer(axum::middleware::from_fn(record_request)), &settings.cors_origins)
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
         .layer(tower_http::trace::TraceLayer::new_for_http())
+}
+
+/// RED metrics per route: requests by route template, method and status class, and their
+/// duration. Labels are bounded: templates, not paths; methods outside the usual ones are
+/// `other`. Refusals by the guard (401, 403, 429) count too.
+async fn record_request(
+    matched: Option<axum::extract::MatchedPath>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = matched.map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let method: &'static str = match request.method().as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
+    };
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let status = match response.status().as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    let labels = [("route", route), ("method", method.to_owned())];
+    metrics::histogram!("callisto_http_request_duration_seconds", &labels).record(started.elapsed().as_secs_f64());
+    metrics::counter!("callisto_http_requests_total", "route" => labels[0].1.clone(), "method" => method, "status" => status)
+        .increment(1);
+    response
 }
 
 /// `nosniff` everywhere, and no caching anywhere: answers hold person data or depend on who

@@ -37,6 +37,77 @@ pub fn prometheus() -> &'static PrometheusHandle {
         // Another recorder may already be installed (e.g. by an embedding program); then our
         // handle renders an empty page rather than failing the service.
         let _ = metrics::set_global_recorder(recorder);
+        describe();
         handle
     })
+}
+
+/// How a metric is exposed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric Callisto exports, with its `# HELP` text: one list, so a scrape can be checked
+/// against it.
+pub const METRICS: &[(&str, MetricKind, &str)] = &[
+    (
+        "callisto_http_requests_total",
+        MetricKind::Counter,
+        "HTTP requests answered, by route template, method and status class.",
+    ),
+    (
+        "callisto_http_request_duration_seconds",
+        MetricKind::Histogram,
+        "Time to answer an HTTP request, by route template and method.",
+    ),
+    (
+        "callisto_commands_total",
+        MetricKind::Counter,
+        "Commands by kind and outcome (accepted, replayed, rejected, gone, unavailable).",
+    ),
+    ("callisto_append_seconds", MetricKind::Histogram, "Time from a validated command to its durable append."),
+    (
+        "callisto_log_group_commit_seconds",
+        MetricKind::Histogram,
+        "Time of one embedded-log group commit, fsync included.",
+    ),
+    ("callisto_log_group_commit_size", MetricKind::Histogram, "Appends per embedded-log group commit."),
+    ("callisto_projected_events_total", MetricKind::Counter, "Events applied, by projection."),
+    (
+        "callisto_projection_batch_seconds",
+        MetricKind::Histogram,
+        "Time to decode, open and apply one batch, by projection.",
+    ),
+    (
+        "callisto_projection_lag",
+        MetricKind::Gauge,
+        "Records in the log a projection has not applied yet, by partition.",
+    ),
+    (
+        "callisto_projection_lag_seconds",
+        MetricKind::Gauge,
+        "Age of the oldest event a projection has not applied yet, by partition; 0 when caught up.",
+    ),
+    ("callisto_dead_letters_total", MetricKind::Counter, "Events dead-lettered, by projection."),
+    ("callisto_search_commit_seconds", MetricKind::Histogram, "Time of one search index commit."),
+    ("callisto_query_seconds", MetricKind::Histogram, "Time to answer a query, consistency wait included, by route."),
+    (
+        "callisto_stale_reads_total",
+        MetricKind::Counter,
+        "Reads answered stale because their consistency token was not reached in time.",
+    ),
+    ("callisto_persons_erased_total", MetricKind::Counter, "Persons erased: data keys destroyed by this process."),
+];
+
+fn describe() {
+    for (name, kind, help) in METRICS {
+        match kind {
+            MetricKind::Counter => metrics::describe_counter!(*name, *help),
+            MetricKind::Gauge => metrics::describe_gauge!(*name, *help),
+            MetricKind::Histogram => metrics::describe_histogram!(*name, *help),
+        }
+    }
 }
