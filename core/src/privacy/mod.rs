@@ -153,8 +153,13 @@ pub enum KeyError {
 }
 
 impl From<StoreError> for KeyError {
+    /// The guard's message already names the key store and the call.
     fn from(e: StoreError) -> Self {
-        KeyError::Unavailable(e.to_string())
+        match e {
+            StoreError::Unavailable(why) | StoreError::Rejected(why) | StoreError::InvalidRequest(why) => {
+                KeyError::Unavailable(why)
+            }
+        }
     }
 }
 
