@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use callisto_core::log::{AppendRequest, EventLog};
+use callisto_core::log::AppendRequest;
 use serde_json::{Value, json};
 
 mod common;
