@@ -105,14 +105,13 @@ pub async fn export(
     on_planned(spans.iter().map(|s| s.len()).sum());
     let mut summary =
         ExportSummary { topic: topic.to_owned(), format: selection.format, records: 0, undecodable: 0, bytes: 0 };
-    let codec = reader.codec.clone();
     let mut records = std::pin::pin!(stream(log, reader, topic.to_owned(), spans));
     match selection.format {
         Format::Jsonl => {
             let mut buffer = Vec::with_capacity(CHUNK + 1024);
             while let Some(replayed) = next(&mut records, &mut summary).await? {
                 on_record();
-                serde_json::to_writer(&mut buffer, &jsonl_line(&codec, &replayed, selection.personal_data))?;
+                serde_json::to_writer(&mut buffer, &jsonl_line(&replayed, selection.personal_data))?;
                 buffer.push(b'\n');
                 if buffer.len() >= CHUNK {
                     summary.bytes += buffer.len() as u64;
@@ -126,7 +125,7 @@ pub async fn export(
             let mut writer = apache_avro::Writer::new(callisto_avro::schemas::export_schema(), Vec::new());
             while let Some(replayed) = next(&mut records, &mut summary).await? {
                 on_record();
-                if let Some(row) = avro_row(&codec, &replayed, selection.personal_data) {
+                if let Some(row) = avro_row(&replayed, selection.personal_data) {
                     writer.append(row).context("writing an Avro record")?;
                 }
                 if writer.get_ref().len() >= CHUNK {
@@ -196,20 +195,21 @@ struct Exported {
     erased: bool,
 }
 
-fn exported(codec: &Codec, replayed: &Replayed, personal_data: PersonalData) -> Option<Exported> {
+fn exported(replayed: &Replayed, personal_data: PersonalData) -> Option<Exported> {
     let opened = replayed.event.as_ref().ok()?;
+    let mut event = opened.event.clone();
     if personal_data == PersonalData::Clear || opened.erased {
-        return Some(Exported { event: opened.event.clone(), sealed: None, erased: opened.erased });
+        return Some(Exported { event, sealed: None, erased: opened.erased });
     }
-    let (event, sealed) = codec.decode_sealed(&replayed.record.payload).ok()?;
-    Some(Exported { event, sealed, erased: false })
+    event.take_personal();
+    Some(Exported { event, sealed: opened.sealed.clone(), erased: false })
 }
 
 /// The Avro row of one record, or `None` when its payload does not read. Personal fields are
 /// in clear (or sealed, as asked), or blank with `erased: true` for an erased person.
-fn avro_row(codec: &Codec, replayed: &Replayed, personal_data: PersonalData) -> Option<Value> {
+fn avro_row(replayed: &Replayed, personal_data: PersonalData) -> Option<Value> {
     let record = &replayed.record;
-    let Exported { event, sealed, erased } = exported(codec, replayed, personal_data)?;
+    let Exported { event, sealed, erased } = exported(replayed, personal_data)?;
     let value = Codec::to_value(&event, sealed.as_ref()).ok()?;
     let kind = event.kind();
     let branch = EventKind::ALL.iter().position(|k| *k == kind)? as u32;
@@ -224,7 +224,7 @@ fn avro_row(codec: &Codec, replayed: &Replayed, personal_data: PersonalData) -> 
     ]))
 }
 
-fn jsonl_line(codec: &Codec, replayed: &Replayed, personal_data: PersonalData) -> serde_json::Value {
+fn jsonl_line(replayed: &Replayed, personal_data: PersonalData) -> serde_json::Value {
     let (record, event) = (&replayed.record, &replayed.event);
     let timestamp = chrono::DateTime::from_timestamp_millis(record.timestamp_ms).map(|t| t.to_rfc3339());
     let mut line = serde_json::json!({
@@ -234,30 +234,25 @@ fn jsonl_line(codec: &Codec, replayed: &Replayed, personal_data: PersonalData) -
         "timestamp": timestamp,
         "key": String::from_utf8_lossy(&record.key),
     });
-    match event {
-        Ok(opened) => {
-            let Exported { event, sealed, erased } = exported(codec, replayed, personal_data).unwrap_or(Exported {
-                event: opened.event.clone(),
-                sealed: None,
-                erased: opened.erased,
-            });
-            let projected = ProjectedEvent { erased, ..ProjectedEvent::from_record(record, event) };
-            line["event"] = serde_json::to_value(timeline_entry(&projected)).unwrap_or_default();
-            if erased {
-                line["erased"] = serde_json::Value::Bool(true);
-            }
-            if let Some(sealed) = sealed {
-                use base64::Engine as _;
-                let base64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
-                line["sealed"] = serde_json::json!({
-                    "key_id": sealed.key_id,
-                    "algorithm": sealed.algorithm,
-                    "nonce": base64(&sealed.nonce),
-                    "ciphertext": base64(&sealed.ciphertext),
-                });
-            }
-        }
-        Err(error) => line["error"] = serde_json::Value::String(error.clone()),
+    if let Err(error) = event {
+        line["error"] = serde_json::Value::String(error.clone());
+        return line;
+    }
+    let Some(Exported { event, sealed, erased }) = exported(replayed, personal_data) else { return line };
+    let projected = ProjectedEvent { erased, ..ProjectedEvent::from_record(record, event) };
+    line["event"] = serde_json::to_value(timeline_entry(&projected)).unwrap_or_default();
+    if erased {
+        line["erased"] = serde_json::Value::Bool(true);
+    }
+    if let Some(sealed) = sealed {
+        use base64::Engine as _;
+        let base64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        line["sealed"] = serde_json::json!({
+            "key_id": sealed.key_id,
+            "algorithm": sealed.algorithm,
+            "nonce": base64(&sealed.nonce),
+            "ciphertext": base64(&sealed.ciphertext),
+        });
     }
     line
 }

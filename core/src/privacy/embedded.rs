@@ -48,13 +48,6 @@ impl EmbeddedKeyStore {
         Ok(Self { db: SharedDb::new(db) })
     }
 
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        self.db.blocking(f).await
-    }
-
     fn write(
         db: &Database,
         person: Uuid,
@@ -82,61 +75,65 @@ impl EmbeddedKeyStore {
 #[async_trait]
 impl KeyStore for EmbeddedKeyStore {
     async fn load(&self, person: Uuid) -> Result<Option<StoredKey>, StoreError> {
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(unavailable)?;
-            let table = txn.open_table(KEYS).map_err(unavailable)?;
-            let found = table.get(person.to_string().as_str()).map_err(unavailable)?;
-            found.map(|g| decode(g.value())).transpose()
-        })
-        .await
+        self.db
+            .blocking(move |db| {
+                let txn = db.begin_read().map_err(unavailable)?;
+                let table = txn.open_table(KEYS).map_err(unavailable)?;
+                let found = table.get(person.to_string().as_str()).map_err(unavailable)?;
+                found.map(|g| decode(g.value())).transpose()
+            })
+            .await
     }
 
     async fn insert_if_absent(&self, person: Uuid, key: StoredKey) -> Result<StoredKey, StoreError> {
-        self.blocking(move |db| Self::write(db, person, &key, |current| current.is_none())).await
+        self.db.blocking(move |db| Self::write(db, person, &key, |current| current.is_none())).await
     }
 
     async fn destroy(&self, person: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
         let tombstone = StoredKey::Destroyed { destroyed_at: at };
-        self.blocking(move |db| {
-            Self::write(db, person, &tombstone, |current| !matches!(current, Some(StoredKey::Destroyed { .. })))
-                .map(drop)
-        })
-        .await
+        self.db
+            .blocking(move |db| {
+                Self::write(db, person, &tombstone, |current| !matches!(current, Some(StoredKey::Destroyed { .. })))
+                    .map(drop)
+            })
+            .await
     }
 
     async fn wrapped_by_other(&self, kek_id: &str, limit: usize) -> Result<Vec<(Uuid, StoredKey)>, StoreError> {
         let kek_id = kek_id.to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(unavailable)?;
-            let table = txn.open_table(KEYS).map_err(unavailable)?;
-            let mut found = Vec::new();
-            for entry in table.iter().map_err(unavailable)? {
-                let (id, value) = entry.map_err(unavailable)?;
-                let key = decode(value.value())?;
-                if matches!(&key, StoredKey::Active { kek_id: k, .. } if *k != kek_id) {
-                    found.push((Uuid::parse_str(id.value()).map_err(unavailable)?, key));
-                    if found.len() >= limit {
-                        break;
+        self.db
+            .blocking(move |db| {
+                let txn = db.begin_read().map_err(unavailable)?;
+                let table = txn.open_table(KEYS).map_err(unavailable)?;
+                let mut found = Vec::new();
+                for entry in table.iter().map_err(unavailable)? {
+                    let (id, value) = entry.map_err(unavailable)?;
+                    let key = decode(value.value())?;
+                    if matches!(&key, StoredKey::Active { kek_id: k, .. } if *k != kek_id) {
+                        found.push((Uuid::parse_str(id.value()).map_err(unavailable)?, key));
+                        if found.len() >= limit {
+                            break;
+                        }
                     }
                 }
-            }
-            Ok(found)
-        })
-        .await
+                Ok(found)
+            })
+            .await
     }
 
     async fn replace_wrapping(&self, person: Uuid, from_kek: &str, key: StoredKey) -> Result<(), StoreError> {
         let from_kek = from_kek.to_owned();
-        self.blocking(move |db| {
-            Self::write(
-                db,
-                person,
-                &key,
-                |current| matches!(current, Some(StoredKey::Active { kek_id, .. }) if *kek_id == from_kek),
-            )
-            .map(drop)
-        })
-        .await
+        self.db
+            .blocking(move |db| {
+                Self::write(
+                    db,
+                    person,
+                    &key,
+                    |current| matches!(current, Some(StoredKey::Active { kek_id, .. }) if *kek_id == from_kek),
+                )
+                .map(drop)
+            })
+            .await
     }
 
     /// Packs the file so pages freed by destroyed keys are gone from disk.

@@ -167,6 +167,9 @@ impl From<StoreError> for KeyError {
 #[derive(Debug, Clone)]
 pub struct Opened {
     pub event: PersonEvent,
+    /// The seal as written (absent on events written in clear, and for an erased person), for
+    /// readers that pass personal data on still sealed.
+    pub sealed: Option<SealedPersonalData>,
     /// The person is erased: the event's personal fields are blank for good.
     pub erased: bool,
 }
@@ -329,7 +332,7 @@ impl Keyring {
         let meta = event.meta();
         let (person, event_id) = (meta.person_id, meta.event_id);
         if matches!(event, PersonEvent::Erased(_)) {
-            return Ok(Opened { event, erased: true });
+            return Ok(Opened { event, sealed: None, erased: true });
         }
         let mut state = self.state(person, false).await?;
         if sealed.is_some() && matches!(state, Cached::Missing(_)) {
@@ -339,16 +342,16 @@ impl Keyring {
         match (state, sealed) {
             (Cached::Destroyed, _) => {
                 event.take_personal();
-                Ok(Opened { event, erased: true })
+                Ok(Opened { event, sealed: None, erased: true })
             }
-            (_, None) => Ok(Opened { event, erased: false }),
+            (_, None) => Ok(Opened { event, sealed: None, erased: false }),
             (Cached::Missing(_), Some(_)) => {
                 Err(KeyError::Unreadable(format!("no data key for person {person} in the key store")))
             }
             (Cached::Active(key, _), Some(sealed)) => {
                 let personal = key.open(event_id, &sealed).map_err(|e| KeyError::Unreadable(e.to_string()))?;
                 event.restore_personal(personal);
-                Ok(Opened { event, erased: false })
+                Ok(Opened { event, sealed: Some(sealed), erased: false })
             }
         }
     }

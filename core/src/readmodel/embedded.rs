@@ -92,13 +92,6 @@ impl EmbeddedReadStore {
         let (progress, _) = watch::channel(checkpoints);
         Ok(Self { db: SharedDb::new(db), progress })
     }
-
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        self.db.blocking(f).await
-    }
 }
 
 fn read_checkpoints(db: &Database) -> Result<Checkpoints, StoreError> {
@@ -197,26 +190,27 @@ impl Projection for EmbeddedReadStore {
 
     async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {
         let events = events.to_vec();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(unavailable)?;
-            apply_in(&txn, &events)?;
-            {
-                let mut table = txn.open_table(CHECKPOINTS).map_err(unavailable)?;
-                let current = table.get(partition).map_err(unavailable)?.map(|g| g.value());
-                if current.is_none_or(|c| c < through) {
-                    table.insert(partition, through).map_err(unavailable)?;
+        self.db
+            .blocking(move |db| {
+                let txn = db.begin_write().map_err(unavailable)?;
+                apply_in(&txn, &events)?;
+                {
+                    let mut table = txn.open_table(CHECKPOINTS).map_err(unavailable)?;
+                    let current = table.get(partition).map_err(unavailable)?.map(|g| g.value());
+                    if current.is_none_or(|c| c < through) {
+                        table.insert(partition, through).map_err(unavailable)?;
+                    }
                 }
-            }
-            txn.commit().map_err(unavailable)
-        })
-        .await?;
+                txn.commit().map_err(unavailable)
+            })
+            .await?;
         // The same never-backwards rule as the table above, without reading it back.
         super::advance(&self.progress, partition, through);
         Ok(())
     }
 
     async fn checkpoints(&self) -> Result<Checkpoints, StoreError> {
-        self.blocking(read_checkpoints).await
+        self.db.blocking(read_checkpoints).await
     }
 
     fn progress(&self) -> watch::Receiver<Checkpoints> {
@@ -233,13 +227,14 @@ impl Projection for EmbeddedReadStore {
 #[async_trait]
 impl ReadStore for EmbeddedReadStore {
     async fn get(&self, person_id: Uuid) -> Result<Option<PersonDoc>, StoreError> {
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(unavailable)?;
-            let table = txn.open_table(PERSONS).map_err(unavailable)?;
-            let found = table.get(person_id.to_string().as_str()).map_err(unavailable)?;
-            found.map(|g| decode(g.value())).transpose()
-        })
-        .await
+        self.db
+            .blocking(move |db| {
+                let txn = db.begin_read().map_err(unavailable)?;
+                let table = txn.open_table(PERSONS).map_err(unavailable)?;
+                let found = table.get(person_id.to_string().as_str()).map_err(unavailable)?;
+                found.map(|g| decode(g.value())).transpose()
+            })
+            .await
     }
 
     async fn list(
@@ -250,58 +245,59 @@ impl ReadStore for EmbeddedReadStore {
     ) -> Result<Page<PersonDoc>, StoreError> {
         let filter = filter.clone();
         let cursor = cursor.map(|c| c.to_string());
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(unavailable)?;
-            let persons = txn.open_table(PERSONS).map_err(unavailable)?;
-            let mut items = Vec::with_capacity(limit + 1);
-            let mut push = |id: &str| -> Result<bool, StoreError> {
-                if cursor.as_deref().is_some_and(|c| id <= c) {
-                    return Ok(true);
-                }
-                let Some(found) = persons.get(id).map_err(unavailable)? else { return Ok(true) };
-                let doc: PersonDoc = decode(found.value())?;
-                let matches = filter.status.map_or(doc.status != Status::Erased, |s| s == doc.status)
-                    && filter.tag.as_ref().is_none_or(|t| doc.tags.contains(t));
-                if matches {
-                    items.push(doc);
-                }
-                Ok(items.len() <= limit)
-            };
-            // Scan the narrowest index; the doc check above applies the other filter.
-            if let Some(tag) = &filter.tag {
-                let index = txn.open_table(BY_TAG).map_err(unavailable)?;
-                let start = cursor_after(tag, &cursor);
-                for entry in index.range(start..=(tag.as_str(), "\u{10FFFF}")).map_err(unavailable)? {
-                    if !push(entry.map_err(unavailable)?.0.value().1)? {
-                        break;
+        self.db
+            .blocking(move |db| {
+                let txn = db.begin_read().map_err(unavailable)?;
+                let persons = txn.open_table(PERSONS).map_err(unavailable)?;
+                let mut items = Vec::with_capacity(limit + 1);
+                let mut push = |id: &str| -> Result<bool, StoreError> {
+                    if cursor.as_deref().is_some_and(|c| id <= c) {
+                        return Ok(true);
+                    }
+                    let Some(found) = persons.get(id).map_err(unavailable)? else { return Ok(true) };
+                    let doc: PersonDoc = decode(found.value())?;
+                    let matches = filter.status.map_or(doc.status != Status::Erased, |s| s == doc.status)
+                        && filter.tag.as_ref().is_none_or(|t| doc.tags.contains(t));
+                    if matches {
+                        items.push(doc);
+                    }
+                    Ok(items.len() <= limit)
+                };
+                // Scan the narrowest index; the doc check above applies the other filter.
+                if let Some(tag) = &filter.tag {
+                    let index = txn.open_table(BY_TAG).map_err(unavailable)?;
+                    let start = cursor_after(tag, &cursor);
+                    for entry in index.range(start..=(tag.as_str(), "\u{10FFFF}")).map_err(unavailable)? {
+                        if !push(entry.map_err(unavailable)?.0.value().1)? {
+                            break;
+                        }
+                    }
+                } else if let Some(status) = filter.status {
+                    let index = txn.open_table(BY_STATUS).map_err(unavailable)?;
+                    let start = cursor_after(status.as_str(), &cursor);
+                    for entry in index.range(start..=(status.as_str(), "\u{10FFFF}")).map_err(unavailable)? {
+                        if !push(entry.map_err(unavailable)?.0.value().1)? {
+                            break;
+                        }
+                    }
+                } else {
+                    let start = cursor.clone().unwrap_or_default();
+                    for entry in persons.range(start.as_str()..).map_err(unavailable)? {
+                        let (key, _) = entry.map_err(unavailable)?;
+                        if !push(key.value())? {
+                            break;
+                        }
                     }
                 }
-            } else if let Some(status) = filter.status {
-                let index = txn.open_table(BY_STATUS).map_err(unavailable)?;
-                let start = cursor_after(status.as_str(), &cursor);
-                for entry in index.range(start..=(status.as_str(), "\u{10FFFF}")).map_err(unavailable)? {
-                    if !push(entry.map_err(unavailable)?.0.value().1)? {
-                        break;
-                    }
-                }
-            } else {
-                let start = cursor.clone().unwrap_or_default();
-                for entry in persons.range(start.as_str()..).map_err(unavailable)? {
-                    let (key, _) = entry.map_err(unavailable)?;
-                    if !push(key.value())? {
-                        break;
-                    }
-                }
-            }
-            let next_cursor = if items.len() > limit {
-                items.truncate(limit);
-                items.last().map(|d| d.person_id.to_string())
-            } else {
-                None
-            };
-            Ok(Page { items, next_cursor })
-        })
-        .await
+                let next_cursor = if items.len() > limit {
+                    items.truncate(limit);
+                    items.last().map(|d| d.person_id.to_string())
+                } else {
+                    None
+                };
+                Ok(Page { items, next_cursor })
+            })
+            .await
     }
 
     async fn timeline(
@@ -310,25 +306,26 @@ impl ReadStore for EmbeddedReadStore {
         limit: usize,
         cursor: Option<u64>,
     ) -> Result<Page<TimelineEntry>, StoreError> {
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(unavailable)?;
-            let table = txn.open_table(TIMELINE).map_err(unavailable)?;
-            let id = person_id.to_string();
-            let start = cursor.map_or(0, |c| c.saturating_add(1));
-            let mut items: Vec<TimelineEntry> = Vec::with_capacity(limit + 1);
-            for entry in
-                table.range((id.as_str(), start)..=(id.as_str(), u64::MAX)).map_err(unavailable)?.take(limit + 1)
-            {
-                items.push(decode(entry.map_err(unavailable)?.1.value())?);
-            }
-            let next_cursor = if items.len() > limit {
-                items.truncate(limit);
-                items.last().map(|e| e.offset.to_string())
-            } else {
-                None
-            };
-            Ok(Page { items, next_cursor })
-        })
-        .await
+        self.db
+            .blocking(move |db| {
+                let txn = db.begin_read().map_err(unavailable)?;
+                let table = txn.open_table(TIMELINE).map_err(unavailable)?;
+                let id = person_id.to_string();
+                let start = cursor.map_or(0, |c| c.saturating_add(1));
+                let mut items: Vec<TimelineEntry> = Vec::with_capacity(limit + 1);
+                for entry in
+                    table.range((id.as_str(), start)..=(id.as_str(), u64::MAX)).map_err(unavailable)?.take(limit + 1)
+                {
+                    items.push(decode(entry.map_err(unavailable)?.1.value())?);
+                }
+                let next_cursor = if items.len() > limit {
+                    items.truncate(limit);
+                    items.last().map(|e| e.offset.to_string())
+                } else {
+                    None
+                };
+                Ok(Page { items, next_cursor })
+            })
+            .await
     }
 }
