@@ -57,20 +57,21 @@ enum Call {
     ById { id: u32, reply: mpsc::Sender<Result<String, SRCError>> },
 }
 
-type Breaker =
-    failsafe::StateMachine<failsafe::failure_policy::ConsecutiveFailures<failsafe::backoff::EqualJittered>, ()>;
+type Breaker<I> =
+    failsafe::StateMachine<failsafe::failure_policy::ConsecutiveFailures<failsafe::backoff::EqualJittered>, I>;
 
-pub struct ConfluentRegistry {
+/// `I` observes the circuit breaker's transitions (services publish them as metrics).
+pub struct ConfluentRegistry<I = ()> {
     options: ConfluentOptions,
     /// To the client thread; `Sender` is `Sync`, so callers share it directly.
     calls: mpsc::Sender<Call>,
     parsed: RwLock<HashMap<u32, Arc<Schema>>>,
     /// (subject, Parsing Canonical Form) → id.
     registered: RwLock<HashMap<(String, String), u32>>,
-    breaker: Breaker,
+    breaker: Breaker<I>,
 }
 
-impl std::fmt::Debug for ConfluentRegistry {
+impl<I> std::fmt::Debug for ConfluentRegistry<I> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConfluentRegistry").field("options", &self.options).finish_non_exhaustive()
     }
@@ -82,6 +83,13 @@ fn unavailable(e: impl std::fmt::Display) -> RegistryError {
 
 impl ConfluentRegistry {
     pub fn new(options: ConfluentOptions) -> Result<Self, RegistryError> {
+        Self::with_instrument(options, ())
+    }
+}
+
+impl<I: failsafe::Instrument> ConfluentRegistry<I> {
+    /// A client whose circuit breaker reports its transitions to `instrument`.
+    pub fn with_instrument(options: ConfluentOptions, instrument: I) -> Result<Self, RegistryError> {
         let (calls, incoming) = mpsc::channel::<Call>();
         let (ready, started) = mpsc::channel::<Result<(), SRCError>>();
         let client_options = options.clone();
@@ -124,7 +132,7 @@ impl ConfluentRegistry {
             calls,
             parsed: RwLock::new(HashMap::new()),
             registered: RwLock::new(HashMap::new()),
-            breaker: failsafe::Config::new().failure_policy(policy).build(),
+            breaker: failsafe::Config::new().failure_policy(policy).instrument(instrument).build(),
         })
     }
 
@@ -160,7 +168,7 @@ impl ConfluentRegistry {
     }
 }
 
-impl SchemaRegistry for ConfluentRegistry {
+impl<I: failsafe::Instrument + Send + Sync> SchemaRegistry for ConfluentRegistry<I> {
     fn register(&self, subject: &str, schema: &Schema) -> Result<u32, RegistryError> {
         let key = (subject.to_owned(), schema.canonical_form());
         if let Some(id) = self.registered.read().ok().and_then(|r| r.get(&key).copied()) {

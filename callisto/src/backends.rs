@@ -29,6 +29,7 @@ use callisto_core::readmodel::embedded::EmbeddedReadStore;
 use callisto_core::readmodel::mongo::{MongoOptions, MongoReadStore, connect_database};
 use callisto_core::readmodel::search::TantivySearchIndex;
 use callisto_core::readmodel::{ReadStore, SearchIndex};
+use callisto_core::resilience::BreakerMetrics;
 
 pub struct LogSide {
     pub log: Arc<dyn EventLog>,
@@ -116,7 +117,10 @@ pub async fn open_log(settings: &Settings) -> anyhow::Result<LogSide> {
             let mut options = ConfluentOptions::new(url.clone());
             options.timeout = std::time::Duration::from_millis(sr.timeout_ms);
             options.basic_auth = sr.username.clone().map(|user| (user, sr.password.clone().unwrap_or_default()));
-            Arc::new(ConfluentRegistry::new(options).context("creating the schema registry client")?)
+            Arc::new(
+                ConfluentRegistry::with_instrument(options, BreakerMetrics::new("schema registry", "all"))
+                    .context("creating the schema registry client")?,
+            )
         }
         None => {
             Arc::new(EmbeddedRegistry::open(&dir.join("schemas.redb")).with_context(|| in_use("schema registry", dir))?)

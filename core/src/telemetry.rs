@@ -100,6 +100,17 @@ pub const METRICS: &[(&str, MetricKind, &str)] = &[
         "Reads answered stale because their consistency token was not reached in time.",
     ),
     ("callisto_persons_erased_total", MetricKind::Counter, "Persons erased: data keys destroyed by this process."),
+    (
+        "callisto_breaker_state",
+        MetricKind::Gauge,
+        "Circuit breaker in front of a dependency: 0 closed, 1 half-open (probing), 2 open (calls refused).",
+    ),
+    (
+        "callisto_breaker_rejections_total",
+        MetricKind::Counter,
+        "Calls an open circuit breaker refused without calling the dependency.",
+    ),
+    ("callisto_rate_limited_total", MetricKind::Counter, "Requests refused with 429 because a rate budget was spent."),
 ];
 
 fn describe() {

@@ -17,6 +17,7 @@ use callisto_core::http::{ApiJson, ApiJsonOrEmpty, ApiPath, FieldError, Problem}
 use callisto_core::log;
 use callisto_core::log::{AppendRequest, Appended, EventLog, IdempotencyKey, LogError};
 use callisto_core::privacy::{KeyError, Keyring};
+use callisto_core::resilience::{self, Breaker};
 use callisto_core::token::{self, ConsistencyToken};
 use chrono::Utc;
 use failsafe::futures::CircuitBreaker as _;
@@ -30,15 +31,8 @@ use crate::commands::*;
 /// Trips after this many consecutive failed appends; then appends fail fast until a probe
 /// succeeds after the (jittered, growing) back-off.
 const BREAKER_FAILURES: u32 = 5;
-// failsafe's jittered back-off works in whole seconds and halves the first step: a 1 s start
-// could open the breaker for 0 s, so 2 s (an open period of 1–2 s) is the smallest useful one.
-const BREAKER_BACKOFF_MIN: Duration = Duration::from_secs(2);
-const BREAKER_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// What a 503 tells clients to wait before retrying.
 const RETRY_AFTER_SECS: u64 = 1;
-
-type Breaker =
-    failsafe::StateMachine<failsafe::failure_policy::ConsecutiveFailures<failsafe::backoff::EqualJittered>, ()>;
 
 /// Everything a command handler needs; cheap to clone.
 #[derive(Clone)]
@@ -64,9 +58,7 @@ impl WriterState {
         topic: String,
         append_timeout: Duration,
     ) -> Self {
-        let backoff = failsafe::backoff::equal_jittered(BREAKER_BACKOFF_MIN, BREAKER_BACKOFF_MAX);
-        let policy = failsafe::failure_policy::consecutive_failures(BREAKER_FAILURES, backoff);
-        let breaker = failsafe::Config::new().failure_policy(policy).build();
+        let breaker = resilience::breaker("event log", "appends", BREAKER_FAILURES);
         Self { inner: Arc::new(Inner { log, codec, keyring, topic, append_timeout, breaker }) }
     }
 

@@ -58,7 +58,7 @@ impl JwtVerifier {
             cache: RwLock::new(Cache::default()),
             refetching: tokio::sync::Mutex::new(()),
             http,
-            guard: Guard::new("jwks", timeout, 3),
+            guard: Guard::new("jwks", "all", timeout, 3),
         });
         if let Some(path) = &settings.keys_file {
             let keys =

@@ -405,6 +405,8 @@ fn forbidden(rule: Rule) -> Response {
 
 fn too_many_requests(verdict: Verdict, budget: &str) -> Response {
     let Verdict::Limited { retry_after_secs, .. } = verdict else { unreachable!("only limited verdicts answer 429") };
+    // Budgets are a fixed set of names, so the label stays bounded.
+    metrics::counter!("callisto_rate_limited_total", "budget" => budget.to_owned()).increment(1);
     let mut problem = Problem::new(
         StatusCode::TOO_MANY_REQUESTS,
         "rate-limited",

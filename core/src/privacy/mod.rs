@@ -230,7 +230,7 @@ impl Keyring {
             previous,
             cache: Mutex::new(lru::LruCache::new(entries)),
             ttl: options.cache_ttl,
-            guard: Guard::new("key store", options.timeout, 3),
+            guard: Guard::new("key store", "all", options.timeout, 3),
         }
     }
 

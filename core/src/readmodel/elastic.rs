@@ -411,8 +411,8 @@ impl ElasticSearchIndex {
         let index = Arc::new(Self {
             client: Elasticsearch::new(transport),
             options: options.clone(),
-            guard: Guard::new("elasticsearch", options.timeout, 3),
-            reads: Guard::new("elasticsearch", options.timeout.min(READ_TIMEOUT), 2),
+            guard: Guard::new("elasticsearch", "writes", options.timeout, 3),
+            reads: Guard::new("elasticsearch", "reads", options.timeout.min(READ_TIMEOUT), 2),
             progress: watch::channel(BTreeMap::new()).0,
         });
         index.install().await?;

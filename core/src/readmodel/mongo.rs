@@ -282,8 +282,8 @@ impl MongoReadStore {
             timeline: db.collection(TIMELINE),
             checkpoints: db.collection(CHECKPOINTS),
             write_concern: bulk::write_concern(&options.write_concern, options.timeout),
-            guard: Guard::new("mongodb", options.timeout, 3),
-            reads: Guard::new("mongodb", options.timeout.min(READ_TIMEOUT), 2),
+            guard: Guard::new("mongodb", "writes", options.timeout, 3),
+            reads: Guard::new("mongodb", "reads", options.timeout.min(READ_TIMEOUT), 2),
             progress: watch::channel(BTreeMap::new()).0,
             db,
         });
