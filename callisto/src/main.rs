@@ -274,7 +274,13 @@ fn main() -> anyhow::Result<()> {
             unreachable!("batch commands returned above")
         };
         let settings = Settings::load(cli.config.as_deref(), &args.overrides())?;
-        callisto_core::telemetry::init_tracing(&settings.telemetry);
+        let service = match &cli.command {
+            Command::Dev(_) => "callisto-dev",
+            Command::Writer(_) => "callisto-writer",
+            Command::Projector(_) => "callisto-projector",
+            _ => "callisto-query-api",
+        };
+        let _tracing = callisto_core::telemetry::init_tracing(&settings.telemetry, service)?;
         let security = callisto::services::Security { insecure_no_auth: args.insecure_no_auth };
         let shutdown = callisto::services::shutdown_signal();
         match cli.command {
@@ -327,7 +333,9 @@ fn batch_settings(
     }
     let mut settings = Settings::load(config, &overrides)?;
     settings.telemetry.log_level = "warn,audit=info".into();
-    callisto_core::telemetry::init_tracing(&settings.telemetry);
+    // A batch job's spans would be one per batch of a whole topic; traces are for services.
+    settings.telemetry.otlp_endpoint = None;
+    callisto_core::telemetry::init_tracing(&settings.telemetry, "callisto-batch")?;
     Ok(settings)
 }
 

@@ -511,11 +511,24 @@ impl std::fmt::Debug for SchemaRegistrySettings {
 pub struct TelemetrySettings {
     pub log_format: LogFormat,
     pub log_level: String,
+    /// OTLP/HTTP collector base URL (`http://collector:4318`); spans are exported to
+    /// `{otlp_endpoint}/v1/traces` when set, and not created at all otherwise.
+    pub otlp_endpoint: Option<String>,
+    /// Bound on one export request to the collector.
+    pub otlp_timeout_ms: u64,
+    /// Share of new traces sampled (0.0–1.0); a caller's `traceparent` decision is kept.
+    pub trace_sample_ratio: f64,
 }
 
 impl Default for TelemetrySettings {
     fn default() -> Self {
-        Self { log_format: LogFormat::Json, log_level: "info".into() }
+        Self {
+            log_format: LogFormat::Json,
+            log_level: "info".into(),
+            otlp_endpoint: None,
+            otlp_timeout_ms: 5_000,
+            trace_sample_ratio: 1.0,
+        }
     }
 }
 
@@ -550,6 +563,18 @@ impl Settings {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
+        let telemetry = &self.telemetry;
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&telemetry.trace_sample_ratio),
+            "telemetry.trace_sample_ratio {} is not between 0 and 1",
+            telemetry.trace_sample_ratio
+        );
+        if let Some(endpoint) = &telemetry.otlp_endpoint {
+            anyhow::ensure!(
+                endpoint.starts_with("http://") || endpoint.starts_with("https://"),
+                "telemetry.otlp_endpoint {endpoint:?} is not an http(s) URL like http://collector:4318"
+            );
+        }
         anyhow::ensure!(
             self.http.listen.parse::<SocketAddr>().is_ok(),
             "http.listen {:?} is not an address like 127.0.0.1:8080",

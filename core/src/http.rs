@@ -9,6 +9,7 @@ use axum::http::{HeaderValue, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tracing::Instrument as _;
 
 use crate::auth::{Auth, Rule};
 use crate::config::{HttpSettings, TlsSettings};
@@ -344,7 +345,8 @@ pub fn service_router(
 
 /// RED metrics per route: requests by route template, method and status class, and their
 /// duration. Labels are bounded: templates, not paths; methods outside the usual ones are
-/// `other`. Refusals by the guard (401, 403, 429) count too.
+/// `other`. Refusals by the guard (401, 403, 429) count too. Each request also runs in its
+/// server span (exported when traces are on).
 async fn record_request(
     matched: Option<axum::extract::MatchedPath>,
     request: axum::extract::Request,
@@ -362,7 +364,9 @@ async fn record_request(
         _ => "other",
     };
     let started = std::time::Instant::now();
-    let response = next.run(request).await;
+    let span = crate::telemetry::trace::http_server_span(request.method().as_str(), &route, request.headers());
+    let response = next.run(request).instrument(span.clone()).await;
+    crate::telemetry::trace::record_http_status(&span, response.status().as_u16());
     let status = match response.status().as_u16() {
         100..=199 => "1xx",
         200..=299 => "2xx",

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use callisto_core::log::{AppendRequest, EventLog, LogError, PartitionFeed, Record};
 use callisto_core::privacy::EventReader;
 use callisto_core::readmodel::{ProjectedEvent, Projection, StoreError};
+use callisto_core::telemetry::trace;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::member::Member;
 use crate::retry::{backoff, until_ok};
@@ -42,9 +44,17 @@ impl Worker {
             let Some(last) = records.last() else { continue };
             let through = last.offset;
             let started = Instant::now();
+            // Joins the trace of each record's command (see `telemetry::trace`).
+            let process = trace::process_span(
+                self.log.system(),
+                &last.topic,
+                name,
+                partition,
+                records.iter().map(|r| trace::remote_context(r.header("traceparent"), r.header("tracestate"))),
+            );
             let mut batch = Vec::with_capacity(records.len());
             for record in &records {
-                match self.decode(record, &stop).await {
+                match self.decode(record, &stop).instrument(process.clone()).await {
                     Some(Ok(event)) => batch.push((record, event)),
                     Some(Err(error)) => {
                         if !self.dead_letter(record, &error, &stop).await {
@@ -54,7 +64,7 @@ impl Worker {
                     None => return,
                 }
             }
-            if let Outcome::Stopped = self.apply(&batch, through, &stop).await {
+            if let Outcome::Stopped = self.apply(&batch, through, &stop).instrument(process).await {
                 return;
             }
             callisto_core::readmodel::record_erasures(batch.iter().map(|(_, e)| e));
@@ -168,7 +178,14 @@ impl Worker {
         let mut rejections = 0;
         let mut outages = 0u32;
         loop {
-            let error = match self.projection.apply(self.partition, events, through).await {
+            let write = trace::write_span(self.projection.system(), self.projection.name(), events.len());
+            let applied = self.projection.apply(self.partition, events, through).instrument(write.clone()).await;
+            if let Err(e) = &applied {
+                // A fixed reason: store messages may quote the documents.
+                let reason = if matches!(e, StoreError::Unavailable(_)) { "store unavailable" } else { "rejected" };
+                trace::record_error(&write, reason);
+            }
+            let error = match applied {
                 Ok(()) => return Some(Ok(())),
                 Err(StoreError::Rejected(e) | StoreError::InvalidRequest(e)) => {
                     rejections += 1;

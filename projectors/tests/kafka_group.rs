@@ -38,6 +38,10 @@ impl Projection for Recording {
         "recording"
     }
 
+    fn system(&self) -> &'static str {
+        "test"
+    }
+
     async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {
         // Long enough that revokes regularly find a batch in flight.
         tokio::time::sleep(Duration::from_millis(15)).await;

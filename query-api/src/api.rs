@@ -13,8 +13,10 @@ use callisto_core::http::{ApiPath, ApiQuery, Problem};
 use callisto_core::readmodel::{
     Facets, ListFilter, PersonDoc, Projection, SearchHit, SearchRequest, Status, StoreError, TimelineEntry,
 };
+use callisto_core::telemetry::trace;
 use callisto_core::token::{self, ConsistencyToken};
 use serde::Serialize;
+use tracing::Instrument as _;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -107,7 +109,13 @@ fn answer(route: &'static str, started: Instant, stale: bool, body: impl IntoRes
 }
 
 async fn wait(state: &QueryState, tokens: Vec<ConsistencyToken>, projection: &dyn Projection) -> bool {
-    wait_for(&tokens, &[projection], state.consistency_wait).await
+    if tokens.is_empty() {
+        return false; // no span for a read that does not wait
+    }
+    let span = trace::consistency_wait_span(projection.name(), tokens.len());
+    let stale = wait_for(&tokens, &[projection], state.consistency_wait).instrument(span.clone()).await;
+    span.record("callisto.consistency.stale", stale);
+    stale
 }
 
 #[utoipa::path(get, path = "/v1/persons/{id}", tag = "queries",

@@ -18,11 +18,13 @@ use callisto_core::log;
 use callisto_core::log::{AppendRequest, Appended, EventLog, IdempotencyKey, LogError};
 use callisto_core::privacy::{KeyError, Keyring};
 use callisto_core::resilience::{self, Breaker};
+use callisto_core::telemetry::trace;
 use callisto_core::token::{self, ConsistencyToken};
 use chrono::Utc;
 use failsafe::futures::CircuitBreaker as _;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use tracing::Instrument as _;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -264,12 +266,19 @@ impl WriterState {
             tracing::error!(error = %e, "encoding a validated command failed");
             Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error", "event could not be encoded")
         })?;
+        // The append's producer span; its context travels with the record so every projection
+        // joins this command's trace. Without span export the record still gets a fresh one.
+        let send = trace::producer_span(self.inner.log.system(), &self.inner.topic);
+        let mut trace_context = trace::context_headers(&send);
+        if trace_context.is_empty() {
+            trace_context.push(("traceparent".into(), traceparent().into_bytes()));
+        }
         let mut event_headers = vec![
             ("event_id".into(), meta.event_id.to_string().into_bytes()),
             ("event_type".into(), kind.name().as_bytes().to_vec()),
             ("correlation_id".into(), meta.correlation_id.as_bytes().to_vec()),
-            ("traceparent".into(), traceparent().into_bytes()),
         ];
+        event_headers.extend(trace_context);
         event_headers.extend(caller_headers(ctx.caller.as_ref()));
         let request = AppendRequest {
             topic: self.inner.topic.clone(),
@@ -281,11 +290,16 @@ impl WriterState {
         let (event_id, correlation_id) = (meta.event_id, meta.correlation_id.to_owned());
 
         let started = Instant::now();
-        let appended = self.append_guarded(request).await;
+        let appended = self.append_guarded(request).instrument(send.clone()).await;
         metrics::histogram!("callisto_append_seconds").record(started.elapsed().as_secs_f64());
         let appended = match appended {
-            Ok(appended) => appended,
+            Ok(appended) => {
+                send.record("messaging.destination.partition.id", appended.partition);
+                send.record("messaging.kafka.offset", appended.offset);
+                appended
+            }
             Err(problem) => {
+                trace::record_error(&send, &problem.title);
                 outcome(if problem.status == 503 { "unavailable" } else { "rejected" });
                 return Err(problem);
             }

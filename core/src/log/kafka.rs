@@ -204,6 +204,10 @@ impl KafkaLog {
 
 #[async_trait]
 impl EventLog for KafkaLog {
+    fn system(&self) -> &'static str {
+        "kafka"
+    }
+
     async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), LogError> {
         let check = |actual: u32| {
             if actual == partitions {

@@ -106,6 +106,11 @@ impl LogError {
 
 #[async_trait]
 pub trait EventLog: Send + Sync + 'static {
+    /// The messaging system, as trace attributes name it (`messaging.system`).
+    fn system(&self) -> &'static str {
+        "callisto"
+    }
+
     /// Creates `topic` with `partitions` partitions, or checks that it has that many.
     async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), LogError>;
 

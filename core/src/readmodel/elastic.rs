@@ -691,6 +691,10 @@ impl Projection for ElasticSearchIndex {
         PROJECTION
     }
 
+    fn system(&self) -> &'static str {
+        "elasticsearch"
+    }
+
     async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {
         let actions = self.actions(events).await?;
         for chunk in body::chunks(actions, self.options.bulk_max_actions, self.options.bulk_max_bytes) {

@@ -188,6 +188,10 @@ impl Projection for EmbeddedReadStore {
         "documents"
     }
 
+    fn system(&self) -> &'static str {
+        "redb"
+    }
+
     async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {
         let events = events.to_vec();
         self.db

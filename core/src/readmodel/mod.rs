@@ -420,6 +420,9 @@ pub trait Projection: Send + Sync + 'static {
     /// A short, stable name: checkpoints, metrics and dead letters carry it.
     fn name(&self) -> &'static str;
 
+    /// The database, as trace attributes name it (`db.system.name`).
+    fn system(&self) -> &'static str;
+
     /// Applies `events` (all of `partition`, in offset order) and records `through` as the
     /// partition's checkpoint, atomically or, where the store cannot, checkpoint after data.
     /// `through` may be past the last event when trailing events were dead-lettered.

@@ -354,6 +354,10 @@ impl Projection for MongoReadStore {
         PROJECTION
     }
 
+    fn system(&self) -> &'static str {
+        "mongodb"
+    }
+
     async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {
         if !events.is_empty() {
             let ids: Vec<String> = {

@@ -608,6 +608,10 @@ impl Projection for TantivySearchIndex {
         "search"
     }
 
+    fn system(&self) -> &'static str {
+        "tantivy"
+    }
+
     /// Returns once the committer has made the batch durable (within about one
     /// [`COMMIT_INTERVAL`]).
     async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {

@@ -60,6 +60,10 @@ macro_rules! delegate_projection {
                 self.current().name()
             }
 
+            fn system(&self) -> &'static str {
+                self.current().system()
+            }
+
             async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {
                 self.current().apply(partition, events, through).await
             }

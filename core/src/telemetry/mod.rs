@@ -1,22 +1,97 @@
 //! All telemetry is set up here: structured logs through `tracing`, metrics through the
-//! `metrics` facade rendered by the Prometheus exporter. Metric labels are bounded enums
-//! (command kinds, outcomes, routes), never ids.
+//! `metrics` facade rendered by the Prometheus exporter, and traces through OpenTelemetry when
+//! an OTLP endpoint is configured. Metric labels are bounded enums (command kinds, outcomes,
+//! routes), never ids.
+//!
+//! - [`trace`]: span constructors and W3C trace-context propagation.
+
+pub mod trace;
 
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::EnvFilter;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{LogFormat, TelemetrySettings};
 
-/// Installs the global tracing subscriber. Later calls are no-ops, so tests may call it freely.
-pub fn init_tracing(settings: &TelemetrySettings) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.log_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = match settings.log_format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
-        LogFormat::Text => builder.try_init(),
+/// Keeps the trace exporter alive; dropping it flushes the spans still queued.
+#[derive(Debug, Default)]
+pub struct Tracing {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Tracing {
+    /// Exports every span ended so far (tests and short-lived commands call this).
+    pub fn flush(&self) {
+        if let Some(provider) = &self.provider
+            && let Err(e) = provider.force_flush()
+        {
+            tracing::warn!(error = %e, "flushing spans failed");
+        }
+    }
+}
+
+impl Drop for Tracing {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take()
+            && let Err(e) = provider.shutdown()
+        {
+            tracing::debug!(error = %e, "stopping the span exporter");
+        }
+    }
+}
+
+/// Installs the global tracing subscriber: logs, and span export when
+/// `settings.otlp_endpoint` is set (as `service`). Later calls install nothing, so tests may
+/// call it freely; only the first one's exporter receives spans.
+pub fn init_tracing(settings: &TelemetrySettings, service: &str) -> anyhow::Result<Tracing> {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(&settings.log_level))
+        // Spans for export are not log lines, whatever the log level says.
+        .add_directive(format!("{}=off", trace::TARGET).parse()?);
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = match settings.log_format {
+        LogFormat::Json => logs.json().flatten_event(true).with_current_span(false).with_filter(filter).boxed(),
+        LogFormat::Text => logs.with_filter(filter).boxed(),
     };
+    let provider = match &settings.otlp_endpoint {
+        Some(endpoint) => Some(span_exporter(endpoint, service, settings)?),
+        None => None,
+    };
+    let spans = provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("callisto"))
+            .with_filter(Targets::new().with_target(trace::TARGET, LevelFilter::INFO))
+    });
+    if tracing_subscriber::registry().with(logs).with(spans).try_init().is_err() {
+        return Ok(Tracing::default());
+    }
+    if let Some(endpoint) = &settings.otlp_endpoint {
+        tracing::info!(endpoint = %endpoint, service, "exporting traces over OTLP/HTTP");
+    }
+    Ok(Tracing { provider })
+}
+
+/// OTLP/HTTP (protobuf) to `{endpoint}/v1/traces`, batched on the SDK's own thread: a slow or
+/// absent collector costs dropped spans (the queue is bounded), never a stalled request.
+fn span_exporter(endpoint: &str, service: &str, settings: &TelemetrySettings) -> anyhow::Result<SdkTracerProvider> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+        .with_timeout(std::time::Duration::from_millis(settings.otlp_timeout_ms))
+        .build()
+        .map_err(|e| anyhow::anyhow!("telemetry.otlp_endpoint {endpoint:?}: {e}"))?;
+    let resource = opentelemetry_sdk::Resource::builder().with_service_name(service.to_owned()).build();
+    // Parent-based: a caller's sampling decision (its traceparent flags) is kept; new traces
+    // are sampled at the configured ratio.
+    let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(settings.trace_sample_ratio)));
+    Ok(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).with_sampler(sampler).build())
 }
 
 /// Latency buckets in seconds: 100 µs to 10 s.
