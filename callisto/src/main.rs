@@ -143,6 +143,10 @@ struct ServeArgs {
     /// for experiments without real data; logged as a warning at every start.
     #[arg(long)]
     insecure_no_auth: bool,
+    /// This site's role (overrides server.role): `primary` takes commands, `standby` refuses
+    /// them naming server.primary_url and serves reads.
+    #[arg(long, value_parser = ["primary", "standby"])]
+    role: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -242,6 +246,9 @@ impl ServeArgs {
         }
         if let Some(brokers) = &self.kafka_brokers {
             out.push(("kafka.brokers", brokers.clone()));
+        }
+        if let Some(role) = &self.role {
+            out.push(("server.role", role.clone()));
         }
         out
     }

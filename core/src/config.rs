@@ -75,11 +75,17 @@ pub const ENVIRONMENT: &[(&str, &str)] = &[
     ("CALLISTO__PRIVACY__COMPACT_AFTER_ERASURE_SECS", "compaction period of embedded stores after an erasure"),
     ("CALLISTO__TELEMETRY__LOG_FORMAT", "json (default) or text"),
     ("CALLISTO__TELEMETRY__LOG_LEVEL", "tracing filter, e.g. info or callisto_core=debug"),
+    ("CALLISTO__TELEMETRY__OTLP_ENDPOINT", "OTLP/HTTP collector URL; spans are exported when set"),
+    ("CALLISTO__TELEMETRY__OTLP_TIMEOUT_MS", "bound on one span export request"),
+    ("CALLISTO__TELEMETRY__TRACE_SAMPLE_RATIO", "share of new traces sampled, 0.0 to 1.0"),
+    ("CALLISTO__SERVER__ROLE", "primary (default) takes commands; standby refuses them and serves reads"),
+    ("CALLISTO__SERVER__PRIMARY_URL", "the primary's command API, named in a standby's refusals"),
 ];
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
+    pub server: ServerSettings,
     pub http: HttpSettings,
     pub storage: StorageSettings,
     pub log: LogSettings,
@@ -91,6 +97,26 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     pub auth: AuthSettings,
     pub privacy: PrivacySettings,
+}
+
+/// Which site this deployment is: the primary takes commands; a standby (a second site whose
+/// topic is replicated from the primary's cluster) serves reads and keeps its read models
+/// current, and refuses commands naming the primary. Promotion is a config change and restart.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    pub role: Role,
+    /// The primary's command API (`https://callisto.primary.example`), named in every refusal
+    /// a standby answers.
+    pub primary_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    #[default]
+    Primary,
+    Standby,
 }
 
 /// Crypto-shredding: where data keys live and the master key that wraps them.

@@ -30,23 +30,29 @@ pub struct Problem {
     /// A URI naming the problem class; relative to the API.
     #[serde(rename = "type")]
     pub kind: String,
-    pub title: String,
+    /// The problem class's fixed summary: one per `kind`, never data.
+    pub title: &'static str,
     pub status: u16,
     pub detail: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<FieldError>,
+    /// Where commands go: set when a standby site refuses one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub primary: Option<Box<str>>,
     #[serde(skip)]
-    pub retry_after_secs: Option<u64>,
+    pub retry_after_secs: Option<u32>,
 }
 
 impl Problem {
-    pub fn new(status: StatusCode, kind: &str, title: &str, detail: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, kind: &str, title: &'static str, detail: impl Into<String>) -> Self {
         Self {
             kind: format!("/problems/{kind}"),
-            title: title.to_owned(),
+            title,
             status: status.as_u16(),
             detail: detail.into(),
             errors: Vec::new(),
+            primary: None,
             retry_after_secs: None,
         }
     }
@@ -81,7 +87,7 @@ impl Problem {
     }
 
     /// 503 with `Retry-After`: a dependency is down; the client should come back.
-    pub fn unavailable(detail: impl Into<String>, retry_after_secs: u64) -> Self {
+    pub fn unavailable(detail: impl Into<String>, retry_after_secs: u32) -> Self {
         let mut problem = Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable", detail);
         problem.retry_after_secs = Some(retry_after_secs);
         problem

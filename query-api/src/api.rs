@@ -26,7 +26,7 @@ use crate::params::{self, GetParams, ListParams, SearchParams, TimelineParams};
 
 const PROBLEM: &str = "application/problem+json";
 const STALE_HEADER: &str = "callisto-stale";
-const RETRY_AFTER_SECS: u64 = 1;
+const RETRY_AFTER_SECS: u32 = 1;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PersonPage {

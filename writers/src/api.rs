@@ -34,7 +34,7 @@ use crate::commands::*;
 /// succeeds after the (jittered, growing) back-off.
 const BREAKER_FAILURES: u32 = 5;
 /// What a 503 tells clients to wait before retrying.
-const RETRY_AFTER_SECS: u64 = 1;
+const RETRY_AFTER_SECS: u32 = 1;
 
 /// Everything a command handler needs; cheap to clone.
 #[derive(Clone)]
@@ -50,6 +50,26 @@ struct Inner {
     topic: String,
     append_timeout: Duration,
     breaker: Breaker,
+    /// Set on a standby site: commands are refused, naming the primary.
+    standby: Option<Standby>,
+}
+
+/// A standby site's writer: it refuses every command and says where the primary is.
+#[derive(Debug, Clone, Default)]
+pub struct Standby {
+    pub primary_url: Option<String>,
+}
+
+impl Standby {
+    fn refusal(&self) -> Problem {
+        let detail = match &self.primary_url {
+            Some(url) => format!("this site is a standby and accepts no commands; send them to the primary at {url}"),
+            None => "this site is a standby and accepts no commands; send them to the primary site".to_owned(),
+        };
+        let mut problem = Problem::new(StatusCode::SERVICE_UNAVAILABLE, "standby", "Standby site", detail);
+        problem.primary = self.primary_url.as_deref().map(Box::from);
+        problem
+    }
 }
 
 impl WriterState {
@@ -59,9 +79,10 @@ impl WriterState {
         keyring: Arc<Keyring>,
         topic: String,
         append_timeout: Duration,
+        standby: Option<Standby>,
     ) -> Self {
         let breaker = resilience::breaker("event log", "appends", BREAKER_FAILURES);
-        Self { inner: Arc::new(Inner { log, codec, keyring, topic, append_timeout, breaker }) }
+        Self { inner: Arc::new(Inner { log, codec, keyring, topic, append_timeout, breaker, standby }) }
     }
 
     pub fn log(&self) -> &Arc<dyn EventLog> {
@@ -81,8 +102,10 @@ pub struct Accepted {
 }
 
 /// The command routes, each behind `auth`'s guard with scope `persons:write` and the
-/// commands budget; erasure with scope `persons:erase`.
+/// commands budget; erasure with scope `persons:erase`. On a standby site every one answers
+/// 503 naming the primary, after the guard (so callers still learn about bad credentials first).
 pub fn routes(state: WriterState, auth: &Arc<Auth>) -> Router {
+    let standby = state.inner.standby.clone();
     let erase_route = Router::new().route("/v1/persons/{id}", delete(erase)).with_state(state.clone());
     let routes = Router::new()
         .route("/v1/persons", post(register))
@@ -94,6 +117,16 @@ pub fn routes(state: WriterState, auth: &Arc<Auth>) -> Router {
         .route("/v1/persons/{id}/tags/{tag}", delete(untag))
         .route("/v1/persons/{id}/archive", post(archive))
         .with_state(state);
+    let (routes, erase_route) = match standby {
+        Some(standby) => {
+            let refuse = axum::middleware::from_fn(move |_: axum::extract::Request, _: axum::middleware::Next| {
+                let refusal = standby.refusal();
+                async move { refusal.into_response() }
+            });
+            (routes.route_layer(refuse.clone()), erase_route.route_layer(refuse))
+        }
+        None => (routes, erase_route),
+    };
     auth.protect(routes, Rule::COMMANDS).merge(auth.protect(erase_route, Rule::ERASE))
 }
 
@@ -299,7 +332,7 @@ impl WriterState {
                 appended
             }
             Err(problem) => {
-                trace::record_error(&send, &problem.title);
+                trace::record_error(&send, problem.title);
                 outcome(if problem.status == 503 { "unavailable" } else { "rejected" });
                 return Err(problem);
             }

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use callisto_avro::Codec;
 use callisto_core::auth::Auth;
-use callisto_core::config::Settings;
+use callisto_core::config::{Role, Settings};
 use callisto_core::http::{ReadinessCheck, service_router};
 use callisto_core::log::EventLog;
 use callisto_core::privacy::Keyring;
@@ -37,7 +37,12 @@ pub async fn state(
 ) -> anyhow::Result<WriterState> {
     log.ensure_topic(&settings.log.topic, settings.log.partitions).await?;
     let append_timeout = Duration::from_millis(settings.log.append_timeout_ms);
-    Ok(WriterState::new(log, codec, keyring, settings.log.topic.clone(), append_timeout))
+    let standby = (settings.server.role == Role::Standby)
+        .then(|| api::Standby { primary_url: settings.server.primary_url.clone() });
+    if let Some(standby) = &standby {
+        tracing::warn!(primary = ?standby.primary_url, "standby site: commands are refused until this site is promoted");
+    }
+    Ok(WriterState::new(log, codec, keyring, settings.log.topic.clone(), append_timeout, standby))
 }
 
 /// The complete writer service: command routes plus health, readiness, metrics and OpenAPI,

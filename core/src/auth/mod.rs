@@ -413,7 +413,7 @@ fn too_many_requests(verdict: Verdict, budget: &str) -> Response {
         "Too many requests",
         format!("the {budget} budget is spent; retry after {retry_after_secs} s"),
     );
-    problem.retry_after_secs = Some(retry_after_secs);
+    problem.retry_after_secs = Some(u32::try_from(retry_after_secs).unwrap_or(u32::MAX));
     let mut response = problem.into_response();
     rate_limit_headers(response.headers_mut(), verdict);
     response
