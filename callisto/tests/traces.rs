@@ -124,16 +124,13 @@ async fn one_command_is_one_trace(settings: &Settings, messaging_system: &str) {
     let trace_id: [u8; 16] = rand::random();
     let caller_span: [u8; 8] = rand::random();
     let traceparent = format!("00-{}-{}-01", hex(&trace_id), hex(&caller_span));
-    let accepted: serde_json::Value = client
-        .post(format!("{base}/v1/persons"))
-        .header("traceparent", &traceparent)
-        .json(&json!({"given_name": "Ada", "family_name": "Lovelace"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let accepted = common::json_of(
+        client
+            .post(format!("{base}/v1/persons"))
+            .header("traceparent", &traceparent)
+            .json(&json!({"given_name": "Ada", "family_name": "Lovelace"})),
+    )
+    .await;
     let id = accepted["person_id"].as_str().unwrap().to_owned();
     let token = accepted["consistency_token"].as_str().unwrap().to_owned();
 
