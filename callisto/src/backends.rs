@@ -18,6 +18,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use callisto_avro::{Codec, ConfluentOptions, ConfluentRegistry, EmbeddedRegistry, SchemaRegistry};
 use callisto_core::config::Settings;
+use callisto_core::log::idempotency::embedded::EmbeddedClaimStore;
+use callisto_core::log::idempotency::mongo::MongoClaimStore;
+use callisto_core::log::idempotency::{self as claims, ClaimStore};
 use callisto_core::log::{EmbeddedLog, EmbeddedLogOptions, EventLog, KafkaLog, KafkaLogOptions};
 use std::time::Duration;
 
@@ -108,6 +111,51 @@ pub async fn open_keyring(settings: &Settings) -> anyhow::Result<Arc<Keyring>> {
     Ok(Arc::new(Keyring::new(store, master, previous, &options)))
 }
 
+/// Where the writer claims idempotency keys: nowhere on the embedded log (it keeps them
+/// itself); on Kafka the store `log.idempotency_store` names (MongoDB by default when
+/// `mongodb.uri` is set, so writer replicas share it).
+pub async fn open_claim_store(settings: &Settings) -> anyhow::Result<Option<Arc<dyn ClaimStore>>> {
+    if settings.kafka.brokers.is_none() {
+        return Ok(None);
+    }
+    let dir = &settings.storage.data_dir;
+    let mongo = mongo_options(settings);
+    let kind = settings
+        .log
+        .idempotency_store
+        .clone()
+        .unwrap_or_else(|| if mongo.is_some() { "mongodb" } else { "embedded" }.into());
+    let store: Arc<dyn ClaimStore> = match kind.as_str() {
+        "embedded" => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+            Arc::new(
+                EmbeddedClaimStore::open(&dir.join(claims::embedded::FILE))
+                    .with_context(|| in_use("idempotency store", dir))?,
+            )
+        }
+        "mongodb" => {
+            let options = mongo.context("log.idempotency_store = mongodb needs mongodb.uri")?;
+            let db = connect_database(&options).await.context("connecting to MongoDB for idempotency keys")?;
+            let retention = Duration::from_secs(settings.log.idempotency_retention_secs);
+            Arc::new(MongoClaimStore::open(&db, retention).await.context("opening the idempotency collection")?)
+        }
+        other => anyhow::bail!("log.idempotency_store must be embedded or mongodb, not {other:?}"),
+    };
+    Ok(Some(store))
+}
+
+/// A Kafka client pair (producer and admin) on `brokers`, configured by `settings.kafka`.
+pub fn kafka_log(settings: &Settings, brokers: &str) -> anyhow::Result<KafkaLog> {
+    let kafka = &settings.kafka;
+    let mut options = KafkaLogOptions::new(brokers.to_owned());
+    options.properties = kafka.properties.clone();
+    options.replication_factor = kafka.replication_factor;
+    options.min_insync_replicas = kafka.min_insync_replicas;
+    options.request_timeout = Duration::from_millis(kafka.request_timeout_ms);
+    options.message_timeout = Duration::from_millis(kafka.message_timeout_ms);
+    KafkaLog::new(options).context("creating the Kafka clients")
+}
+
 pub async fn open_log(settings: &Settings) -> anyhow::Result<LogSide> {
     let dir = &settings.storage.data_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
@@ -128,20 +176,12 @@ pub async fn open_log(settings: &Settings) -> anyhow::Result<LogSide> {
     };
     let codec = Codec::new(registry, &settings.log.topic).context("registering event schemas")?;
     let log: Arc<dyn EventLog> = match &settings.kafka.brokers {
-        Some(brokers) => {
-            let kafka = &settings.kafka;
-            let mut options = KafkaLogOptions::new(brokers.clone());
-            options.properties = kafka.properties.clone();
-            options.replication_factor = kafka.replication_factor;
-            options.min_insync_replicas = kafka.min_insync_replicas;
-            options.request_timeout = std::time::Duration::from_millis(kafka.request_timeout_ms);
-            options.message_timeout = std::time::Duration::from_millis(kafka.message_timeout_ms);
-            Arc::new(KafkaLog::new(options).context("creating the Kafka clients")?)
-        }
+        Some(brokers) => Arc::new(kafka_log(settings, brokers)?),
         None => {
             let options = EmbeddedLogOptions {
                 queue_capacity: settings.log.queue_capacity,
                 max_batch: settings.log.max_batch,
+                idempotency_retention: Duration::from_secs(settings.log.idempotency_retention_secs),
                 ..EmbeddedLogOptions::default()
             };
             Arc::new(EmbeddedLog::open(&dir.join("log.redb"), options).with_context(|| in_use("event log", dir))?)

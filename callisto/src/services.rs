@@ -33,9 +33,15 @@ pub async fn run_writer(
 ) -> anyhow::Result<()> {
     let auth = Auth::from_settings(&settings, security.insecure_no_auth).await?;
     let embedded = backends::open_log(&settings).await?;
-    let state =
-        callisto_writers::state(&settings, embedded.log.clone(), embedded.codec.clone(), embedded.keyring.clone())
-            .await?;
+    let claims = backends::open_claim_store(&settings).await?;
+    let state = callisto_writers::state(
+        &settings,
+        embedded.log.clone(),
+        embedded.codec.clone(),
+        embedded.keyring.clone(),
+        claims,
+    )
+    .await?;
     let asyncapi = crate::asyncapi::document(&settings.log.topic, settings.log.partitions);
     let app = callisto_writers::build(&settings, state, &auth).merge(document_route("/asyncapi.json", asyncapi, &auth));
     let listener = bind(&settings, "writer").await?;
@@ -188,7 +194,8 @@ impl Dev {
         let log_side = backends::open_log(settings).await?;
         let reader = log_side.reader();
         let (log, codec, keyring) = (log_side.log, log_side.codec, log_side.keyring);
-        let writer = callisto_writers::state(settings, log.clone(), codec.clone(), keyring.clone()).await?;
+        let claims = backends::open_claim_store(settings).await?;
+        let writer = callisto_writers::state(settings, log.clone(), codec.clone(), keyring.clone(), claims).await?;
         let partitions = log.partitions(&settings.log.topic).await?;
         let generations = DevGenerations::open(settings, log.clone(), reader).await?;
         let (store, search) = (generations.store.clone(), generations.search.clone());

@@ -95,7 +95,7 @@ async fn a_dead_key_store_pauses_everything_and_tampered_ciphertext_is_dead_lett
     let keyring = Arc::new(Keyring::new(store.clone(), master, Vec::new(), &options));
 
     let auth = callisto_core::auth::Auth::from_settings(&settings, false).await.unwrap();
-    let writer = callisto_writers::state(&settings, log.clone(), codec.clone(), keyring.clone()).await.unwrap();
+    let writer = callisto_writers::state(&settings, log.clone(), codec.clone(), keyring.clone(), None).await.unwrap();
     let app = callisto_writers::build(&settings, writer, &auth);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());

@@ -40,15 +40,22 @@ async fn commands_flow_through_kafka_into_read_models_and_search() {
     assert_eq!(found["total"], 1, "{found}");
     assert!(found["hits"][0]["highlights"]["text"].as_str().unwrap().contains("<b>brokers</b>"));
 
-    // Idempotency keys need the embedded log's atomic dedupe; Kafka says so plainly.
-    let keyed = client
-        .post(format!("{base}/v1/persons"))
-        .header("idempotency-key", "k-1")
-        .json(&json!({"given_name": "A", "family_name": "B"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(keyed.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    // A retry with the same Idempotency-Key gets the first answer back and appends nothing.
+    let keyed = |body: Value| client.post(format!("{base}/v1/persons")).header("idempotency-key", "k-1").json(&body);
+    let first = keyed(json!({"given_name": "A", "family_name": "B"})).send().await.unwrap();
+    assert_eq!(first.status(), StatusCode::ACCEPTED);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let first: Value = first.json().await.unwrap();
+    let ends_before = dev.log.end_offsets(&settings.log.topic).await.unwrap();
+    let again = keyed(json!({"given_name": "A", "family_name": "B"})).send().await.unwrap();
+    assert_eq!(again.status(), StatusCode::ACCEPTED);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let again: Value = again.json().await.unwrap();
+    assert_eq!((&again["person_id"], &again["offset"]), (&first["person_id"], &first["offset"]));
+    assert_eq!(dev.log.end_offsets(&settings.log.topic).await.unwrap(), ends_before, "a replay appended");
+    // The same key with another request is refused.
+    let other = keyed(json!({"given_name": "Other", "family_name": "B"})).send().await.unwrap();
+    assert_eq!(other.status(), StatusCode::UNPROCESSABLE_ENTITY);
     dev.stop().await.unwrap();
 }
 

@@ -39,8 +39,9 @@ async fn serve(app: axum::Router, settings: &Settings) -> String {
 async fn serve_writer(settings: &Settings) -> String {
     let auth = Auth::from_settings(settings, false).await.unwrap();
     let side = callisto::backends::open_log(settings).await.unwrap();
-    let state =
-        callisto_writers::state(settings, side.log.clone(), side.codec.clone(), side.keyring.clone()).await.unwrap();
+    let state = callisto_writers::state(settings, side.log.clone(), side.codec.clone(), side.keyring.clone(), None)
+        .await
+        .unwrap();
     serve(callisto_writers::build(settings, state, &auth), settings).await
 }
 

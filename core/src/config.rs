@@ -20,6 +20,8 @@ pub const ENVIRONMENT: &[(&str, &str)] = &[
     ("CALLISTO__LOG__APPEND_TIMEOUT_MS", "how long a command waits for a durable append before 503"),
     ("CALLISTO__LOG__QUEUE_CAPACITY", "appends queued for group commit before new ones get 503"),
     ("CALLISTO__LOG__MAX_BATCH", "most appends committed in one group commit"),
+    ("CALLISTO__LOG__IDEMPOTENCY_RETENTION_SECS", "how long an Idempotency-Key is remembered (default 24 h)"),
+    ("CALLISTO__LOG__IDEMPOTENCY_STORE", "embedded or mongodb: where writers on Kafka claim idempotency keys"),
     ("CALLISTO__KAFKA__BROKERS", "Kafka bootstrap servers; unset uses the embedded log"),
     ("CALLISTO__KAFKA__REPLICATION_FACTOR", "replication factor for topics Callisto creates"),
     ("CALLISTO__KAFKA__MIN_INSYNC_REPLICAS", "min.insync.replicas for topics Callisto creates"),
@@ -489,6 +491,12 @@ pub struct LogSettings {
     pub append_timeout_ms: u64,
     pub queue_capacity: usize,
     pub max_batch: usize,
+    /// How long an `Idempotency-Key` is remembered; a retry after this appends again.
+    pub idempotency_retention_secs: u64,
+    /// Where writers on Kafka claim idempotency keys: `embedded` (`DATA_DIR/idempotency.redb`,
+    /// one writer process) or `mongodb` (shared by writer replicas). Default: `mongodb` when
+    /// `mongodb.uri` is set, else `embedded`. The embedded log keeps keys itself.
+    pub idempotency_store: Option<String>,
 }
 
 impl Default for LogSettings {
@@ -499,6 +507,8 @@ impl Default for LogSettings {
             append_timeout_ms: 5_000,
             queue_capacity: 8192,
             max_batch: 1024,
+            idempotency_retention_secs: 24 * 3600,
+            idempotency_store: None,
         }
     }
 }

@@ -271,7 +271,11 @@ impl WriterState {
         let idempotency = header_text(headers, "Idempotency-Key", MAX_IDEMPOTENCY_KEY_CHARS)
             .inspect_err(|_| outcome("rejected"))?
             .map(|key| IdempotencyKey {
-                key: key.to_owned(),
+                // Scoped to the caller: two callers' keys never meet.
+                key: format!(
+                    "{}\n{key}",
+                    ctx.caller.as_ref().map_or_else(|| "anonymous".to_owned(), |c| c.principal.qualified())
+                ),
                 fingerprint: Sha256::digest(&request_fingerprint).into(),
             });
         let correlation_id = match header_text(headers, "X-Correlation-Id", MAX_CORRELATION_ID_CHARS) {
@@ -360,13 +364,23 @@ impl WriterState {
                 "the event log is failing; commands are refused until it recovers",
                 RETRY_AFTER_SECS,
             )),
-            Err(failsafe::Error::Inner(LogError::IdempotencyConflict(key))) => Err(Problem::new(
+            Err(failsafe::Error::Inner(LogError::IdempotencyConflict(_))) => Err(Problem::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency-key-reused",
                 "Idempotency key reused",
-                format!("Idempotency-Key {key:?} was already used with a different request"),
+                "this Idempotency-Key was already used with a different request",
             )
             .with_field("Idempotency-Key", "already used with a different request")),
+            Err(failsafe::Error::Inner(LogError::InFlight(_))) => {
+                let mut problem = Problem::new(
+                    StatusCode::CONFLICT,
+                    "idempotency-key-in-use",
+                    "Request in progress",
+                    "a request with this Idempotency-Key is still being processed; retry shortly",
+                );
+                problem.retry_after_secs = Some(RETRY_AFTER_SECS);
+                Err(problem)
+            }
             Err(failsafe::Error::Inner(LogError::Unsupported(why))) => Err(Problem::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "unsupported",
@@ -447,7 +461,9 @@ const PROBLEM: &str = "application/problem+json";
 #[derive(Debug, utoipa::IntoParams)]
 #[into_params(parameter_in = Header)]
 pub struct IdempotencyKeyHeader {
-    /// Retries with the same key get the same answer and append nothing (1–255 visible ASCII).
+    /// Retries with the same key get the same answer and append nothing (1–255 visible ASCII),
+    /// for `log.idempotency_retention_secs` (24 h); a retry while the first request is still
+    /// being appended gets 409 with `Retry-After`.
     #[param(rename = "Idempotency-Key")]
     pub idempotency_key: Option<String>,
     /// Stored in the event and echoed back (1–128 visible ASCII); one is made when absent.

@@ -23,20 +23,39 @@ use callisto_core::auth::Auth;
 use callisto_core::config::{Role, Settings};
 use callisto_core::http::{ReadinessCheck, service_router};
 use callisto_core::log::EventLog;
+use callisto_core::log::idempotency::{ClaimStore, IdempotencyOptions, IdempotentLog};
 use callisto_core::privacy::Keyring;
 
 pub use api::WriterState;
 
 /// The writer's state for `settings`, over an already-open log and codec. Creates the topic
 /// with the configured partition count, or checks the count of an existing one.
+///
+/// `claims` is where idempotency keys are claimed when the log cannot keep them itself (Kafka);
+/// the writer's appends then go through [`IdempotentLog`].
 pub async fn state(
     settings: &Settings,
     log: Arc<dyn EventLog>,
     codec: Arc<Codec>,
     keyring: Arc<Keyring>,
+    claims: Option<Arc<dyn ClaimStore>>,
 ) -> anyhow::Result<WriterState> {
     log.ensure_topic(&settings.log.topic, settings.log.partitions).await?;
     let append_timeout = Duration::from_millis(settings.log.append_timeout_ms);
+    let log: Arc<dyn EventLog> = match claims {
+        Some(store) => {
+            let kafka = &settings.kafka;
+            let options = IdempotencyOptions {
+                retention: Duration::from_secs(settings.log.idempotency_retention_secs),
+                // Past the producer's delivery timeout an append can no longer land.
+                settle: Duration::from_millis(kafka.message_timeout_ms + kafka.request_timeout_ms),
+                wait: append_timeout / 2,
+                timeout: Duration::from_millis(kafka.request_timeout_ms),
+            };
+            IdempotentLog::new(log, store, options)
+        }
+        None => log,
+    };
     let standby = (settings.server.role == Role::Standby)
         .then(|| api::Standby { primary_url: settings.server.primary_url.clone() });
     if let Some(standby) = &standby {

@@ -51,7 +51,7 @@ async fn spawn_with(
     .unwrap();
     let auth = callisto_core::auth::Auth::from_settings(&settings, false).await.unwrap();
     let keyring = callisto_core::privacy::open_embedded(dir.path()).unwrap();
-    let state = callisto_writers::state(&settings, log.clone(), codec.clone(), keyring.clone()).await.unwrap();
+    let state = callisto_writers::state(&settings, log.clone(), codec.clone(), keyring.clone(), None).await.unwrap();
     let app = callisto_writers::build(&settings, state, &auth);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());

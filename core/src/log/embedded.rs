@@ -56,11 +56,18 @@ pub struct EmbeddedLogOptions {
     /// redb's page cache. Reads past it go to the OS page cache, so this bounds the log's own
     /// memory however large the log grows.
     pub cache_bytes: usize,
+    /// How long an idempotency key is remembered (from its append's log time).
+    pub idempotency_retention: Duration,
 }
 
 impl Default for EmbeddedLogOptions {
     fn default() -> Self {
-        Self { queue_capacity: 8192, max_batch: 1024, cache_bytes: 16 << 20 }
+        Self {
+            queue_capacity: 8192,
+            max_batch: 1024,
+            cache_bytes: 16 << 20,
+            idempotency_retention: Duration::from_secs(24 * 3600),
+        }
     }
 }
 
@@ -112,9 +119,10 @@ impl EmbeddedLog {
             let db = db.clone();
             let commits = commits.clone();
             let max_batch = options.max_batch.max(1);
+            let retention = options.idempotency_retention;
             std::thread::Builder::new()
                 .name("callisto-log-writer".into())
-                .spawn(move || writer_loop(&db, rx, max_batch, &commits))
+                .spawn(move || writer_loop(&db, rx, max_batch, retention, &commits))
                 .map_err(unavailable)?
         };
         Ok(Self { db, queue: Some(queue), writer: Some(writer), commits })
@@ -145,7 +153,13 @@ impl Drop for EmbeddedLog {
     }
 }
 
-fn writer_loop(db: &Database, mut rx: mpsc::Receiver<PendingAppend>, max_batch: usize, commits: &watch::Sender<u64>) {
+fn writer_loop(
+    db: &Database,
+    mut rx: mpsc::Receiver<PendingAppend>,
+    max_batch: usize,
+    retention: Duration,
+    commits: &watch::Sender<u64>,
+) {
     let mut batch = Vec::with_capacity(max_batch);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -157,7 +171,8 @@ fn writer_loop(db: &Database, mut rx: mpsc::Receiver<PendingAppend>, max_batch: 
         }
         let started = std::time::Instant::now();
         let outcome = db.begin_write().map_err(unavailable).and_then(|txn| {
-            let results = batch.iter().map(|p| append_in(&txn, &p.request)).collect::<Result<Vec<_>, _>>()?;
+            let results =
+                batch.iter().map(|p| append_in(&txn, &p.request, retention)).collect::<Result<Vec<_>, _>>()?;
             txn.commit().map_err(unavailable)?;
             Ok(results)
         });
@@ -183,7 +198,11 @@ fn writer_loop(db: &Database, mut rx: mpsc::Receiver<PendingAppend>, max_batch: 
 /// Appends one request inside the group's transaction. The outer `Result` is a storage failure
 /// that aborts the whole group; the inner one belongs to this request alone.
 #[allow(clippy::type_complexity)]
-fn append_in(txn: &WriteTransaction, req: &AppendRequest) -> Result<Result<Appended, LogError>, LogError> {
+fn append_in(
+    txn: &WriteTransaction,
+    req: &AppendRequest,
+    retention: Duration,
+) -> Result<Result<Appended, LogError>, LogError> {
     let topic = req.topic.as_str();
     let Some(partitions) =
         txn.open_table(TOPICS).map_err(unavailable)?.get(topic).map_err(unavailable)?.map(|g| g.value())
@@ -194,16 +213,20 @@ fn append_in(txn: &WriteTransaction, req: &AppendRequest) -> Result<Result<Appen
         let table = txn.open_table(IDEMPOTENCY).map_err(unavailable)?;
         if let Some(seen) = table.get((topic, idem.key.as_str())).map_err(unavailable)? {
             let (partition, offset, fingerprint) = seen.value();
-            if fingerprint != idem.fingerprint {
-                return Ok(Err(LogError::IdempotencyConflict(idem.key.clone())));
-            }
             let records = txn.open_table(RECORDS).map_err(unavailable)?;
             let timestamp_ms = records
                 .get((topic, partition, offset))
                 .map_err(unavailable)?
                 .and_then(|g| postcard::from_bytes::<StoredRecord>(g.value()).ok())
                 .map_or(0, |r| r.timestamp_ms);
-            return Ok(Ok(Appended { partition, offset, timestamp_ms, replayed: true }));
+            // A key older than the retention is forgotten: this request appends, and takes it.
+            let expired = now_ms().saturating_sub(timestamp_ms) > retention.as_millis() as i64;
+            if !expired {
+                if fingerprint != idem.fingerprint {
+                    return Ok(Err(LogError::IdempotencyConflict(idem.key.clone())));
+                }
+                return Ok(Ok(Appended { partition, offset, timestamp_ms, replayed: true }));
+            }
         }
     }
     let partition = partition_for(&req.key, partitions);

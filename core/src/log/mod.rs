@@ -9,6 +9,7 @@
 //! [`PositionFeed`].
 
 pub mod embedded;
+pub mod idempotency;
 pub mod kafka;
 mod kafka_group;
 
@@ -92,6 +93,9 @@ pub enum LogError {
     PartitionCountMismatch { topic: String, actual: u32, requested: u32 },
     #[error("idempotency key {0:?} was already used for a different request")]
     IdempotencyConflict(String),
+    /// Another request with this idempotency key is still being appended; retry shortly.
+    #[error("a request with idempotency key {0:?} is still in progress")]
+    InFlight(String),
     /// The request needs something this log does not offer.
     #[error("{0}")]
     Unsupported(String),
