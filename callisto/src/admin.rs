@@ -36,10 +36,10 @@ use callisto_core::replay::Position;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use crate::generations::{self, Generations};
 use crate::replay::{
     Action, GenerationRuntime, Progress, Summary, catch_up, progress_bar, run_direct, start_offsets, summary,
 };
+use callisto_core::readmodel::generations::{GenerationPointer, Generations};
 
 const ADDR_FILE: &str = "admin.json";
 
@@ -233,20 +233,13 @@ pub async fn compact(settings: &Settings, api_key: Option<&str>) -> anyhow::Resu
         anyhow::ensure!(status.is_success(), "{}", body["detail"].as_str().unwrap_or("the dev server refused"));
         return Ok(serde_json::from_value(body)?);
     }
-    if settings.mongodb.uri.is_some() || settings.elasticsearch.url.is_some() {
-        // Servers purge on their own schedule; this asks them to now where they can
-        // (Elasticsearch expunges deleted documents).
-        let read =
-            crate::backends::open_configured_read_models(settings, crate::backends::ReadModelUse::Serving).await?;
-        read.store.compact().await?;
-        read.search.compact().await?;
-        crate::backends::open_keyring(settings).await?.compact().await?;
-        return Ok(Compacted { generations: Vec::new(), key_store: true });
-    }
-    let generations = Generations::load(&settings.storage.data_dir)?;
+    // Servers purge on their own schedule; this asks them to now where they can (Elasticsearch
+    // expunges deleted documents).
+    let generations = crate::backends::generation_pointer(settings).await?.load().await?;
     let mut compacted = Vec::new();
     for generation in [Some(generations.live), generations.previous].into_iter().flatten() {
-        let side = crate::backends::open_generation(settings, generation)?;
+        let side =
+            crate::backends::open_generation(settings, generation, crate::backends::ReadModelUse::Projecting).await?;
         side.store.compact().await?;
         side.search.compact().await?;
         compacted.push(generation);
@@ -358,6 +351,8 @@ struct DevState {
 /// The dev server's generations: each kept generation's runtime, and the readers' switches.
 pub struct DevGenerations {
     settings: Settings,
+    /// Where the generations are recorded (the data dir's file, or the servers').
+    pointer: Arc<dyn GenerationPointer>,
     log: Arc<dyn EventLog>,
     reader: Arc<EventReader>,
     pub store: Arc<SwitchedReadStore>,
@@ -374,7 +369,8 @@ impl DevGenerations {
         log: Arc<dyn EventLog>,
         reader: Arc<EventReader>,
     ) -> anyhow::Result<Arc<Self>> {
-        let gens = Generations::load(&settings.storage.data_dir)?;
+        let pointer = crate::backends::generation_pointer(settings).await?;
+        let gens = pointer.load().await.context("reading the generations")?;
         let mut runtimes = HashMap::new();
         for generation in [Some(gens.live), gens.previous].into_iter().flatten() {
             let runtime = GenerationRuntime::start(settings, log.clone(), reader.clone(), generation, None).await?;
@@ -385,7 +381,7 @@ impl DevGenerations {
         let search = Arc::new(SwitchedSearchIndex::new(live.search.clone()));
         let state = Mutex::new(DevState { gens, runtimes, job: None });
         let latest = Arc::new(std::sync::Mutex::new(None));
-        Ok(Arc::new(Self { settings: settings.clone(), log, reader, store, search, state, latest }))
+        Ok(Arc::new(Self { settings: settings.clone(), pointer, log, reader, store, search, state, latest }))
     }
 
     pub async fn stop(&self) {
@@ -423,7 +419,6 @@ impl DevGenerations {
     async fn start_rebuild(self: &Arc<Self>, from: Option<Position>) -> Result<u32, Problem> {
         let conflict =
             |detail: String| Problem::new(StatusCode::CONFLICT, "replay-conflict", "Replay conflict", detail);
-        let data_dir = &self.settings.storage.data_dir;
         let generation = {
             let mut state = self.state.lock().await;
             if state.job.as_ref().is_some_and(|j| j.state == "building") {
@@ -438,9 +433,11 @@ impl DevGenerations {
                 Some(resumed) => resumed,
                 None => {
                     let next = state.gens.next();
-                    generations::remove(data_dir, next).map_err(internal)?;
-                    state.gens.building = Some(next);
-                    state.gens.save(data_dir).map_err(internal)?;
+                    crate::backends::remove_generation(&self.settings, next).await.map_err(internal)?;
+                    let mut gens = state.gens.clone();
+                    gens.building = Some(next);
+                    self.pointer.save(&gens).await.map_err(unavailable)?;
+                    state.gens = gens;
                     next
                 }
             };
@@ -478,11 +475,10 @@ impl DevGenerations {
         })
         .await?;
         let mut state = self.state.lock().await;
+        let gens = Generations { live: generation, previous: Some(state.gens.live), building: None };
+        self.pointer.save(&gens).await?;
         self.point_readers_at(&runtime);
-        state.gens.previous = Some(state.gens.live);
-        state.gens.live = generation;
-        state.gens.building = None;
-        state.gens.save(&self.settings.storage.data_dir)?;
+        state.gens = gens;
         state.runtimes.insert(generation, runtime);
         if let Some(job) = state.job.as_mut() {
             job.state = "switched";
@@ -497,24 +493,25 @@ impl DevGenerations {
         let previous = state.gens.previous.ok_or_else(|| {
             Problem::new(StatusCode::CONFLICT, "replay-conflict", "Replay conflict", "there is no previous generation")
         })?;
+        let gens = Generations { live: previous, previous: Some(state.gens.live), building: None };
+        self.pointer.save(&gens).await.map_err(unavailable)?;
         self.point_readers_at(&state.runtimes[&previous]);
-        let live = state.gens.live;
-        state.gens.previous = Some(live);
-        state.gens.live = previous;
-        state.gens.save(&self.settings.storage.data_dir).map_err(internal)?;
+        state.gens = gens;
         Ok(summary("rollback", &state.gens))
     }
 
     async fn drop_old(&self) -> Result<Summary, Problem> {
         let mut state = self.state.lock().await;
-        let previous = state.gens.previous.take().ok_or_else(|| {
+        let previous = state.gens.previous.ok_or_else(|| {
             Problem::new(StatusCode::CONFLICT, "replay-conflict", "Replay conflict", "there is no previous generation")
         })?;
-        state.gens.save(&self.settings.storage.data_dir).map_err(internal)?;
+        let gens = Generations { previous: None, ..state.gens.clone() };
+        self.pointer.save(&gens).await.map_err(unavailable)?;
+        state.gens = gens;
         if let Some(runtime) = state.runtimes.remove(&previous) {
             runtime.stop().await;
         }
-        generations::remove(&self.settings.storage.data_dir, previous).map_err(internal)?;
+        crate::backends::remove_generation(&self.settings, previous).await.map_err(internal)?;
         Ok(summary("drop-old", &state.gens))
     }
 

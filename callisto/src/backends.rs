@@ -12,6 +12,8 @@
 //!
 //! With `mongodb.uri` and `elasticsearch.url` set, the projector and query API use MongoDB and
 //! Elasticsearch instead of `readmodel.redb` and `search/` ([`open_configured_read_models`]).
+//! Either way the read models come in generations for blue/green rebuilds
+//! ([`open_generation`], [`generation_pointer`]).
 
 use std::sync::Arc;
 
@@ -27,12 +29,16 @@ use std::time::Duration;
 use callisto_core::privacy::embedded::EmbeddedKeyStore;
 use callisto_core::privacy::mongo::MongoKeyStore;
 use callisto_core::privacy::{EventReader, KeyStore, Keyring, KeyringOptions, load_master_key};
-use callisto_core::readmodel::elastic::{ElasticOptions, ElasticSearchIndex};
+use callisto_core::readmodel::elastic::{ElasticGenerations, ElasticOptions, ElasticSearchIndex};
 use callisto_core::readmodel::embedded::EmbeddedReadStore;
-use callisto_core::readmodel::mongo::{MongoOptions, MongoReadStore, connect_database};
+use callisto_core::readmodel::generations::{GenerationPointer, Pointers};
+use callisto_core::readmodel::mongo::{MongoGenerations, MongoOptions, MongoReadStore, connect_database};
 use callisto_core::readmodel::search::TantivySearchIndex;
+use callisto_core::readmodel::switch::{SwitchedReadStore, SwitchedSearchIndex};
 use callisto_core::readmodel::{ReadStore, SearchIndex};
 use callisto_core::resilience::BreakerMetrics;
+
+use crate::generations::FilePointer;
 
 pub struct LogSide {
     pub log: Arc<dyn EventLog>,
@@ -210,36 +216,66 @@ pub enum ReadModelUse {
 
 /// How often a serving process re-reads checkpoints from MongoDB or Elasticsearch.
 const CHECKPOINT_POLL: Duration = Duration::from_millis(200);
+/// How often processes that read or project re-read the generation pointer on a server.
+pub const GENERATION_POLL: Duration = Duration::from_secs(1);
 
-pub async fn open_configured_read_models(settings: &Settings, usage: ReadModelUse) -> anyhow::Result<ReadSide> {
+fn elastic_options(settings: &Settings) -> Option<ElasticOptions> {
+    let e = &settings.elasticsearch;
+    let mut options = ElasticOptions::new(e.url.clone()?);
+    options.username = e.username.clone();
+    options.password = e.password.clone();
+    options.api_key = e.api_key_id.clone().zip(e.api_key_secret.clone());
+    options.prefix = e.prefix.clone();
+    options.refresh = e.refresh.clone();
+    options.timeout = Duration::from_millis(e.timeout_ms);
+    options.bulk_max_actions = e.bulk_max_actions;
+    options.bulk_max_bytes = e.bulk_max_bytes;
+    Some(options)
+}
+
+/// Whether either read model lives on a server (MongoDB, Elasticsearch) rather than in the
+/// data dir.
+pub fn has_server_read_models(settings: &Settings) -> bool {
+    settings.mongodb.uri.is_some() || settings.elasticsearch.url.is_some()
+}
+
+/// Where the read models' generations are recorded: MongoDB's pointer document when MongoDB
+/// holds the documents, Elasticsearch's (which also moves its read alias) when it holds search,
+/// and `generations.json` when either is embedded. The first is the record; a switch writes all.
+pub async fn generation_pointer(settings: &Settings) -> anyhow::Result<Arc<dyn GenerationPointer>> {
+    let mut pointers: Vec<Arc<dyn GenerationPointer>> = Vec::new();
+    if let Some(options) = mongo_options(settings) {
+        let db = connect_database(&options).await.context("connecting to MongoDB")?;
+        pointers.push(Arc::new(MongoGenerations::new(&db, options.timeout)));
+    }
+    if let Some(options) = elastic_options(settings) {
+        pointers.push(Arc::new(ElasticGenerations::new(&options).context("creating the Elasticsearch client")?));
+    }
+    if settings.mongodb.uri.is_none() || settings.elasticsearch.url.is_none() {
+        pointers.push(Arc::new(FilePointer { data_dir: settings.storage.data_dir.clone() }));
+    }
+    Ok(Arc::new(Pointers(pointers)))
+}
+
+/// Opens generation `generation` of both read models, each on its server or in the data dir.
+pub async fn open_generation(settings: &Settings, generation: u32, usage: ReadModelUse) -> anyhow::Result<ReadSide> {
     let poll = (usage == ReadModelUse::Serving).then_some(CHECKPOINT_POLL);
     let embedded = if settings.mongodb.uri.is_none() || settings.elasticsearch.url.is_none() {
-        Some(open_read_models(settings)?)
+        Some(open_embedded_generation(settings, generation)?)
     } else {
         None
     };
     let embedded = || embedded.as_ref().expect("opened when a server is not configured");
-    let store: Arc<dyn ReadStore> = match &settings.mongodb.uri {
-        Some(_) => {
-            let mut options = mongo_options(settings).expect("mongodb.uri is set");
-            options.checkpoint_poll = poll;
+    let store: Arc<dyn ReadStore> = match mongo_options(settings) {
+        Some(options) => {
+            let options = MongoOptions { checkpoint_poll: poll, generation, ..options };
             MongoReadStore::connect(&options).await.context("connecting to MongoDB")?
         }
         None => embedded().store.clone(),
     };
-    let search: Arc<dyn SearchIndex> = match &settings.elasticsearch.url {
-        Some(url) => {
-            let e = &settings.elasticsearch;
-            let mut options = ElasticOptions::new(url.clone());
-            options.username = e.username.clone();
-            options.password = e.password.clone();
-            options.api_key = e.api_key_id.clone().zip(e.api_key_secret.clone());
-            options.prefix = e.prefix.clone();
-            options.refresh = e.refresh.clone();
-            options.timeout = Duration::from_millis(e.timeout_ms);
-            options.bulk_max_actions = e.bulk_max_actions;
-            options.bulk_max_bytes = e.bulk_max_bytes;
-            options.checkpoint_poll = poll;
+    let search: Arc<dyn SearchIndex> = match elastic_options(settings) {
+        Some(options) => {
+            let options = ElasticOptions { checkpoint_poll: poll, generation, ..options };
             ElasticSearchIndex::connect(&options).await.context("connecting to Elasticsearch")?
         }
         None => embedded().search.clone(),
@@ -247,24 +283,88 @@ pub async fn open_configured_read_models(settings: &Settings, usage: ReadModelUs
     Ok(ReadSide { store, search })
 }
 
-/// `what` works on the embedded read models only; with MongoDB or Elasticsearch configured it
-/// says so instead of silently using the embedded ones.
-pub fn require_embedded_read_models(settings: &Settings, what: &str) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        settings.mongodb.uri.is_none() && settings.elasticsearch.url.is_none(),
-        "{what} works on the embedded read models; with mongodb.uri or elasticsearch.url set, run \
-         `callisto projector` and `callisto query-api` instead"
-    );
+/// Deletes generation `generation` of both read models, wherever each lives.
+pub async fn remove_generation(settings: &Settings, generation: u32) -> anyhow::Result<()> {
+    if let Some(options) = mongo_options(settings) {
+        let db = connect_database(&options).await.context("connecting to MongoDB")?;
+        callisto_core::readmodel::mongo::drop_generation(&db, generation).await.context("dropping collections")?;
+    }
+    if let Some(options) = elastic_options(settings) {
+        ElasticGenerations::new(&options)?.drop_generation(generation).await.context("deleting the index")?;
+    }
+    if settings.mongodb.uri.is_none() || settings.elasticsearch.url.is_none() {
+        crate::generations::remove(&settings.storage.data_dir, generation)?;
+    }
     Ok(())
+}
+
+/// The live generation's read models. A serving process on a server follows the generation
+/// pointer: when a rebuild elsewhere switches (or rolls back), its readers move within
+/// [`GENERATION_POLL`], without a restart.
+pub async fn open_configured_read_models(settings: &Settings, usage: ReadModelUse) -> anyhow::Result<ReadSide> {
+    let pointer = generation_pointer(settings).await?;
+    let live = pointer.load().await.context("reading the live generation")?.live;
+    let side = open_generation(settings, live, usage).await?;
+    if usage == ReadModelUse::Projecting || !has_server_read_models(settings) {
+        return Ok(side);
+    }
+    let store = Arc::new(SwitchedReadStore::new(side.store));
+    let search = Arc::new(SwitchedSearchIndex::new(side.search));
+    tokio::spawn(follow_live_generation(
+        settings.clone(),
+        pointer,
+        live,
+        Arc::downgrade(&store),
+        Arc::downgrade(&search),
+    ));
+    Ok(ReadSide { store, search })
+}
+
+/// Switches `store` and `search` to each new live generation the pointer names, for as long
+/// as they are in use.
+async fn follow_live_generation(
+    settings: Settings,
+    pointer: Arc<dyn GenerationPointer>,
+    mut live: u32,
+    store: std::sync::Weak<SwitchedReadStore>,
+    search: std::sync::Weak<SwitchedSearchIndex>,
+) {
+    let mut every = tokio::time::interval(GENERATION_POLL);
+    loop {
+        every.tick().await;
+        if store.strong_count() == 0 {
+            return;
+        }
+        let now = match pointer.load().await {
+            Ok(generations) => generations.live,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the live generation failed; readers stay where they are");
+                continue;
+            }
+        };
+        if now == live {
+            continue;
+        }
+        match open_generation(&settings, now, ReadModelUse::Serving).await {
+            Ok(side) => {
+                let (Some(store), Some(search)) = (store.upgrade(), search.upgrade()) else { return };
+                store.switch_to(side.store);
+                search.switch_to(side.search);
+                tracing::info!(from = live, to = now, "readers follow the live generation");
+                live = now;
+            }
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), generation = now, "opening the live generation failed"),
+        }
+    }
 }
 
 /// The live generation's embedded read models (see [`crate::generations`]).
 pub fn open_read_models(settings: &Settings) -> anyhow::Result<EmbeddedReadSide> {
-    let live = crate::generations::Generations::load(&settings.storage.data_dir)?.live;
-    open_generation(settings, live)
+    let live = crate::generations::FilePointer { data_dir: settings.storage.data_dir.clone() }.load()?.live;
+    open_embedded_generation(settings, live)
 }
 
-pub fn open_generation(settings: &Settings, generation: u32) -> anyhow::Result<EmbeddedReadSide> {
+pub fn open_embedded_generation(settings: &Settings, generation: u32) -> anyhow::Result<EmbeddedReadSide> {
     let dir = &crate::generations::dir(&settings.storage.data_dir, generation);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let store =

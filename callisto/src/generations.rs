@@ -3,52 +3,57 @@
 //! Generation 0 lives at the data dir's top (`readmodel.redb`, `search/`); generation N ≥ 1 in
 //! `generations/gN/`. `generations.json` names the live one, the previous one kept for
 //! rollback, and one being built. It is replaced atomically (write, fsync, rename), so a crash
-//! leaves either the old pointer or the new one.
+//! leaves either the old pointer or the new one. MongoDB and Elasticsearch keep theirs on the
+//! server (`callisto_core::readmodel::{mongo, elastic}`).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
+use async_trait::async_trait;
+use callisto_core::readmodel::StoreError;
+use callisto_core::readmodel::generations::GenerationPointer;
+pub use callisto_core::readmodel::generations::Generations;
 
 const POINTER: &str = "generations.json";
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Generations {
-    /// The generation readers use.
-    pub live: u32,
-    /// The generation readers used before the last switch, kept until `--drop-old`.
-    pub previous: Option<u32>,
-    /// A rebuild in progress (or interrupted); running `callisto replay` again resumes it.
-    pub building: Option<u32>,
+/// `generations.json` in a data dir.
+pub struct FilePointer {
+    pub data_dir: PathBuf,
 }
 
-impl Generations {
-    pub fn load(data_dir: &Path) -> anyhow::Result<Self> {
-        let path = data_dir.join(POINTER);
+impl FilePointer {
+    pub fn load(&self) -> anyhow::Result<Generations> {
+        let path = self.data_dir.join(POINTER);
         match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Generations::default()),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
     }
 
-    pub fn save(&self, data_dir: &Path) -> anyhow::Result<()> {
-        let path = data_dir.join(POINTER);
-        let tmp = data_dir.join(format!("{POINTER}.tmp"));
+    pub fn save(&self, generations: &Generations) -> anyhow::Result<()> {
+        let path = self.data_dir.join(POINTER);
+        let tmp = self.data_dir.join(format!("{POINTER}.tmp"));
         {
             use std::io::Write;
             let mut file = std::fs::File::create(&tmp)?;
-            file.write_all(&serde_json::to_vec_pretty(self)?)?;
+            file.write_all(&serde_json::to_vec_pretty(generations)?)?;
             file.sync_all()?;
         }
         std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(data_dir)?.sync_all()?;
+        std::fs::File::open(&self.data_dir)?.sync_all()?;
         Ok(())
     }
+}
 
-    /// The number a new rebuild gets.
-    pub fn next(&self) -> u32 {
-        [Some(self.live), self.previous, self.building].into_iter().flatten().max().unwrap_or(0) + 1
+#[async_trait]
+impl GenerationPointer for FilePointer {
+    async fn load(&self) -> Result<Generations, StoreError> {
+        FilePointer::load(self).map_err(|e| StoreError::Unavailable(format!("{e:#}")))
+    }
+
+    async fn save(&self, next: &Generations) -> Result<(), StoreError> {
+        FilePointer::save(self, next).map_err(|e| StoreError::Unavailable(format!("{e:#}")))
     }
 }
 

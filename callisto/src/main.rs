@@ -37,7 +37,8 @@ enum Command {
     /// Run the query API: persons, timelines and search from the read models.
     QueryApi(ServeArgs),
     /// Rebuild the read models into a new generation with no downtime, then switch readers to it
-    /// (blue/green). Works on a stopped data dir, or through a running `callisto dev` on it.
+    /// (blue/green). Works on a stopped data dir, through a running `callisto dev` on it, or on
+    /// MongoDB and Elasticsearch while their projectors and query APIs keep running.
     Replay(ReplayArgs),
     /// Inspect and re-drive the dead-letter topic. Works on a stopped data dir, or through a
     /// running `callisto dev` on it.

@@ -15,21 +15,19 @@ use anyhow::Context;
 use callisto_core::config::Settings;
 use callisto_core::log::EventLog;
 use callisto_core::privacy::EventReader;
-use callisto_core::readmodel::Projection;
-use callisto_core::readmodel::embedded::EmbeddedReadStore;
-use callisto_core::readmodel::search::TantivySearchIndex;
+use callisto_core::readmodel::{Projection, ReadStore, SearchIndex};
 use callisto_core::replay::Position;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::backends;
-use crate::generations::{self, Generations};
+use crate::backends::{self, ReadModelUse};
+use crate::generations::Generations;
 
 /// One generation's read models with the projector that keeps them current.
 pub struct GenerationRuntime {
     pub generation: u32,
-    pub store: Arc<EmbeddedReadStore>,
-    pub search: Arc<TantivySearchIndex>,
+    pub store: Arc<dyn ReadStore>,
+    pub search: Arc<dyn SearchIndex>,
     shutdown: CancellationToken,
     projector: tokio::task::JoinHandle<()>,
 }
@@ -42,7 +40,7 @@ impl GenerationRuntime {
         generation: u32,
         start_offsets: Option<Vec<u64>>,
     ) -> anyhow::Result<Self> {
-        let side = backends::open_generation(settings, generation)?;
+        let side = backends::open_generation(settings, generation, ReadModelUse::Projecting).await?;
         let shutdown = CancellationToken::new();
         let projections: Vec<Arc<dyn Projection>> = vec![side.store.clone(), side.search.clone()];
         let mut projector_settings = callisto_projectors::ProjectorSettings::new(&settings.log.topic);
@@ -193,23 +191,23 @@ pub fn summary(action: &str, generations: &Generations) -> Summary {
     }
 }
 
-/// Runs a replay action on a stopped data dir, opening it directly.
+/// Runs a replay action directly: on a stopped data dir, or on MongoDB and Elasticsearch while
+/// their projectors and query APIs keep running (they follow the switch).
 pub async fn run_direct(settings: &Settings, action: Action, show_progress: bool) -> anyhow::Result<Summary> {
-    crate::backends::require_embedded_read_models(settings, "callisto replay")?;
-    let data_dir = &settings.storage.data_dir;
-    let mut gens = Generations::load(data_dir)?;
+    let pointer = backends::generation_pointer(settings).await?;
+    let mut gens = pointer.load().await.context("reading the generations")?;
     match action {
         Action::Rollback => {
             let previous = gens.previous.context("there is no previous generation to roll back to")?;
             gens.previous = Some(gens.live);
             gens.live = previous;
-            gens.save(data_dir)?;
+            pointer.save(&gens).await.context("switching back")?;
             Ok(summary("rollback", &gens))
         }
         Action::DropOld => {
             let previous = gens.previous.take().context("there is no previous generation to drop")?;
-            gens.save(data_dir)?;
-            generations::remove(data_dir, previous)?;
+            pointer.save(&gens).await.context("recording the generations")?;
+            backends::remove_generation(settings, previous).await?;
             Ok(summary("drop-old", &gens))
         }
         Action::Rebuild { from } => {
@@ -222,9 +220,9 @@ pub async fn run_direct(settings: &Settings, action: Action, show_progress: bool
                 Some(resumed) => resumed,
                 None => {
                     let next = gens.next();
-                    generations::remove(data_dir, next)?;
+                    backends::remove_generation(settings, next).await?;
                     gens.building = Some(next);
-                    gens.save(data_dir)?;
+                    pointer.save(&gens).await.context("recording the rebuild")?;
                     next
                 }
             };
@@ -233,8 +231,16 @@ pub async fn run_direct(settings: &Settings, action: Action, show_progress: bool
             let started = Instant::now();
             let runtime =
                 GenerationRuntime::start(settings, side.log.clone(), side.reader(), generation, starts.clone()).await?;
+            // On servers the live generation's projectors keep running: switching once level
+            // with it never shows readers an older state. A stopped data dir has nothing moving.
+            let reference = if backends::has_server_read_models(settings) {
+                let live = backends::open_generation(settings, gens.live, ReadModelUse::Serving).await?;
+                Some((live.store as Arc<dyn Projection>, live.search as Arc<dyn Projection>))
+            } else {
+                None
+            };
             let bar = progress_bar(show_progress);
-            let done = catch_up(side.log.as_ref(), &settings.log.topic, &runtime, None, &starts, |p| {
+            let done = catch_up(side.log.as_ref(), &settings.log.topic, &runtime, reference.as_ref(), &starts, |p| {
                 bar.set_length(p.total);
                 bar.set_position(p.done);
                 bar.set_message(format!("lag {}", p.lag));
@@ -245,7 +251,7 @@ pub async fn run_direct(settings: &Settings, action: Action, show_progress: bool
             gens.previous = Some(gens.live);
             gens.live = generation;
             gens.building = None;
-            gens.save(data_dir)?;
+            pointer.save(&gens).await.context("switching readers")?;
             let seconds = started.elapsed().as_secs_f64();
             Ok(Summary {
                 events: Some(done.done),

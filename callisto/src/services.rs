@@ -59,16 +59,26 @@ pub async fn run_projector(
 ) -> anyhow::Result<()> {
     let auth = Auth::from_settings(&settings, security.insecure_no_auth).await?;
     let log_side = backends::open_log(&settings).await?;
-    let read_side = backends::open_configured_read_models(&settings, backends::ReadModelUse::Projecting).await?;
-    let stop = CancellationToken::new();
-    let projections: Vec<Arc<dyn Projection>> = vec![read_side.store.clone(), read_side.search.clone()];
-    let settings_for_projector = callisto_projectors::ProjectorSettings::new(&settings.log.topic);
     let log = log_side.log.clone();
     log.ensure_topic(&settings.log.topic, settings.log.partitions).await?;
-    let projector =
-        callisto_projectors::Projector::new(log, log_side.reader(), projections.clone(), settings_for_projector)
-            .start(stop.clone())
-            .await?;
+    let pointer = backends::generation_pointer(&settings).await?;
+    let live = pointer.load().await.context("reading the live generation")?.live;
+    let side = backends::open_generation(&settings, live, backends::ReadModelUse::Projecting).await?;
+    // Readiness and compaction reach whichever generation is being projected.
+    let switches =
+        (Arc::new(SwitchedReadStore::new(side.store.clone())), Arc::new(SwitchedSearchIndex::new(side.search.clone())));
+    let read_side = backends::ReadSide { store: switches.0.clone(), search: switches.1.clone() };
+    let projections: Vec<Arc<dyn Projection>> = vec![read_side.store.clone(), read_side.search.clone()];
+    let stop = CancellationToken::new();
+    let projector = tokio::spawn(project_live_generation(
+        settings.clone(),
+        log,
+        log_side.reader(),
+        pointer,
+        (live, side),
+        switches,
+        stop.clone(),
+    ));
     if settings.privacy.compact_after_erasure_secs > 0 {
         let keyring = log_side.keyring.clone();
         let period = Duration::from_secs(settings.privacy.compact_after_erasure_secs);
@@ -92,9 +102,51 @@ pub async fn run_projector(
     let listener = bind(&settings, "projector").await?;
     let served = callisto_core::http::serve(listener, app, &settings.http.tls, shutdown).await;
     stop.cancel();
-    projector.await.context("projector task")?;
+    projector.await.context("projector task")??;
     tracing::info!(service = "projector", "stopped");
     Ok(served?)
+}
+
+/// Projects into the live generation until `stop`. On MongoDB and Elasticsearch it follows the
+/// generation pointer: when a rebuild switches readers (or rolls them back), this projector
+/// drains, leaves its groups and carries on in the new live generation from its checkpoints.
+pub async fn project_live_generation(
+    settings: Settings,
+    log: Arc<dyn EventLog>,
+    reader: Arc<callisto_core::privacy::EventReader>,
+    pointer: Arc<dyn callisto_core::readmodel::generations::GenerationPointer>,
+    (mut live, mut side): (u32, backends::ReadSide),
+    switches: (Arc<SwitchedReadStore>, Arc<SwitchedSearchIndex>),
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let follow = backends::has_server_read_models(&settings);
+    loop {
+        let generation_stop = stop.child_token();
+        let projections: Vec<Arc<dyn Projection>> = vec![side.store.clone(), side.search.clone()];
+        let settings_for_projector = callisto_projectors::ProjectorSettings::new(&settings.log.topic);
+        let projector =
+            callisto_projectors::Projector::new(log.clone(), reader.clone(), projections, settings_for_projector)
+                .start(generation_stop.clone())
+                .await?;
+        let next = loop {
+            tokio::select! {
+                _ = stop.cancelled() => break None,
+                _ = tokio::time::sleep(backends::GENERATION_POLL), if follow => match pointer.load().await {
+                    Ok(generations) if generations.live != live => break Some(generations.live),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "reading the live generation failed; projecting on"),
+                },
+            }
+        };
+        generation_stop.cancel();
+        projector.await.context("projector task")?;
+        let Some(next) = next else { return Ok(()) };
+        side = backends::open_generation(&settings, next, backends::ReadModelUse::Projecting).await?;
+        switches.0.switch_to(side.store.clone());
+        switches.1.switch_to(side.search.clone());
+        tracing::info!(from = live, to = next, "projecting into the new live generation");
+        live = next;
+    }
 }
 
 /// `callisto query-api`: reads alone. On embedded backends it serves the read models as they are
@@ -186,7 +238,6 @@ impl Dev {
     }
 
     pub async fn start_with(settings: &Settings, listener: TcpListener, security: Security) -> anyhow::Result<Self> {
-        backends::require_embedded_read_models(settings, "callisto dev")?;
         if !security.insecure_no_auth {
             crate::keys::ensure_dev_key(settings)?;
         }

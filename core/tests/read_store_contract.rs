@@ -30,3 +30,38 @@ async fn mongodb_meets_the_contract() {
     })
     .await;
 }
+
+/// Blue/green on MongoDB: each generation has its own collections and checkpoints, the pointer
+/// document records the switch, and dropping a generation drops its collections only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_generations_are_separate_and_switch_with_the_pointer() {
+    use callisto_core::readmodel::Projection;
+    use callisto_core::readmodel::generations::{GenerationPointer, Generations};
+    use callisto_core::readmodel::mongo::{MongoGenerations, connect_database, drop_generation};
+
+    let Some(uri) = contract::server_url("MONGODB_URI") else { return };
+    let options = MongoOptions::new(uri, contract::unique("callisto-generations"));
+    let generation = |n: u32| MongoOptions { generation: n, ..options.clone() };
+    let db = connect_database(&options).await.unwrap();
+    let pointer = MongoGenerations::new(&db, options.timeout);
+    assert_eq!(pointer.load().await.unwrap(), Generations::default());
+
+    let (blue_person, green_person) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let blue = MongoReadStore::connect(&generation(0)).await.unwrap();
+    blue.apply(0, &[contract::at(0, 4, contract::registered(blue_person, "Blue", &[]))], 4).await.unwrap();
+    let green = MongoReadStore::connect(&generation(1)).await.unwrap();
+    assert!(green.checkpoints().await.unwrap().is_empty(), "a new generation starts without checkpoints");
+    green.apply(0, &[contract::at(0, 9, contract::registered(green_person, "Green", &[]))], 9).await.unwrap();
+    assert!(blue.get(green_person).await.unwrap().is_none() && green.get(blue_person).await.unwrap().is_none());
+    assert_eq!(blue.checkpoints().await.unwrap().get(&0), Some(&4));
+
+    let switched = Generations { live: 1, previous: Some(0), building: None };
+    pointer.save(&switched).await.unwrap();
+    assert_eq!(MongoGenerations::new(&db, options.timeout).load().await.unwrap(), switched);
+
+    drop_generation(&db, 1).await.unwrap();
+    let rebuilt = MongoReadStore::connect(&generation(1)).await.unwrap();
+    assert!(rebuilt.get(green_person).await.unwrap().is_none(), "dropped with its collections");
+    assert!(rebuilt.checkpoints().await.unwrap().is_empty());
+    assert!(blue.get(blue_person).await.unwrap().is_some(), "other generations are untouched");
+}

@@ -46,3 +46,85 @@ async fn an_independent_opensearch_server_meets_the_contract() {
     let Some(peer) = contract::peers::Osmem::start() else { return };
     elastic_contract(peer.url.clone(), contract::Server::Osmem).await;
 }
+
+/// Blue/green on Elasticsearch: each generation has its own index and checkpoints; a switch is
+/// one `_aliases` call that moves the read alias, which outside readers follow; rollback moves
+/// it back; dropping a generation deletes its index and checkpoints.
+async fn elastic_generations(url: String) {
+    use callisto_core::readmodel::Projection;
+    use callisto_core::readmodel::elastic::ElasticGenerations;
+    use callisto_core::readmodel::generations::{GenerationPointer, Generations};
+
+    let mut options = ElasticOptions::new(url.clone());
+    options.username = std::env::var("ELASTICSEARCH_USERNAME").ok();
+    options.password = std::env::var("ELASTICSEARCH_PASSWORD").ok();
+    options.prefix = contract::unique("callisto-generations");
+    let generation = |n: u32| ElasticOptions { generation: n, ..options.clone() };
+    let http = reqwest::Client::new();
+    let auth = |request: reqwest::RequestBuilder| match &options.username {
+        Some(user) => request.basic_auth(user, options.password.clone()),
+        None => request,
+    };
+    // What a reader outside Callisto (Kibana, an analyst's script) sees through the alias.
+    let through_alias = || async {
+        let answer: serde_json::Value = auth(http.post(format!("{url}/{}/_search", options.alias())))
+            .json(&serde_json::json!({"query": {"term": {"kind": "person"}}}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut ids: Vec<String> = answer["hits"]["hits"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{answer}"))
+            .iter()
+            .map(|h| h["_id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        ids
+    };
+
+    let (blue_person, green_person) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let blue = ElasticSearchIndex::connect(&generation(0)).await.unwrap();
+    blue.apply(0, &[contract::at(0, 4, contract::registered(blue_person, "Blue", &[]))], 4).await.unwrap();
+    let pointer = ElasticGenerations::new(&options).unwrap();
+    assert_eq!(pointer.load().await.unwrap(), Generations::default(), "the first index holds the alias");
+    assert_eq!(through_alias().await, [format!("person:{blue_person}")]);
+
+    let green = ElasticSearchIndex::connect(&generation(1)).await.unwrap();
+    assert!(green.checkpoints().await.unwrap().is_empty(), "a new generation starts without checkpoints");
+    green.apply(0, &[contract::at(0, 9, contract::registered(green_person, "Green", &[]))], 9).await.unwrap();
+    assert_eq!(through_alias().await, [format!("person:{blue_person}")], "building is invisible to readers");
+
+    let switched = Generations { live: 1, previous: Some(0), building: None };
+    pointer.save(&switched).await.unwrap();
+    assert_eq!(through_alias().await, [format!("person:{green_person}")]);
+    assert_eq!(pointer.load().await.unwrap(), switched);
+    assert_eq!(blue.checkpoints().await.unwrap().get(&0), Some(&4), "each generation keeps its own checkpoints");
+    assert_eq!(green.checkpoints().await.unwrap().get(&0), Some(&9));
+
+    let rolled_back = Generations { live: 0, previous: Some(1), building: None };
+    pointer.save(&rolled_back).await.unwrap();
+    assert_eq!(through_alias().await, [format!("person:{blue_person}")]);
+    assert_eq!(pointer.load().await.unwrap(), rolled_back);
+
+    pointer.drop_generation(1).await.unwrap();
+    let gone = auth(http.get(format!("{url}/{}", generation(1).index()))).send().await.unwrap();
+    assert_eq!(gone.status(), reqwest::StatusCode::NOT_FOUND);
+    let rebuilt = ElasticSearchIndex::connect(&generation(1)).await.unwrap();
+    assert!(rebuilt.checkpoints().await.unwrap().is_empty(), "a dropped generation's checkpoints are gone");
+    assert_eq!(through_alias().await, [format!("person:{blue_person}")], "creating an index never takes the alias");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elasticsearch_generations_switch_with_the_read_alias() {
+    let Some(url) = contract::server_url("ELASTICSEARCH_URL") else { return };
+    elastic_generations(url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn independent_server_generations_switch_with_the_read_alias() {
+    let Some(peer) = contract::peers::Osmem::start() else { return };
+    elastic_generations(peer.url.clone()).await;
+}

@@ -2,6 +2,9 @@
 #![allow(dead_code)]
 
 pub mod jwt;
+/// The independent servers the core contract suites start (osmem-server, …).
+#[path = "../../../core/tests/contract/peers.rs"]
+pub mod peers;
 pub mod registry;
 pub mod tls;
 

@@ -7,6 +7,10 @@
 //! on Kafka that is a consumer group whose members share the partitions; a log without groups
 //! (the embedded one) leaves every partition to the one process that owns it, read through
 //! [`PositionFeed`].
+//!
+//! - [`embedded`]: the log in one redb file, for one process.
+//! - [`kafka`]: the log on a Kafka cluster (rdkafka).
+//! - [`idempotency`]: `Idempotency-Key` for a log that cannot refuse duplicates by key (Kafka).
 
 pub mod embedded;
 pub mod idempotency;

@@ -5,13 +5,14 @@
 //!   analyzer (standard tokenizer, lowercase, ASCII folding) for names, notes, emails and
 //!   addresses; `name` with a `keyword` subfield; `tags` and `status` as keywords for filters
 //!   and aggregations.
-//! - Versioned indices behind an alias: `<prefix>-persons` → `<prefix>-persons-000001`, so a
-//!   rebuild can fill `-000002` and swap the alias.
+//! - One index per read-model generation (`<prefix>-persons-000001` for generation 0), which
+//!   Callisto reads and writes directly; the read alias `<prefix>-persons` names the live one
+//!   for every other reader, and [`ElasticGenerations`] moves it when a rebuild switches.
 //! - Persons and notes are separate documents (`kind`), a note tied to its person by
 //!   `person_id` and carrying the person's name, tags and status for filters and facets; when
 //!   those change, the person's notes are re-indexed.
 //! - Checkpoints live in Elasticsearch itself (`<prefix>-checkpoints`, one document per
-//!   partition), written after the batch's bulk request succeeded.
+//!   partition and generation), written after the batch's bulk request succeeded.
 //!
 //! ## Writes
 //! Searches page with `search_after` on (score, document key), so paging has no depth limit.
@@ -67,6 +68,8 @@ pub struct ElasticOptions {
     /// waits on consistency tokens; `None` (the default) for the projector, which publishes
     /// its own progress as it applies.
     pub checkpoint_poll: Option<Duration>,
+    /// The read-model generation (blue/green rebuilds): its index is named after it.
+    pub generation: u32,
 }
 
 impl ElasticOptions {
@@ -82,15 +85,28 @@ impl ElasticOptions {
             bulk_max_actions: 1000,
             bulk_max_bytes: 5 * 1024 * 1024,
             checkpoint_poll: None,
+            generation: 0,
         }
     }
 
+    /// The read alias: it names the live generation's index, for every reader outside Callisto.
     pub fn alias(&self) -> String {
         format!("{}-persons", self.prefix)
     }
 
-    pub fn first_index(&self) -> String {
-        format!("{}-persons-000001", self.prefix)
+    /// This generation's index: generation 0 is `-000001`, generation N `-00000(N+1)`.
+    pub fn index(&self) -> String {
+        index_of(&self.prefix, self.generation)
+    }
+
+    /// The name this generation's checkpoints carry: `search`, then `search-gN`.
+    pub fn checkpoint_projection(&self) -> String {
+        if self.generation == 0 { PROJECTION.to_owned() } else { format!("{PROJECTION}-g{}", self.generation) }
+    }
+
+    /// The index recording the generations.
+    pub fn generations_index(&self) -> String {
+        format!("{}-generations", self.prefix)
     }
 
     pub fn checkpoint_index(&self) -> String {
@@ -111,6 +127,16 @@ impl std::fmt::Debug for ElasticOptions {
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
+}
+
+fn index_of(prefix: &str, generation: u32) -> String {
+    format!("{prefix}-persons-{:06}", u64::from(generation) + 1)
+}
+
+/// The generation an index of `prefix` belongs to, from its name.
+fn generation_of(prefix: &str, index: &str) -> Option<u32> {
+    let number: u64 = index.strip_prefix(&format!("{prefix}-persons-"))?.parse().ok()?;
+    u32::try_from(number.checked_sub(1)?).ok()
 }
 
 /// One document write.
@@ -399,6 +425,18 @@ impl ElasticSearchIndex {
     /// Connects, installs the template, creates the first index behind the alias and the
     /// checkpoint index where missing, loads the checkpoints and starts following them.
     pub async fn connect(options: &ElasticOptions) -> Result<Arc<Self>, StoreError> {
+        let index = Arc::new(Self::client(options)?);
+        index.install().await?;
+        let loaded = index.checkpoints().await?;
+        index.progress.send_replace(loaded);
+        if let Some(every) = options.checkpoint_poll {
+            tokio::spawn(super::follow_checkpoints(Arc::downgrade(&index), |p| &p.progress, every));
+        }
+        Ok(index)
+    }
+
+    /// The client alone: nothing is created or read yet.
+    fn client(options: &ElasticOptions) -> Result<Self, StoreError> {
         let url =
             Url::parse(&options.url).map_err(|e| StoreError::InvalidRequest(format!("elasticsearch url: {e}")))?;
         let mut transport = TransportBuilder::new(SingleNodeConnectionPool::new(url)).timeout(options.timeout);
@@ -408,20 +446,13 @@ impl ElasticSearchIndex {
             transport = transport.auth(Credentials::Basic(user.clone(), options.password.clone().unwrap_or_default()));
         }
         let transport = transport.build().map_err(unavailable)?;
-        let index = Arc::new(Self {
+        Ok(Self {
             client: Elasticsearch::new(transport),
             options: options.clone(),
             guard: Guard::new("elasticsearch", "writes", options.timeout, 3),
             reads: Guard::new("elasticsearch", "reads", options.timeout.min(READ_TIMEOUT), 2),
             progress: watch::channel(BTreeMap::new()).0,
-        });
-        index.install().await?;
-        let loaded = index.checkpoints().await?;
-        index.progress.send_replace(loaded);
-        if let Some(every) = options.checkpoint_poll {
-            tokio::spawn(super::follow_checkpoints(Arc::downgrade(&index), |p| &p.progress, every));
-        }
-        Ok(index)
+        })
     }
 
     /// One HTTP call through the guard: (status, JSON body).
@@ -488,16 +519,17 @@ impl ElasticSearchIndex {
         let template = body::index_template(&self.options);
         let path = format!("/_index_template/{}", self.options.alias());
         self.call_ok("installing the index template", Method::Put, &path, &[], Some(&template)).await?;
+        // The first generation ever made takes the read alias; later ones get it when a rebuild
+        // switches to them.
         let alias = self.options.alias();
         let (status, _) = self.call("checking the alias", Method::Head, &format!("/_alias/{alias}"), &[], None).await?;
-        if status == 404 {
-            let create = json!({"aliases": {alias.clone(): {"is_write_index": true}}});
-            let path = format!("/{}", self.options.first_index());
-            let (status, answer) = self.call("creating the index", Method::Put, &path, &[], Some(&create)).await?;
-            let exists = answer["error"]["type"] == "resource_already_exists_exception";
-            if status >= 300 && !exists {
-                return Err(body::request_error(status, &answer));
-            }
+        let create =
+            if status == 404 { json!({"aliases": {alias.clone(): {"is_write_index": true}}}) } else { json!({}) };
+        let path = format!("/{}", self.options.index());
+        let (status, answer) = self.call("creating the index", Method::Put, &path, &[], Some(&create)).await?;
+        let exists = answer["error"]["type"] == "resource_already_exists_exception";
+        if status >= 300 && !exists {
+            return Err(body::request_error(status, &answer));
         }
         let checkpoints = json!({"mappings": {"dynamic": "strict", "properties": {
             "projection": {"type": "keyword"}, "partition": {"type": "integer"}, "offset": {"type": "long"}
@@ -519,7 +551,7 @@ impl ElasticSearchIndex {
             return Ok(HashMap::new());
         }
         let request = json!({"ids": ids.iter().map(|id| format!("person:{id}")).collect::<Vec<_>>()});
-        let path = format!("/{}/_mget", self.options.alias());
+        let path = format!("/{}/_mget", self.options.index());
         let answer =
             self.call_ok("loading persons", Method::Post, &path, &[("_source", "person")], Some(&request)).await?;
         Ok(answer["docs"]
@@ -538,7 +570,7 @@ impl ElasticSearchIndex {
             "query": {"bool": {"filter": [{"term": {"kind": "note"}}, {"term": {"person_id": person.person_id.to_string()}}]}},
             "_source": ["note_id", "text"]
         });
-        let path = format!("/{}/_search", self.options.alias());
+        let path = format!("/{}/_search", self.options.index());
         let answer = self.call_ok("loading notes", Method::Post, &path, &[], Some(&request)).await?;
         Ok(answer["hits"]["hits"]
             .as_array()
@@ -634,7 +666,7 @@ impl ElasticSearchIndex {
 
     /// Sends one bulk, re-sending items answered 429 or 5xx with back-off.
     async fn bulk(&self, mut actions: Vec<IndexAction>) -> Result<(), StoreError> {
-        let index = self.options.alias();
+        let index = self.options.index();
         let mut delays = crate::resilience::item_backoff();
         loop {
             let lines = body::bulk_lines(&index, &actions);
@@ -701,11 +733,12 @@ impl Projection for ElasticSearchIndex {
             self.bulk(chunk).await?;
         }
         // The batch is indexed (and, with `wait_for`, searchable): now the checkpoint.
-        let path = format!("/{}/_doc/{PROJECTION}:{partition}", self.options.checkpoint_index());
+        let projection = self.options.checkpoint_projection();
+        let path = format!("/{}/_doc/{projection}:{partition}", self.options.checkpoint_index());
         let version = through.to_string();
         let query =
             [("version", version.as_str()), ("version_type", "external"), ("refresh", self.options.refresh.as_str())];
-        let source = json!({"projection": PROJECTION, "partition": partition, "offset": through});
+        let source = json!({"projection": projection, "partition": partition, "offset": through});
         let (status, answer) = self.call("writing the checkpoint", Method::Put, &path, &query, Some(&source)).await?;
         if status >= 300 && status != 409 {
             return Err(body::request_error(status, &answer));
@@ -715,7 +748,7 @@ impl Projection for ElasticSearchIndex {
     }
 
     async fn checkpoints(&self) -> Result<Checkpoints, StoreError> {
-        let request = json!({"size": 10_000, "query": {"term": {"projection": PROJECTION}}});
+        let request = json!({"size": 10_000, "query": {"term": {"projection": self.options.checkpoint_projection()}}});
         let path = format!("/{}/_search", self.options.checkpoint_index());
         let (status, answer) = self.call("reading checkpoints", Method::Post, &path, &[], Some(&request)).await?;
         if status == 404 {
@@ -738,7 +771,7 @@ impl Projection for ElasticSearchIndex {
 
     /// Asks Elasticsearch to merge away deleted documents now rather than on its own schedule.
     async fn compact(&self) -> Result<(), StoreError> {
-        let path = format!("/{}/_forcemerge", self.options.alias());
+        let path = format!("/{}/_forcemerge", self.options.index());
         let query = [("only_expunge_deletes", "true")];
         let (status, answer) = self.call("expunging deleted documents", Method::Post, &path, &query, None).await?;
         if status >= 300 {
@@ -752,11 +785,105 @@ impl Projection for ElasticSearchIndex {
 impl SearchIndex for ElasticSearchIndex {
     async fn search(&self, request: &SearchRequest) -> Result<SearchResults, StoreError> {
         let query = body::search_body(request);
-        let path = format!("/{}/_search", self.options.alias());
+        let path = format!("/{}/_search", self.options.index());
         let (status, answer) = self.call_via(&self.reads, "searching", Method::Post, &path, &[], Some(&query)).await?;
         if status >= 300 {
             return Err(body::request_error(status, &answer));
         }
         body::search_results(&answer)
+    }
+}
+
+/// The generations in Elasticsearch: a document in `<prefix>-generations`, and the read alias,
+/// which one `_aliases` call moves to the live generation's index (readers of the alias never
+/// see it missing or on two indices). Without the document, the alias says which is live.
+pub struct ElasticGenerations {
+    es: ElasticSearchIndex,
+}
+
+const POINTER_ID: &str = "read-models";
+
+impl ElasticGenerations {
+    pub fn new(options: &ElasticOptions) -> Result<Self, StoreError> {
+        Ok(Self { es: ElasticSearchIndex::client(options)? })
+    }
+
+    /// The indices the read alias names now.
+    async fn alias_targets(&self) -> Result<Vec<String>, StoreError> {
+        let path = format!("/_alias/{}", self.es.options.alias());
+        let (status, answer) = self.es.call("reading the alias", Method::Get, &path, &[], None).await?;
+        if status == 404 {
+            return Ok(Vec::new());
+        }
+        if status >= 300 {
+            return Err(body::request_error(status, &answer));
+        }
+        Ok(answer.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default())
+    }
+
+    /// Deletes generation `generation`'s index and checkpoints.
+    pub async fn drop_generation(&self, generation: u32) -> Result<(), StoreError> {
+        let options = ElasticOptions { generation, ..self.es.options.clone() };
+        let (status, answer) =
+            self.es.call("deleting an index", Method::Delete, &format!("/{}", options.index()), &[], None).await?;
+        if status >= 300 && status != 404 {
+            return Err(body::request_error(status, &answer));
+        }
+        let query = json!({"query": {"term": {"projection": options.checkpoint_projection()}}});
+        let path = format!("/{}/_delete_by_query", options.checkpoint_index());
+        let (status, answer) =
+            self.es.call("deleting checkpoints", Method::Post, &path, &[("refresh", "true")], Some(&query)).await?;
+        if status >= 300 && status != 404 {
+            return Err(body::request_error(status, &answer));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl super::generations::GenerationPointer for ElasticGenerations {
+    async fn load(&self) -> Result<super::generations::Generations, StoreError> {
+        let path = format!("/{}/_doc/{POINTER_ID}", self.es.options.generations_index());
+        let (status, answer) = self.es.call("reading the generations", Method::Get, &path, &[], None).await?;
+        if status < 300 && answer["found"] == true {
+            return serde_json::from_value(answer["_source"].clone())
+                .map_err(|e| unavailable(format!("unreadable generations document: {e}")));
+        }
+        if status >= 300 && status != 404 {
+            return Err(body::request_error(status, &answer));
+        }
+        let live = self.alias_targets().await?.iter().find_map(|i| generation_of(&self.es.options.prefix, i));
+        Ok(super::generations::Generations { live: live.unwrap_or(0), ..Default::default() })
+    }
+
+    async fn save(&self, next: &super::generations::Generations) -> Result<(), StoreError> {
+        let options = &self.es.options;
+        let live = index_of(&options.prefix, next.live);
+        let targets = self.alias_targets().await?;
+        if targets != [live.clone()] {
+            let mut actions: Vec<Value> =
+                targets.iter().map(|index| json!({"remove": {"index": index, "alias": options.alias()}})).collect();
+            actions.push(json!({"add": {"index": live, "alias": options.alias(), "is_write_index": true}}));
+            self.es
+                .call_ok("moving the read alias", Method::Post, "/_aliases", &[], Some(&json!({"actions": actions})))
+                .await?;
+        }
+        let mapping = json!({"mappings": {"dynamic": "strict", "properties": {
+            "live": {"type": "integer"}, "previous": {"type": "integer"}, "building": {"type": "integer"}
+        }}});
+        let index = options.generations_index();
+        let (status, answer) = self
+            .es
+            .call("creating the generations index", Method::Put, &format!("/{index}"), &[], Some(&mapping))
+            .await?;
+        if status >= 300 && answer["error"]["type"] != "resource_already_exists_exception" {
+            return Err(body::request_error(status, &answer));
+        }
+        let document = serde_json::to_value(next).map_err(unavailable)?;
+        let path = format!("/{index}/_doc/{POINTER_ID}");
+        self.es
+            .call_ok("recording the generations", Method::Put, &path, &[("refresh", "true")], Some(&document))
+            .await?;
+        Ok(())
     }
 }

@@ -11,13 +11,15 @@
 //! Adapters: [`embedded`] (redb) and [`mongo`] for documents, [`search`] (tantivy) and
 //! [`elastic`] for search.
 //!
-//! [`switch`] puts a generation switch in front of both, for blue/green rebuilds.
+//! [`switch`] puts a generation switch in front of both, for blue/green rebuilds, and
+//! [`generations`] records which generation is live.
 //!
 //! Every document stores the (partition, offset) that last changed it, and adapters refuse
 //! events at or below it, so redeliveries and replays are harmless.
 
 pub mod elastic;
 pub mod embedded;
+pub mod generations;
 pub mod mongo;
 pub mod search;
 pub mod switch;

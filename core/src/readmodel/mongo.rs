@@ -5,6 +5,8 @@
 //!   (uuids as strings, as users querying MongoDB expect), `version.offset` for the guard.
 //! - `timeline`: one document per event, `_id` = `partition:offset`.
 //! - `checkpoints`: `_id` = `projection:partition`, `offset` = last applied.
+//! - A rebuilt generation N has its own `persons_gN`, `timeline_gN` and `checkpoints_gN`;
+//!   [`MongoGenerations`] records which generation is live (`generations` collection).
 //!
 //! Indexes are created at start: `(tags, _id)` and `(status, _id)` for filtered cursor paging,
 //! `updated_at`, and `(person_id, offset)` for timelines.
@@ -60,6 +62,8 @@ pub struct MongoOptions {
     /// waits on consistency tokens; `None` (the default) for the projector, which publishes
     /// its own progress as it applies.
     pub checkpoint_poll: Option<Duration>,
+    /// The read-model generation (blue/green rebuilds): its collections are named after it.
+    pub generation: u32,
 }
 
 impl MongoOptions {
@@ -71,7 +75,71 @@ impl MongoOptions {
             read_concern: "majority".into(),
             timeout: Duration::from_secs(10),
             checkpoint_poll: None,
+            generation: 0,
         }
+    }
+}
+
+/// A collection of generation `generation`: generation 0 has the plain names, generation N
+/// `persons_gN`, `timeline_gN`, `checkpoints_gN`.
+pub fn collection_name(base: &str, generation: u32) -> String {
+    if generation == 0 { base.to_owned() } else { format!("{base}_g{generation}") }
+}
+
+/// Deletes generation `generation`'s collections (a rebuild's leftovers, or `--drop-old`).
+pub async fn drop_generation(db: &Database, generation: u32) -> Result<(), StoreError> {
+    for base in [PERSONS, TIMELINE, CHECKPOINTS] {
+        db.collection::<Document>(&collection_name(base, generation)).drop().await.map_err(unavailable)?;
+    }
+    Ok(())
+}
+
+/// The generations, in one document (`generations` collection, `_id: "read-models"`) written
+/// with the database's write concern (majority by default), so a switch acknowledged before a
+/// failover is still the switch after it.
+pub struct MongoGenerations {
+    pointer: Collection<Document>,
+    guard: Guard,
+}
+
+impl MongoGenerations {
+    pub fn new(db: &Database, timeout: Duration) -> Self {
+        Self { pointer: db.collection(GENERATIONS), guard: Guard::new("mongodb", "generations", timeout, 3) }
+    }
+}
+
+pub const GENERATIONS: &str = "generations";
+const POINTER_ID: &str = "read-models";
+
+#[async_trait]
+impl super::generations::GenerationPointer for MongoGenerations {
+    async fn load(&self) -> Result<super::generations::Generations, StoreError> {
+        let found = self
+            .guard
+            .call("reading the generations", || async {
+                self.pointer.find_one(doc! { "_id": POINTER_ID }).await.map_err(unavailable)
+            })
+            .await?;
+        match found {
+            Some(document) => bulk::from_bson_document(document),
+            None => Ok(super::generations::Generations::default()),
+        }
+    }
+
+    async fn save(&self, next: &super::generations::Generations) -> Result<(), StoreError> {
+        let mut document = bulk::to_bson_document(next)?;
+        document.insert("_id", POINTER_ID);
+        self.guard
+            .call("switching generations", || async {
+                let options = mongodb::options::ReplaceOptions::builder().upsert(true).build();
+                self.pointer
+                    .replace_one(doc! { "_id": POINTER_ID }, document.clone())
+                    .with_options(options)
+                    .await
+                    .map_err(unavailable)
+                    .map(|_| ())
+            })
+            .await
     }
 }
 
@@ -231,6 +299,7 @@ pub struct MongoReadStore {
     persons: Collection<Document>,
     timeline: Collection<Document>,
     checkpoints: Collection<Document>,
+    generation: u32,
     write_concern: Document,
     /// Projector writes and start-up: the full timeout, three attempts.
     guard: Guard,
@@ -278,9 +347,10 @@ impl MongoReadStore {
     pub async fn connect(options: &MongoOptions) -> Result<Arc<Self>, StoreError> {
         let db = connect_database(options).await?;
         let store = Arc::new(Self {
-            persons: db.collection(PERSONS),
-            timeline: db.collection(TIMELINE),
-            checkpoints: db.collection(CHECKPOINTS),
+            persons: db.collection(&collection_name(PERSONS, options.generation)),
+            timeline: db.collection(&collection_name(TIMELINE, options.generation)),
+            checkpoints: db.collection(&collection_name(CHECKPOINTS, options.generation)),
+            generation: options.generation,
             write_concern: bulk::write_concern(&options.write_concern, options.timeout),
             guard: Guard::new("mongodb", "writes", options.timeout, 3),
             reads: Guard::new("mongodb", "reads", options.timeout.min(READ_TIMEOUT), 2),
@@ -322,7 +392,12 @@ impl MongoReadStore {
             .await
     }
 
+    /// Runs a bulk command (built for generation 0's collections) on this generation's.
     async fn command(&self, what: &str, command: &Document) -> Result<bulk::Outcome, StoreError> {
+        let mut command = command.clone();
+        if let Some((verb, Bson::String(base))) = command.iter().next().map(|(k, v)| (k.clone(), v.clone())) {
+            command.insert(verb, collection_name(&base, self.generation));
+        }
         self.guard
             .call(what, || async { bulk::outcome(&self.db.run_command(command.clone()).await.map_err(unavailable)?) })
             .await
