@@ -6,14 +6,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use callisto::backends::{LogSide, kafka_log, open_log};
 use callisto::services::start_kafka_mock;
 use callisto_core::auth::Auth;
 use callisto_core::config::Settings;
 use callisto_core::log::idempotency::ClaimStore;
 use callisto_core::log::idempotency::embedded::EmbeddedClaimStore;
-use callisto_core::log::{AppendRequest, Appended, EventLog, LogError, Record};
+use callisto_core::log::{AppendRequest, Appended, EventLog, LogError};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
@@ -155,43 +154,17 @@ struct DyingLog {
     dying: Notify,
 }
 
-#[async_trait]
-impl EventLog for DyingLog {
-    async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), LogError> {
-        self.inner.ensure_topic(topic, partitions).await
-    }
-    async fn partitions(&self, topic: &str) -> Result<u32, LogError> {
-        self.inner.partitions(topic).await
-    }
-    async fn append(&self, request: AppendRequest) -> Result<Appended, LogError> {
+impl DyingLog {
+    async fn append_then_die(&self, request: AppendRequest) -> Result<Appended, LogError> {
         if self.appends_before_dying {
             *self.appended.lock().unwrap() = Some(self.inner.append(request).await?);
         }
         self.dying.notify_one();
         std::future::pending().await
     }
-    async fn read(&self, topic: &str, p: u32, from: u64, max: usize, wait: Duration) -> Result<Vec<Record>, LogError> {
-        self.inner.read(topic, p, from, max, wait).await
-    }
-    async fn end_offsets(&self, topic: &str) -> Result<Vec<u64>, LogError> {
-        self.inner.end_offsets(topic).await
-    }
-    async fn offsets_for_timestamp(&self, topic: &str, at: i64) -> Result<Vec<Option<u64>>, LogError> {
-        self.inner.offsets_for_timestamp(topic, at).await
-    }
-    async fn commit_offsets(&self, group: &str, topic: &str, offsets: &[(u32, u64)]) -> Result<(), LogError> {
-        self.inner.commit_offsets(group, topic, offsets).await
-    }
-    async fn committed_offsets(&self, group: &str, topic: &str) -> Result<Vec<(u32, u64)>, LogError> {
-        self.inner.committed_offsets(group, topic).await
-    }
-    async fn delete_records(&self, topic: &str, partition: u32, before: u64) -> Result<(), LogError> {
-        self.inner.delete_records(topic, partition, before).await
-    }
-    async fn health(&self) -> Result<(), LogError> {
-        self.inner.health().await
-    }
 }
+
+callisto_core::event_log_decorator!(DyingLog, inner, |log, request| log.append_then_die(request).await);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_after_a_writer_died_mid_request_appends_exactly_once() {

@@ -175,6 +175,108 @@ pub trait EventLog: Send + Sync + 'static {
     }
 }
 
+/// Implements [`EventLog`] for a decorator of another log: `append` is the decorator's own
+/// (`|this, request| body`, with `this` the decorator), every other call goes to the log in the
+/// field `inner`.
+#[macro_export]
+macro_rules! event_log_decorator {
+    ($decorator:ty, $inner:ident, |$this:ident, $request:ident| $append:expr) => {
+        #[$crate::log::decorator_support::async_trait]
+        impl $crate::log::EventLog for $decorator {
+            fn system(&self) -> &'static str {
+                self.$inner.system()
+            }
+
+            async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), $crate::log::LogError> {
+                self.$inner.ensure_topic(topic, partitions).await
+            }
+
+            async fn partitions(&self, topic: &str) -> Result<u32, $crate::log::LogError> {
+                self.$inner.partitions(topic).await
+            }
+
+            async fn append(
+                &self,
+                $request: $crate::log::AppendRequest,
+            ) -> Result<$crate::log::Appended, $crate::log::LogError> {
+                let $this = self;
+                $append
+            }
+
+            async fn read(
+                &self,
+                topic: &str,
+                partition: u32,
+                from: u64,
+                max_records: usize,
+                max_wait: std::time::Duration,
+            ) -> Result<Vec<$crate::log::Record>, $crate::log::LogError> {
+                self.$inner.read(topic, partition, from, max_records, max_wait).await
+            }
+
+            async fn end_offsets(&self, topic: &str) -> Result<Vec<u64>, $crate::log::LogError> {
+                self.$inner.end_offsets(topic).await
+            }
+
+            async fn offsets_for_timestamp(
+                &self,
+                topic: &str,
+                timestamp_ms: i64,
+            ) -> Result<Vec<Option<u64>>, $crate::log::LogError> {
+                self.$inner.offsets_for_timestamp(topic, timestamp_ms).await
+            }
+
+            async fn commit_offsets(
+                &self,
+                group: &str,
+                topic: &str,
+                offsets: &[(u32, u64)],
+            ) -> Result<(), $crate::log::LogError> {
+                self.$inner.commit_offsets(group, topic, offsets).await
+            }
+
+            async fn committed_offsets(
+                &self,
+                group: &str,
+                topic: &str,
+            ) -> Result<Vec<(u32, u64)>, $crate::log::LogError> {
+                self.$inner.committed_offsets(group, topic).await
+            }
+
+            async fn delete_records(
+                &self,
+                topic: &str,
+                partition: u32,
+                before: u64,
+            ) -> Result<(), $crate::log::LogError> {
+                self.$inner.delete_records(topic, partition, before).await
+            }
+
+            async fn health(&self) -> Result<(), $crate::log::LogError> {
+                self.$inner.health().await
+            }
+
+            async fn join_group(
+                &self,
+                topic: &str,
+                group: &str,
+                handler: std::sync::Arc<dyn $crate::log::GroupHandler>,
+                shutdown: $crate::log::decorator_support::CancellationToken,
+            ) -> Result<Option<$crate::log::decorator_support::JoinHandle<()>>, $crate::log::LogError> {
+                self.$inner.join_group(topic, group, handler, shutdown).await
+            }
+        }
+    };
+}
+
+/// What [`event_log_decorator!`] names, so crates using it need no dependencies of their own.
+#[doc(hidden)]
+pub mod decorator_support {
+    pub use async_trait::async_trait;
+    pub use tokio::task::JoinHandle;
+    pub use tokio_util::sync::CancellationToken;
+}
+
 /// One partition's records, in order, as one consumer receives them.
 #[async_trait]
 pub trait PartitionFeed: Send + Sync {

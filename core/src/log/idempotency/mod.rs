@@ -31,9 +31,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 
-use super::{AppendRequest, Appended, EventLog, GroupHandler, LogError, Record};
+use super::{AppendRequest, Appended, EventLog, LogError, Record};
 use crate::partition::partition_for;
 use crate::readmodel::StoreError;
 use crate::resilience::Guard;
@@ -204,23 +203,9 @@ impl IdempotentLog {
         }
         Ok(None)
     }
-}
 
-#[async_trait]
-impl EventLog for IdempotentLog {
-    fn system(&self) -> &'static str {
-        self.inner.system()
-    }
-
-    async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), LogError> {
-        self.inner.ensure_topic(topic, partitions).await
-    }
-
-    async fn partitions(&self, topic: &str) -> Result<u32, LogError> {
-        self.inner.partitions(topic).await
-    }
-
-    async fn append(&self, mut request: AppendRequest) -> Result<Appended, LogError> {
+    /// An append that honours its idempotency key (one without a key goes straight through).
+    async fn append_once(&self, mut request: AppendRequest) -> Result<Appended, LogError> {
         let Some(idempotency) = request.idempotency.take() else { return self.inner.append(request).await };
         let key = format!("{}\n{}", request.topic, idempotency.key);
         let event_id = request
@@ -281,49 +266,6 @@ impl EventLog for IdempotentLog {
             }
         }
     }
-
-    async fn read(
-        &self,
-        topic: &str,
-        partition: u32,
-        from: u64,
-        max_records: usize,
-        max_wait: Duration,
-    ) -> Result<Vec<Record>, LogError> {
-        self.inner.read(topic, partition, from, max_records, max_wait).await
-    }
-
-    async fn end_offsets(&self, topic: &str) -> Result<Vec<u64>, LogError> {
-        self.inner.end_offsets(topic).await
-    }
-
-    async fn offsets_for_timestamp(&self, topic: &str, timestamp_ms: i64) -> Result<Vec<Option<u64>>, LogError> {
-        self.inner.offsets_for_timestamp(topic, timestamp_ms).await
-    }
-
-    async fn commit_offsets(&self, group: &str, topic: &str, offsets: &[(u32, u64)]) -> Result<(), LogError> {
-        self.inner.commit_offsets(group, topic, offsets).await
-    }
-
-    async fn committed_offsets(&self, group: &str, topic: &str) -> Result<Vec<(u32, u64)>, LogError> {
-        self.inner.committed_offsets(group, topic).await
-    }
-
-    async fn delete_records(&self, topic: &str, partition: u32, before: u64) -> Result<(), LogError> {
-        self.inner.delete_records(topic, partition, before).await
-    }
-
-    async fn health(&self) -> Result<(), LogError> {
-        self.inner.health().await
-    }
-
-    async fn join_group(
-        &self,
-        topic: &str,
-        group: &str,
-        handler: Arc<dyn GroupHandler>,
-        shutdown: CancellationToken,
-    ) -> Result<Option<tokio::task::JoinHandle<()>>, LogError> {
-        self.inner.join_group(topic, group, handler, shutdown).await
-    }
 }
+
+crate::event_log_decorator!(IdempotentLog, inner, |log, request| log.append_once(request).await);
