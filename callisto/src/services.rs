@@ -229,6 +229,8 @@ pub struct Dev {
     data_dir: std::path::PathBuf,
     shutdown: CancellationToken,
     server: JoinHandle<std::io::Result<()>>,
+    /// Scheduled compaction; it holds the generations, so `stop` waits for it to end.
+    compaction: Option<JoinHandle<()>>,
 }
 
 impl Dev {
@@ -261,7 +263,7 @@ impl Dev {
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
         let period = settings.privacy.compact_after_erasure_secs;
-        if period > 0 {
+        let compaction = (period > 0).then(|| {
             let generations = generations.clone();
             tokio::spawn(crate::admin::compact_after_erasures(
                 Duration::from_secs(period),
@@ -270,15 +272,15 @@ impl Dev {
                     let generations = generations.clone();
                     async move { generations.compact().await.map(drop) }
                 },
-            ));
-        }
+            ))
+        });
         let tls = settings.http.tls.clone();
         let stopped = shutdown.clone().cancelled_owned();
         let server = tokio::spawn(async move { callisto_core::http::serve(listener, app, &tls, stopped).await });
         let data_dir = settings.storage.data_dir.clone();
         crate::admin::advertise(&data_dir, addr, settings.http.tls.enabled())
             .context("advertising the admin address")?;
-        Ok(Self { addr, log, codec, keyring, store, search, generations, data_dir, shutdown, server })
+        Ok(Self { addr, log, codec, keyring, store, search, generations, data_dir, shutdown, server, compaction })
     }
 
     /// Stops serving (draining in-flight requests), then stops every generation's projectors
@@ -287,7 +289,21 @@ impl Dev {
         crate::admin::withdraw(&self.data_dir);
         self.shutdown.cancel();
         let served = self.server.await.context("http server task")?;
+        if let Some(compaction) = self.compaction {
+            compaction.await.context("compaction task")?;
+        }
         self.generations.stop().await;
+        drop(self.generations);
+        // Connection tasks that served the last requests may still be dropping their clones of
+        // the stores: when `stop` returns, this is their last owner and the data dir is free.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&self.log) + Arc::strong_count(&self.codec) + Arc::strong_count(&self.keyring) > 3 {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!("stores still in use after stopping; the data dir may stay locked a while");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         tracing::info!(service = "dev", "stopped");
         Ok(served?)
     }
