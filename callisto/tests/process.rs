@@ -246,3 +246,42 @@ async fn writer_projector_and_query_api_run_as_separate_processes() {
     assert_eq!(found["total"], 1);
     query.terminate();
 }
+
+/// At the default level a busy `callisto dev` logs Callisto's own lines, as JSON when its
+/// stderr is not a terminal, and no library chatter (a tantivy commit is not news).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_quiet_by_default_and_json_off_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let dev = Service::start_with("dev", &dir.path().join("data"), &[], |command| {
+        command.env_remove("RUST_LOG").env_remove("CALLISTO__TELEMETRY__LOG_LEVEL").stderr(log);
+    });
+    let client = common::client(&dir.path().join("data"));
+    let mut token = String::new();
+    for n in 0..20 {
+        let answer = post_json(
+            &client,
+            format!("{}/v1/persons", dev.base),
+            json!({"given_name": format!("Q{n}"), "family_name": "Uiet"}),
+        )
+        .await;
+        token = answer["consistency_token"].as_str().unwrap().to_owned();
+    }
+    let found = client.get(format!("{}/v1/search?q=uiet&after={token}", dev.base)).send().await.unwrap();
+    assert_eq!(found.status(), 200);
+    dev.terminate();
+
+    let logged = std::fs::read_to_string(&log_path).unwrap();
+    let lines: Vec<Value> = logged
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}")))
+        .collect();
+    assert!(lines.iter().any(|l| l["target"].as_str().is_some_and(|t| t.starts_with("callisto"))), "{logged}");
+    let chatter: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["level"] == "INFO" || l["level"] == "DEBUG")
+        .filter(|l| !l["target"].as_str().is_some_and(|t| t.starts_with("callisto")))
+        .collect();
+    assert!(chatter.is_empty(), "library info lines at the default level: {chatter:?}");
+}

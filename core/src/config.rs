@@ -75,7 +75,7 @@ pub const ENVIRONMENT: &[(&str, &str)] = &[
     ("CALLISTO__PRIVACY__MASTER_KEY_FILE", "file with the 64-hex-digit master key that wraps data keys"),
     ("CALLISTO__PRIVACY__KEY_CACHE_TTL_MS", "how long a data key is cached; bounds use after erasure"),
     ("CALLISTO__PRIVACY__COMPACT_AFTER_ERASURE_SECS", "compaction period of embedded stores after an erasure"),
-    ("CALLISTO__TELEMETRY__LOG_FORMAT", "json (default) or text"),
+    ("CALLISTO__TELEMETRY__LOG_FORMAT", "json or text (default: text on a terminal, json otherwise)"),
     ("CALLISTO__TELEMETRY__LOG_LEVEL", "tracing filter, e.g. info or callisto_core=debug"),
     ("CALLISTO__TELEMETRY__OTLP_ENDPOINT", "OTLP/HTTP collector URL; spans are exported when set"),
     ("CALLISTO__TELEMETRY__OTLP_TIMEOUT_MS", "bound on one span export request"),
@@ -545,7 +545,10 @@ impl std::fmt::Debug for SchemaRegistrySettings {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetrySettings {
-    pub log_format: LogFormat,
+    /// `json` or `text`; unset, text on a terminal and JSON otherwise (a log collector).
+    pub log_format: Option<LogFormat>,
+    /// Callisto's own level or a full filter. Libraries (tantivy, hyper, rdkafka, the MongoDB
+    /// and Elasticsearch clients) log at `warn` unless the filter names them.
     pub log_level: String,
     /// OTLP/HTTP collector base URL (`http://collector:4318`); spans are exported to
     /// `{otlp_endpoint}/v1/traces` when set, and not created at all otherwise.
@@ -559,7 +562,7 @@ pub struct TelemetrySettings {
 impl Default for TelemetrySettings {
     fn default() -> Self {
         Self {
-            log_format: LogFormat::Json,
+            log_format: None,
             log_level: "info".into(),
             otlp_endpoint: None,
             otlp_timeout_ms: 5_000,

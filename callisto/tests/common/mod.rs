@@ -127,19 +127,27 @@ pub struct Service {
 
 impl Service {
     /// Starts `callisto <subcommand> --listen 127.0.0.1:0 --data-dir <data_dir> <extra…>` and
-    /// waits for the line announcing its address.
+    /// waits for the line announcing its address. It logs warnings and errors to the test's
+    /// stderr.
     pub fn start(subcommand: &str, data_dir: &Path, extra: &[&str]) -> Service {
+        Self::start_with(subcommand, data_dir, extra, |command| {
+            command.env("CALLISTO__TELEMETRY__LOG_LEVEL", "warn").stderr(Stdio::inherit());
+        })
+    }
+
+    /// [`Service::start`], with the command adjusted by `configure` (environment, stderr).
+    pub fn start_with(
+        subcommand: &str,
+        data_dir: &Path,
+        extra: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Service {
         // Services refuse to start without authentication; the data dir's dev key is it.
         api_key(data_dir);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_callisto"))
-            .args([subcommand, "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .args(extra)
-            .env("CALLISTO__TELEMETRY__LOG_LEVEL", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("callisto binary starts");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_callisto"));
+        command.args([subcommand, "--listen", "127.0.0.1:0", "--data-dir"]).arg(data_dir).args(extra);
+        configure(&mut command);
+        let mut child = command.stdout(Stdio::piped()).spawn().expect("callisto binary starts");
         let stdout = child.stdout.take().unwrap();
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).unwrap();

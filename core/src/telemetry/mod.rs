@@ -47,16 +47,36 @@ impl Drop for Tracing {
     }
 }
 
+/// Libraries whose info lines are chatter for an operator (a tantivy commit, a connection
+/// opened): they log at `warn` unless the configured filter names them.
+const QUIET_LIBRARIES: &[&str] =
+    &["tantivy", "hyper", "hyper_util", "h2", "reqwest", "rustls", "rdkafka", "librdkafka", "mongodb", "elasticsearch"];
+
+/// The filter for `log_level`: the libraries at `warn` first, so a directive of the operator's
+/// for one of them, which comes later, wins.
+pub fn log_filter(log_level: &str) -> String {
+    let quiet: Vec<String> = QUIET_LIBRARIES
+        .iter()
+        .filter(|library| !log_level.split(',').any(|d| d.trim().starts_with(&format!("{library}="))))
+        .map(|library| format!("{library}=warn"))
+        .collect();
+    format!("{},{log_level}", quiet.join(","))
+}
+
 /// Installs the global tracing subscriber: logs, and span export when
 /// `settings.otlp_endpoint` is set (as `service`). Later calls install nothing, so tests may
 /// call it freely; only the first one's exporter receives spans.
 pub fn init_tracing(settings: &TelemetrySettings, service: &str) -> anyhow::Result<Tracing> {
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(&settings.log_level))
+        .unwrap_or_else(|_| EnvFilter::new(log_filter(&settings.log_level)))
         // Spans for export are not log lines, whatever the log level says.
         .add_directive(format!("{}=off", trace::TARGET).parse()?);
     let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let logs = match settings.log_format {
+    let format = settings.log_format.unwrap_or_else(|| {
+        use std::io::IsTerminal;
+        if std::io::stderr().is_terminal() { LogFormat::Text } else { LogFormat::Json }
+    });
+    let logs = match format {
         LogFormat::Json => logs.json().flatten_event(true).with_current_span(false).with_filter(filter).boxed(),
         LogFormat::Text => logs.with_filter(filter).boxed(),
     };
