@@ -34,6 +34,12 @@ pub async fn run_writer(
     let auth = Auth::from_settings(&settings, security.insecure_no_auth).await?;
     let embedded = backends::open_log(&settings).await?;
     let claims = backends::open_claim_store(&settings).await?;
+    if settings.kafka.brokers.is_some() && settings.log.idempotency_store.is_none() && settings.mongodb.uri.is_none() {
+        tracing::warn!(
+            "Idempotency-Key is kept in this writer's data dir: a retry that reaches another writer replica is \
+             not recognised; set mongodb.uri (or log.idempotency_store = \"mongodb\") when running replicas"
+        );
+    }
     let state = callisto_writers::state(
         &settings,
         embedded.log.clone(),
