@@ -132,6 +132,35 @@ async fn idempotency_keys_deduplicate_and_detect_conflicts() {
     assert_eq!(log.end_offsets(TOPIC).await.unwrap().iter().sum::<u64>(), 1, "nothing appended twice");
 }
 
+/// Keys expire after the retention: a retry then appends afresh, and expired keys are purged
+/// from the file, while a key taken again since its first append is kept.
+#[tokio::test]
+async fn idempotency_keys_expire_and_are_purged() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = EmbeddedLogOptions { idempotency_retention: Duration::from_secs(1), ..EmbeddedLogOptions::default() };
+    let log = EmbeddedLog::open(&dir.path().join("log.redb"), options).unwrap();
+    log.ensure_topic(TOPIC, 2).await.unwrap();
+    let keyed = |key: &str| AppendRequest {
+        idempotency: Some(IdempotencyKey { key: key.into(), fingerprint: [7; 32] }),
+        ..request("k", "v")
+    };
+    for key in ["once", "twice", "other"] {
+        assert!(!log.append(keyed(key)).await.unwrap().replayed);
+    }
+    assert_eq!(log.idempotency_keys().unwrap(), 3);
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    // Expired: a new append that takes the key again.
+    assert!(!log.append(keyed("twice")).await.unwrap().replayed);
+    // The purge runs between group commits once the retention has passed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while log.idempotency_keys().unwrap() != 1 {
+        assert!(std::time::Instant::now() < deadline, "expired keys were never purged");
+        log.append(request("k", "tick")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(log.append(keyed("twice")).await.unwrap().replayed, "the key taken again is kept");
+}
+
 #[tokio::test]
 async fn a_long_poll_read_wakes_on_append() {
     let dir = tempfile::tempdir().unwrap();

@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -35,6 +35,8 @@ const ENDS: TableDefinition<(&str, u32), (u64, i64)> = TableDefinition::new("end
 const TIME_INDEX: TableDefinition<(&str, u32, i64), u64> = TableDefinition::new("time_index");
 const GROUP_OFFSETS: TableDefinition<(&str, &str, u32), u64> = TableDefinition::new("group_offsets");
 const IDEMPOTENCY: TableDefinition<(&str, &str), (u32, u64, [u8; 32])> = TableDefinition::new("idempotency");
+/// Idempotency keys by the log time of their append, so expired ones are purged by a range scan.
+const IDEMPOTENCY_EXPIRY: TableDefinition<(i64, &str, &str), ()> = TableDefinition::new("idempotency_expiry");
 
 /// The on-disk form of one record; position is in the table key.
 #[derive(Serialize, Deserialize)]
@@ -110,6 +112,7 @@ impl EmbeddedLog {
             txn.open_table(TIME_INDEX).map_err(unavailable)?;
             txn.open_table(GROUP_OFFSETS).map_err(unavailable)?;
             txn.open_table(IDEMPOTENCY).map_err(unavailable)?;
+            txn.open_table(IDEMPOTENCY_EXPIRY).map_err(unavailable)?;
             txn.commit().map_err(unavailable)?;
         }
         let db = Arc::new(db);
@@ -161,6 +164,9 @@ fn writer_loop(
     commits: &watch::Sender<u64>,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
+    // Expired keys are purged between group commits, at most this often.
+    let purge_every = retention.min(Duration::from_secs(3600));
+    let mut purged_at = std::time::Instant::now();
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < max_batch {
@@ -190,6 +196,13 @@ fn writer_loop(
                 for pending in batch.drain(..) {
                     let _ = pending.reply.send(Err(LogError::Unavailable(e.to_string())));
                 }
+            }
+        }
+        if purged_at.elapsed() >= purge_every {
+            purged_at = std::time::Instant::now();
+            match purge_expired_keys(db, retention) {
+                Ok(purged) => tracing::debug!(purged, "expired idempotency keys purged"),
+                Err(e) => tracing::warn!(error = %e, "purging expired idempotency keys failed"),
             }
         }
     }
@@ -256,8 +269,63 @@ fn append_in(
             .map_err(unavailable)?
             .insert((topic, idem.key.as_str()), (partition, offset, idem.fingerprint))
             .map_err(unavailable)?;
+        txn.open_table(IDEMPOTENCY_EXPIRY)
+            .map_err(unavailable)?
+            .insert((timestamp_ms, topic, idem.key.as_str()), ())
+            .map_err(unavailable)?;
     }
     Ok(Ok(Appended { partition, offset, timestamp_ms, replayed: false }))
+}
+
+/// Forgets idempotency keys appended before `now - retention`; returns how many. A key taken
+/// again since keeps its newer entry.
+fn purge_expired_keys(db: &Database, retention: Duration) -> Result<u64, LogError> {
+    let cutoff = now_ms().saturating_sub(retention.as_millis() as i64);
+    let txn = db.begin_write().map_err(unavailable)?;
+    let mut purged = 0;
+    {
+        let mut expiry = txn.open_table(IDEMPOTENCY_EXPIRY).map_err(unavailable)?;
+        let mut keys = txn.open_table(IDEMPOTENCY).map_err(unavailable)?;
+        let records = txn.open_table(RECORDS).map_err(unavailable)?;
+        let expired: Vec<(i64, String, String)> = expiry
+            .range((i64::MIN, "", "")..(cutoff, "", ""))
+            .map_err(unavailable)?
+            .map(|entry| {
+                entry.map(|(k, _)| {
+                    let (t, topic, key) = k.value();
+                    (t, topic.to_owned(), key.to_owned())
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map_err(unavailable)?;
+        for (timestamp_ms, topic, key) in &expired {
+            expiry.remove((*timestamp_ms, topic.as_str(), key.as_str())).map_err(unavailable)?;
+            let Some((partition, offset, _)) =
+                keys.get((topic.as_str(), key.as_str())).map_err(unavailable)?.map(|g| g.value())
+            else {
+                continue;
+            };
+            let appended_at = records
+                .get((topic.as_str(), partition, offset))
+                .map_err(unavailable)?
+                .and_then(|g| postcard::from_bytes::<StoredRecord>(g.value()).ok())
+                .map_or(i64::MIN, |r| r.timestamp_ms);
+            if appended_at <= *timestamp_ms {
+                keys.remove((topic.as_str(), key.as_str())).map_err(unavailable)?;
+                purged += 1;
+            }
+        }
+    }
+    txn.commit().map_err(unavailable)?;
+    Ok(purged)
+}
+
+impl EmbeddedLog {
+    /// The number of idempotency keys the log remembers (expired ones included until purged).
+    pub fn idempotency_keys(&self) -> Result<u64, LogError> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        txn.open_table(IDEMPOTENCY).map_err(unavailable)?.len().map_err(unavailable)
+    }
 }
 
 fn topic_partitions(db: &Database, topic: &str) -> Result<u32, LogError> {
