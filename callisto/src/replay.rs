@@ -196,6 +196,9 @@ pub fn summary(action: &str, generations: &Generations) -> Summary {
 pub async fn run_direct(settings: &Settings, action: Action, show_progress: bool) -> anyhow::Result<Summary> {
     let pointer = backends::generation_pointer(settings).await?;
     let mut gens = pointer.load().await.context("reading the generations")?;
+    // Writing back what the record says brings every other pointer (Elasticsearch's alias
+    // behind MongoDB's document) level with it, should a switch have stopped halfway.
+    pointer.save(&gens).await.context("recording the generations")?;
     match action {
         Action::Rollback => {
             let previous = gens.previous.context("there is no previous generation to roll back to")?;
