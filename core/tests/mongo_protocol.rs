@@ -2,7 +2,7 @@
 //! bulk commands with their version guard and write concern, listing filters, and answers
 //! shaped as MongoDB documents them (upserts, E11000 duplicates, write-concern errors).
 
-use callisto_core::readmodel::mongo::{bulk, list_filter};
+use callisto_core::readmodel::mongo::{self, bulk, list_filter};
 use callisto_core::readmodel::{ListFilter, PersonDoc, Status, StoreError, TimelineEntry, Version};
 use mongodb::bson::{Bson, doc};
 use uuid::Uuid;
@@ -31,8 +31,12 @@ fn person_writes_are_unordered_upserts_guarded_by_version() {
     let wc = bulk::write_concern("majority", std::time::Duration::from_secs(10));
     assert_eq!(wc, doc! { "w": "majority", "wtimeout": 10_000_i64 });
     assert_eq!(bulk::write_concern("2", std::time::Duration::from_secs(1)), doc! { "w": 2, "wtimeout": 1_000_i64 });
-    let command = bulk::upsert_persons(&[person(14)], &wc).unwrap();
+    let command = bulk::upsert_persons(mongo::PERSONS, &[person(14)], &wc).unwrap();
     assert_eq!(command.get_str("update").unwrap(), "persons");
+    // A rebuilt generation writes to collections of its own; generation 0 keeps the plain names.
+    let rebuilt = bulk::upsert_persons(&mongo::collection_name(mongo::PERSONS, 2), &[person(14)], &wc).unwrap();
+    assert_eq!(rebuilt.get_str("update").unwrap(), "persons_g2");
+    assert_eq!(mongo::collection_name(mongo::PERSONS, 0), "persons");
     assert!(!command.get_bool("ordered").unwrap());
     assert_eq!(command.get_document("writeConcern").unwrap(), &wc);
     let update = command.get_array("updates").unwrap()[0].as_document().unwrap();
@@ -67,14 +71,14 @@ fn timeline_and_checkpoint_commands() {
         data: serde_json::json!({"text": "engine"}),
         erased: false,
     };
-    let insert = bulk::insert_timeline(&[entry], &wc).unwrap();
+    let insert = bulk::insert_timeline(mongo::TIMELINE, &[entry], &wc).unwrap();
     assert_eq!(insert.get_str("insert").unwrap(), "timeline");
     assert!(!insert.get_bool("ordered").unwrap());
     let stored = insert.get_array("documents").unwrap()[0].as_document().unwrap();
     assert_eq!(stored.get_str("_id").unwrap(), "3:11", "one entry per log position");
     assert_eq!(stored.get_i64("offset").unwrap(), 11);
 
-    let checkpoint = bulk::advance_checkpoint("documents", 3, 11, &wc);
+    let checkpoint = bulk::advance_checkpoint(mongo::CHECKPOINTS, "documents", 3, 11, &wc);
     let update = checkpoint.get_array("updates").unwrap()[0].as_document().unwrap();
     assert_eq!(update.get_document("q").unwrap(), &doc! { "_id": "documents:3", "offset": { "$lt": 11_i64 } });
     assert_eq!(
@@ -135,7 +139,7 @@ fn listing_filters_use_the_indexed_fields_and_the_id_cursor() {
 fn erasing_scrubs_every_timeline_entry_of_the_persons() {
     let wc = bulk::write_concern("majority", std::time::Duration::from_secs(10));
     let ids = vec!["0b0eee91-a052-473c-b3b0-90643805ef37".to_owned()];
-    let command = bulk::scrub_timelines(&ids, &wc);
+    let command = bulk::scrub_timelines(mongo::TIMELINE, &ids, &wc);
     assert_eq!(command.get_str("update").unwrap(), "timeline");
     let update = command.get_array("updates").unwrap()[0].as_document().unwrap();
     assert_eq!(

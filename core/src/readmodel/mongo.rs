@@ -185,7 +185,11 @@ pub mod bulk {
     }
 
     /// Replaces each person where the stored version is older, inserting where there is none.
-    pub fn upsert_persons(docs: &[PersonDoc], write_concern: &Document) -> Result<Document, StoreError> {
+    pub fn upsert_persons(
+        collection: &str,
+        docs: &[PersonDoc],
+        write_concern: &Document,
+    ) -> Result<Document, StoreError> {
         let updates = docs
             .iter()
             .map(|d| {
@@ -199,10 +203,14 @@ pub mod bulk {
                 })
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
-        Ok(doc! { "update": PERSONS, "updates": updates, "ordered": false, "writeConcern": write_concern.clone() })
+        Ok(doc! { "update": collection, "updates": updates, "ordered": false, "writeConcern": write_concern.clone() })
     }
 
-    pub fn insert_timeline(entries: &[TimelineEntry], write_concern: &Document) -> Result<Document, StoreError> {
+    pub fn insert_timeline(
+        collection: &str,
+        entries: &[TimelineEntry],
+        write_concern: &Document,
+    ) -> Result<Document, StoreError> {
         let documents = entries
             .iter()
             .map(|e| {
@@ -212,13 +220,15 @@ pub mod bulk {
                 Ok(d)
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
-        Ok(doc! { "insert": TIMELINE, "documents": documents, "ordered": false, "writeConcern": write_concern.clone() })
+        Ok(
+            doc! { "insert": collection, "documents": documents, "ordered": false, "writeConcern": write_concern.clone() },
+        )
     }
 
     /// Removes the content of every timeline entry of the erased persons `ids`.
-    pub fn scrub_timelines(ids: &[String], write_concern: &Document) -> Document {
+    pub fn scrub_timelines(collection: &str, ids: &[String], write_concern: &Document) -> Document {
         doc! {
-            "update": TIMELINE,
+            "update": collection,
             "updates": [{
                 "q": { "person_id": { "$in": ids }, "erased": { "$ne": true } },
                 "u": { "$set": { "data": {}, "erased": true } },
@@ -230,9 +240,15 @@ pub mod bulk {
     }
 
     /// Moves a checkpoint forward only.
-    pub fn advance_checkpoint(projection: &str, partition: u32, through: u64, write_concern: &Document) -> Document {
+    pub fn advance_checkpoint(
+        collection: &str,
+        projection: &str,
+        partition: u32,
+        through: u64,
+        write_concern: &Document,
+    ) -> Document {
         doc! {
-            "update": CHECKPOINTS,
+            "update": collection,
             "updates": [{
                 "q": { "_id": format!("{projection}:{partition}"), "offset": { "$lt": through as i64 } },
                 "u": { "$set": { "projection": projection, "partition": partition as i64, "offset": through as i64 } },
@@ -299,7 +315,6 @@ pub struct MongoReadStore {
     persons: Collection<Document>,
     timeline: Collection<Document>,
     checkpoints: Collection<Document>,
-    generation: u32,
     write_concern: Document,
     /// Projector writes and start-up: the full timeout, three attempts.
     guard: Guard,
@@ -350,7 +365,6 @@ impl MongoReadStore {
             persons: db.collection(&collection_name(PERSONS, options.generation)),
             timeline: db.collection(&collection_name(TIMELINE, options.generation)),
             checkpoints: db.collection(&collection_name(CHECKPOINTS, options.generation)),
-            generation: options.generation,
             write_concern: bulk::write_concern(&options.write_concern, options.timeout),
             guard: Guard::new("mongodb", "writes", options.timeout, 3),
             reads: Guard::new("mongodb", "reads", options.timeout.min(READ_TIMEOUT), 2),
@@ -392,12 +406,7 @@ impl MongoReadStore {
             .await
     }
 
-    /// Runs a bulk command (built for generation 0's collections) on this generation's.
     async fn command(&self, what: &str, command: &Document) -> Result<bulk::Outcome, StoreError> {
-        let mut command = command.clone();
-        if let Some((verb, Bson::String(base))) = command.iter().next().map(|(k, v)| (k.clone(), v.clone())) {
-            command.insert(verb, collection_name(&base, self.generation));
-        }
         self.guard
             .call(what, || async { bulk::outcome(&self.db.run_command(command.clone()).await.map_err(unavailable)?) })
             .await
@@ -458,17 +467,30 @@ impl Projection for MongoReadStore {
             }
             if !changed.is_empty() {
                 let docs: Vec<PersonDoc> = changed.into_values().collect();
-                self.command("writing persons", &bulk::upsert_persons(&docs, &self.write_concern)?).await?;
+                self.command(
+                    "writing persons",
+                    &bulk::upsert_persons(self.persons.name(), &docs, &self.write_concern)?,
+                )
+                .await?;
             }
             let entries: Vec<TimelineEntry> = events.iter().map(timeline_entry).collect();
-            self.command("writing timelines", &bulk::insert_timeline(&entries, &self.write_concern)?).await?;
+            self.command(
+                "writing timelines",
+                &bulk::insert_timeline(self.timeline.name(), &entries, &self.write_concern)?,
+            )
+            .await?;
             if !scrub.is_empty() {
                 scrub.dedup();
-                self.command("erasing timelines", &bulk::scrub_timelines(&scrub, &self.write_concern)).await?;
+                self.command(
+                    "erasing timelines",
+                    &bulk::scrub_timelines(self.timeline.name(), &scrub, &self.write_concern),
+                )
+                .await?;
             }
         }
         // Only now, with the batch durable, does the checkpoint move.
-        let checkpoint = bulk::advance_checkpoint(PROJECTION, partition, through, &self.write_concern);
+        let checkpoint =
+            bulk::advance_checkpoint(self.checkpoints.name(), PROJECTION, partition, through, &self.write_concern);
         self.command("writing the checkpoint", &checkpoint).await?;
         super::advance(&self.progress, partition, through);
         Ok(())
