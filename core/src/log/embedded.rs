@@ -35,8 +35,12 @@ const ENDS: TableDefinition<(&str, u32), (u64, i64)> = TableDefinition::new("end
 const TIME_INDEX: TableDefinition<(&str, u32, i64), u64> = TableDefinition::new("time_index");
 const GROUP_OFFSETS: TableDefinition<(&str, &str, u32), u64> = TableDefinition::new("group_offsets");
 const IDEMPOTENCY: TableDefinition<(&str, &str), (u32, u64, [u8; 32])> = TableDefinition::new("idempotency");
-/// Idempotency keys by the log time of their append, so expired ones are purged by a range scan.
-const IDEMPOTENCY_EXPIRY: TableDefinition<(i64, &str, &str), ()> = TableDefinition::new("idempotency_expiry");
+/// Idempotency keys by the log time of their append, with the position they were taken at, so
+/// expired ones are purged by a range scan.
+const IDEMPOTENCY_EXPIRY: TableDefinition<(i64, &str, &str), (u32, u64)> = TableDefinition::new("idempotency_expiry");
+/// Most keys one purge forgets, so the writer thread never stalls long on a backlog; the rest
+/// go at the next group commit.
+const PURGE_BATCH: usize = 10_000;
 
 /// The on-disk form of one record; position is in the table key.
 #[derive(Serialize, Deserialize)]
@@ -199,10 +203,14 @@ fn writer_loop(
             }
         }
         if purged_at.elapsed() >= purge_every {
-            purged_at = std::time::Instant::now();
             match purge_expired_keys(db, retention) {
-                Ok(purged) => tracing::debug!(purged, "expired idempotency keys purged"),
-                Err(e) => tracing::warn!(error = %e, "purging expired idempotency keys failed"),
+                // More are due: the next group commit purges again.
+                Ok(true) => {}
+                Ok(false) => purged_at = std::time::Instant::now(),
+                Err(e) => {
+                    purged_at = std::time::Instant::now();
+                    tracing::warn!(error = %e, "purging expired idempotency keys failed");
+                }
             }
         }
     }
@@ -271,53 +279,38 @@ fn append_in(
             .map_err(unavailable)?;
         txn.open_table(IDEMPOTENCY_EXPIRY)
             .map_err(unavailable)?
-            .insert((timestamp_ms, topic, idem.key.as_str()), ())
+            .insert((timestamp_ms, topic, idem.key.as_str()), (partition, offset))
             .map_err(unavailable)?;
     }
     Ok(Ok(Appended { partition, offset, timestamp_ms, replayed: false }))
 }
 
-/// Forgets idempotency keys appended before `now - retention`; returns how many. A key taken
-/// again since keeps its newer entry.
-fn purge_expired_keys(db: &Database, retention: Duration) -> Result<u64, LogError> {
+/// Forgets up to [`PURGE_BATCH`] idempotency keys appended before `now - retention`; `true`
+/// when more are due. A key taken again since keeps its newer entry.
+fn purge_expired_keys(db: &Database, retention: Duration) -> Result<bool, LogError> {
     let cutoff = now_ms().saturating_sub(retention.as_millis() as i64);
     let txn = db.begin_write().map_err(unavailable)?;
-    let mut purged = 0;
-    {
+    let more = {
         let mut expiry = txn.open_table(IDEMPOTENCY_EXPIRY).map_err(unavailable)?;
         let mut keys = txn.open_table(IDEMPOTENCY).map_err(unavailable)?;
-        let records = txn.open_table(RECORDS).map_err(unavailable)?;
-        let expired: Vec<(i64, String, String)> = expiry
-            .range((i64::MIN, "", "")..(cutoff, "", ""))
-            .map_err(unavailable)?
-            .map(|entry| {
-                entry.map(|(k, _)| {
-                    let (t, topic, key) = k.value();
-                    (t, topic.to_owned(), key.to_owned())
-                })
-            })
-            .collect::<Result<_, _>>()
-            .map_err(unavailable)?;
-        for (timestamp_ms, topic, key) in &expired {
+        let mut expired: Vec<(i64, String, String, (u32, u64))> = Vec::new();
+        for entry in expiry.range((i64::MIN, "", "")..(cutoff, "", "")).map_err(unavailable)?.take(PURGE_BATCH + 1) {
+            let (k, taken_at) = entry.map_err(unavailable)?;
+            let (t, topic, key) = k.value();
+            expired.push((t, topic.to_owned(), key.to_owned(), taken_at.value()));
+        }
+        let more = expired.len() > PURGE_BATCH;
+        for (timestamp_ms, topic, key, taken_at) in expired.iter().take(PURGE_BATCH) {
             expiry.remove((*timestamp_ms, topic.as_str(), key.as_str())).map_err(unavailable)?;
-            let Some((partition, offset, _)) =
-                keys.get((topic.as_str(), key.as_str())).map_err(unavailable)?.map(|g| g.value())
-            else {
-                continue;
-            };
-            let appended_at = records
-                .get((topic.as_str(), partition, offset))
-                .map_err(unavailable)?
-                .and_then(|g| postcard::from_bytes::<StoredRecord>(g.value()).ok())
-                .map_or(i64::MIN, |r| r.timestamp_ms);
-            if appended_at <= *timestamp_ms {
+            let current = keys.get((topic.as_str(), key.as_str())).map_err(unavailable)?.map(|g| g.value());
+            if current.is_some_and(|(partition, offset, _)| (partition, offset) == *taken_at) {
                 keys.remove((topic.as_str(), key.as_str())).map_err(unavailable)?;
-                purged += 1;
             }
         }
-    }
+        more
+    };
     txn.commit().map_err(unavailable)?;
-    Ok(purged)
+    Ok(more)
 }
 
 impl EmbeddedLog {

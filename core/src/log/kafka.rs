@@ -262,7 +262,9 @@ impl EventLog for KafkaLog {
 
     async fn append(&self, request: AppendRequest) -> Result<Appended, LogError> {
         if request.idempotency.is_some() {
-            return Err(LogError::Unsupported("Idempotency-Key is not supported with the Kafka event log yet".into()));
+            return Err(LogError::Unsupported(
+                "Idempotency-Key on Kafka needs a claim store shared by the writers (IdempotentLog)".into(),
+            ));
         }
         let mut headers = OwnedHeaders::new();
         for (key, value) in &request.headers {

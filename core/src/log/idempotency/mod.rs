@@ -155,7 +155,7 @@ impl IdempotentLog {
                 }
                 Ok(appended)
             }
-            Err(e @ (LogError::Timeout(_) | LogError::Unavailable(_))) => Err(e), // outcome unknown: stays pending
+            Err(e) if e.is_transient() => Err(e), // outcome unknown: stays pending
             Err(e) => {
                 let _ = self.guard.call("release", || self.store.release(key, &claim.owner)).await;
                 Err(e)

@@ -116,9 +116,11 @@ impl ClaimStore for MongoClaimStore {
         Ok(())
     }
 
+    /// The TTL index does this on its own within a minute or so; asked, it deletes the same
+    /// claims through that index (`expires_at` = claim time + retention).
     async fn purge(&self, before_ms: i64) -> Result<u64, StoreError> {
-        let deleted =
-            self.claims.delete_many(doc! { "claimed_at_ms": { "$lt": before_ms } }).await.map_err(unavailable)?;
+        let expired = mongodb::bson::DateTime::from_millis(before_ms.saturating_add(self.retention.as_millis() as i64));
+        let deleted = self.claims.delete_many(doc! { "expires_at": { "$lt": expired } }).await.map_err(unavailable)?;
         Ok(deleted.deleted_count)
     }
 }
