@@ -239,6 +239,11 @@ pub fn has_server_read_models(settings: &Settings) -> bool {
     settings.mongodb.uri.is_some() || settings.elasticsearch.url.is_some()
 }
 
+/// Whether either read model lives in the data dir (redb documents or the tantivy index).
+fn has_embedded_read_model(settings: &Settings) -> bool {
+    settings.mongodb.uri.is_none() || settings.elasticsearch.url.is_none()
+}
+
 /// Where the read models' generations are recorded: MongoDB's pointer document when MongoDB
 /// holds the documents, Elasticsearch's (which also moves its read alias) when it holds search,
 /// and `generations.json` when either is embedded. The first is the record; a switch writes all.
@@ -251,7 +256,7 @@ pub async fn generation_pointer(settings: &Settings) -> anyhow::Result<Arc<dyn G
     if let Some(options) = elastic_options(settings) {
         pointers.push(Arc::new(ElasticGenerations::new(&options).context("creating the Elasticsearch client")?));
     }
-    if settings.mongodb.uri.is_none() || settings.elasticsearch.url.is_none() {
+    if has_embedded_read_model(settings) {
         pointers.push(Arc::new(FilePointer { data_dir: settings.storage.data_dir.clone() }));
     }
     Ok(Arc::new(Pointers(pointers)))
@@ -260,11 +265,8 @@ pub async fn generation_pointer(settings: &Settings) -> anyhow::Result<Arc<dyn G
 /// Opens generation `generation` of both read models, each on its server or in the data dir.
 pub async fn open_generation(settings: &Settings, generation: u32, usage: ReadModelUse) -> anyhow::Result<ReadSide> {
     let poll = (usage == ReadModelUse::Serving).then_some(CHECKPOINT_POLL);
-    let embedded = if settings.mongodb.uri.is_none() || settings.elasticsearch.url.is_none() {
-        Some(open_embedded_generation(settings, generation)?)
-    } else {
-        None
-    };
+    let embedded =
+        if has_embedded_read_model(settings) { Some(open_embedded_generation(settings, generation)?) } else { None };
     let embedded = || embedded.as_ref().expect("opened when a server is not configured");
     let store: Arc<dyn ReadStore> = match mongo_options(settings) {
         Some(options) => {
@@ -292,7 +294,7 @@ pub async fn remove_generation(settings: &Settings, generation: u32) -> anyhow::
     if let Some(options) = elastic_options(settings) {
         ElasticGenerations::new(&options)?.drop_generation(generation).await.context("deleting the index")?;
     }
-    if settings.mongodb.uri.is_none() || settings.elasticsearch.url.is_none() {
+    if has_embedded_read_model(settings) {
         crate::generations::remove(&settings.storage.data_dir, generation)?;
     }
     Ok(())

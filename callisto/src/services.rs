@@ -71,17 +71,16 @@ pub async fn run_projector(
     let live = pointer.load().await.context("reading the live generation")?.live;
     let side = backends::open_generation(&settings, live, backends::ReadModelUse::Projecting).await?;
     // Readiness and compaction reach whichever generation is being projected.
-    let switches =
-        (Arc::new(SwitchedReadStore::new(side.store.clone())), Arc::new(SwitchedSearchIndex::new(side.search.clone())));
-    let read_side = backends::ReadSide { store: switches.0.clone(), search: switches.1.clone() };
-    let projections: Vec<Arc<dyn Projection>> = vec![read_side.store.clone(), read_side.search.clone()];
+    let switches = (Arc::new(SwitchedReadStore::new(side.store)), Arc::new(SwitchedSearchIndex::new(side.search)));
+    let projections: Vec<Arc<dyn Projection>> = vec![switches.0.clone(), switches.1.clone()];
+    let store = switches.0.clone();
     let stop = CancellationToken::new();
     let projector = tokio::spawn(project_live_generation(
         settings.clone(),
         log,
         log_side.reader(),
         pointer,
-        (live, side),
+        live,
         switches,
         stop.clone(),
     ));
@@ -98,7 +97,6 @@ pub async fn run_projector(
             }
         }));
     }
-    let store = read_side.store.clone();
     let readiness: ReadinessCheck = Arc::new(move || {
         let store = store.clone();
         Box::pin(async move { store.checkpoints().await.map(|_| ()).map_err(|e| e.to_string()) })
@@ -113,22 +111,24 @@ pub async fn run_projector(
     Ok(served?)
 }
 
-/// Projects into the live generation until `stop`. On MongoDB and Elasticsearch it follows the
-/// generation pointer: when a rebuild switches readers (or rolls them back), this projector
-/// drains, leaves its groups and carries on in the new live generation from its checkpoints.
+/// Projects into generation `live`, which `switches` hold, until `stop`. On MongoDB and
+/// Elasticsearch it follows the generation pointer: when a rebuild switches readers (or rolls
+/// them back), this projector drains, leaves its groups, points `switches` at the new live
+/// generation and carries on there from its checkpoints.
 pub async fn project_live_generation(
     settings: Settings,
     log: Arc<dyn EventLog>,
     reader: Arc<callisto_core::privacy::EventReader>,
     pointer: Arc<dyn callisto_core::readmodel::generations::GenerationPointer>,
-    (mut live, mut side): (u32, backends::ReadSide),
+    mut live: u32,
     switches: (Arc<SwitchedReadStore>, Arc<SwitchedSearchIndex>),
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let follow = backends::has_server_read_models(&settings);
     loop {
         let generation_stop = stop.child_token();
-        let projections: Vec<Arc<dyn Projection>> = vec![side.store.clone(), side.search.clone()];
+        // The generation's own stores, not the switches: a switch moves only after this drains.
+        let projections: Vec<Arc<dyn Projection>> = vec![switches.0.current(), switches.1.current()];
         let settings_for_projector = callisto_projectors::ProjectorSettings::new(&settings.log.topic);
         let projector =
             callisto_projectors::Projector::new(log.clone(), reader.clone(), projections, settings_for_projector)
@@ -147,9 +147,9 @@ pub async fn project_live_generation(
         generation_stop.cancel();
         projector.await.context("projector task")?;
         let Some(next) = next else { return Ok(()) };
-        side = backends::open_generation(&settings, next, backends::ReadModelUse::Projecting).await?;
-        switches.0.switch_to(side.store.clone());
-        switches.1.switch_to(side.search.clone());
+        let side = backends::open_generation(&settings, next, backends::ReadModelUse::Projecting).await?;
+        switches.0.switch_to(side.store);
+        switches.1.switch_to(side.search);
         tracing::info!(from = live, to = next, "projecting into the new live generation");
         live = next;
     }

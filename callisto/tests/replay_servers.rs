@@ -188,15 +188,14 @@ async fn the_projector_moves_to_the_generation_a_rebuild_switched_to() {
     };
     let pointer = callisto::backends::generation_pointer(&settings).await.unwrap();
     let live = callisto::backends::open_generation(&settings, 0, ReadModelUse::Projecting).await.unwrap();
-    let switches =
-        (Arc::new(SwitchedReadStore::new(live.store.clone())), Arc::new(SwitchedSearchIndex::new(live.search.clone())));
+    let switches = (Arc::new(SwitchedReadStore::new(live.store)), Arc::new(SwitchedSearchIndex::new(live.search)));
     let stop = tokio_util::sync::CancellationToken::new();
     let projector = tokio::spawn(callisto::services::project_live_generation(
         settings.clone(),
         side.log.clone(),
         side.reader(),
         pointer.clone(),
-        (0, live),
+        0,
         switches.clone(),
         stop.clone(),
     ));
