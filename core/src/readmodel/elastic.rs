@@ -515,6 +515,31 @@ impl ElasticSearchIndex {
         Ok(answer)
     }
 
+    /// [`Self::call`], where 404 is an answer (`None`) and anything else but 2xx an error.
+    async fn call_unless_missing(
+        &self,
+        what: &str,
+        method: Method,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Option<&Value>,
+    ) -> Result<Option<Value>, StoreError> {
+        match self.call(what, method, path, query, body).await? {
+            (404, _) => Ok(None),
+            (status, answer) if status >= 300 => Err(body::request_error(status, &answer)),
+            (_, answer) => Ok(Some(answer)),
+        }
+    }
+
+    /// Creates index `index` with `definition`, unless it exists.
+    async fn create_index(&self, what: &str, index: &str, definition: &Value) -> Result<(), StoreError> {
+        let (status, answer) = self.call(what, Method::Put, &format!("/{index}"), &[], Some(definition)).await?;
+        if status >= 300 && answer["error"]["type"] != "resource_already_exists_exception" {
+            return Err(body::request_error(status, &answer));
+        }
+        Ok(())
+    }
+
     async fn install(&self) -> Result<(), StoreError> {
         let template = body::index_template(&self.options);
         let path = format!("/_index_template/{}", self.options.alias());
@@ -525,23 +550,11 @@ impl ElasticSearchIndex {
         let (status, _) = self.call("checking the alias", Method::Head, &format!("/_alias/{alias}"), &[], None).await?;
         let create =
             if status == 404 { json!({"aliases": {alias.clone(): {"is_write_index": true}}}) } else { json!({}) };
-        let path = format!("/{}", self.options.index());
-        let (status, answer) = self.call("creating the index", Method::Put, &path, &[], Some(&create)).await?;
-        let exists = answer["error"]["type"] == "resource_already_exists_exception";
-        if status >= 300 && !exists {
-            return Err(body::request_error(status, &answer));
-        }
+        self.create_index("creating the index", &self.options.index(), &create).await?;
         let checkpoints = json!({"mappings": {"dynamic": "strict", "properties": {
             "projection": {"type": "keyword"}, "partition": {"type": "integer"}, "offset": {"type": "long"}
         }}});
-        let path = format!("/{}", self.options.checkpoint_index());
-        let (status, answer) =
-            self.call("creating the checkpoint index", Method::Put, &path, &[], Some(&checkpoints)).await?;
-        let exists = answer["error"]["type"] == "resource_already_exists_exception";
-        if status >= 300 && !exists {
-            return Err(body::request_error(status, &answer));
-        }
-        Ok(())
+        self.create_index("creating the checkpoint index", &self.options.checkpoint_index(), &checkpoints).await
     }
 
     /// The stored persons among `ids` (realtime gets, no refresh needed).
@@ -750,13 +763,8 @@ impl Projection for ElasticSearchIndex {
     async fn checkpoints(&self) -> Result<Checkpoints, StoreError> {
         let request = json!({"size": 10_000, "query": {"term": {"projection": self.options.checkpoint_projection()}}});
         let path = format!("/{}/_search", self.options.checkpoint_index());
-        let (status, answer) = self.call("reading checkpoints", Method::Post, &path, &[], Some(&request)).await?;
-        if status == 404 {
-            return Ok(Checkpoints::new());
-        }
-        if status >= 300 {
-            return Err(body::request_error(status, &answer));
-        }
+        let found = self.call_unless_missing("reading checkpoints", Method::Post, &path, &[], Some(&request)).await?;
+        let Some(answer) = found else { return Ok(Checkpoints::new()) };
         Ok(answer["hits"]["hits"]
             .as_array()
             .into_iter()
@@ -811,31 +819,19 @@ impl ElasticGenerations {
     /// The indices the read alias names now.
     async fn alias_targets(&self) -> Result<Vec<String>, StoreError> {
         let path = format!("/_alias/{}", self.es.options.alias());
-        let (status, answer) = self.es.call("reading the alias", Method::Get, &path, &[], None).await?;
-        if status == 404 {
-            return Ok(Vec::new());
-        }
-        if status >= 300 {
-            return Err(body::request_error(status, &answer));
-        }
-        Ok(answer.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default())
+        let answer = self.es.call_unless_missing("reading the alias", Method::Get, &path, &[], None).await?;
+        Ok(answer.as_ref().and_then(Value::as_object).map(|o| o.keys().cloned().collect()).unwrap_or_default())
     }
 
     /// Deletes generation `generation`'s index and checkpoints.
     pub async fn drop_generation(&self, generation: u32) -> Result<(), StoreError> {
         let options = ElasticOptions { generation, ..self.es.options.clone() };
-        let (status, answer) =
-            self.es.call("deleting an index", Method::Delete, &format!("/{}", options.index()), &[], None).await?;
-        if status >= 300 && status != 404 {
-            return Err(body::request_error(status, &answer));
-        }
+        let index = format!("/{}", options.index());
+        self.es.call_unless_missing("deleting an index", Method::Delete, &index, &[], None).await?;
         let query = json!({"query": {"term": {"projection": options.checkpoint_projection()}}});
         let path = format!("/{}/_delete_by_query", options.checkpoint_index());
-        let (status, answer) =
-            self.es.call("deleting checkpoints", Method::Post, &path, &[("refresh", "true")], Some(&query)).await?;
-        if status >= 300 && status != 404 {
-            return Err(body::request_error(status, &answer));
-        }
+        let refresh = [("refresh", "true")];
+        self.es.call_unless_missing("deleting checkpoints", Method::Post, &path, &refresh, Some(&query)).await?;
         Ok(())
     }
 }
@@ -844,13 +840,12 @@ impl ElasticGenerations {
 impl super::generations::GenerationPointer for ElasticGenerations {
     async fn load(&self) -> Result<super::generations::Generations, StoreError> {
         let path = format!("/{}/_doc/{POINTER_ID}", self.es.options.generations_index());
-        let (status, answer) = self.es.call("reading the generations", Method::Get, &path, &[], None).await?;
-        if status < 300 && answer["found"] == true {
+        // 404: no generations index yet, or no document in it.
+        if let Some(answer) =
+            self.es.call_unless_missing("reading the generations", Method::Get, &path, &[], None).await?
+        {
             return serde_json::from_value(answer["_source"].clone())
                 .map_err(|e| unavailable(format!("unreadable generations document: {e}")));
-        }
-        if status >= 300 && status != 404 {
-            return Err(body::request_error(status, &answer));
         }
         let live = self.alias_targets().await?.iter().find_map(|i| generation_of(&self.es.options.prefix, i));
         Ok(super::generations::Generations { live: live.unwrap_or(0), ..Default::default() })
@@ -872,13 +867,7 @@ impl super::generations::GenerationPointer for ElasticGenerations {
             "live": {"type": "integer"}, "previous": {"type": "integer"}, "building": {"type": "integer"}
         }}});
         let index = options.generations_index();
-        let (status, answer) = self
-            .es
-            .call("creating the generations index", Method::Put, &format!("/{index}"), &[], Some(&mapping))
-            .await?;
-        if status >= 300 && answer["error"]["type"] != "resource_already_exists_exception" {
-            return Err(body::request_error(status, &answer));
-        }
+        self.es.create_index("creating the generations index", &index, &mapping).await?;
         let document = serde_json::to_value(next).map_err(unavailable)?;
         let path = format!("/{index}/_doc/{POINTER_ID}");
         self.es
