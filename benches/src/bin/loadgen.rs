@@ -100,8 +100,15 @@ struct RebuildArgs {
 }
 
 /// The same allocator as the `callisto` binary, so in-process figures match the server's.
+#[cfg(not(feature = "dhat-heap"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// With the `dhat-heap` feature, every allocation is tracked so the rebuild child can write a
+/// heap profile (what is live at the peak, and by which call stack).
+#[cfg(feature = "dhat-heap")]
+#[global_allocator]
+static ALLOCATOR: dhat::Alloc = dhat::Alloc;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -116,6 +123,8 @@ fn main() -> anyhow::Result<()> {
             (runtime.block_on(rebuild::run(args.events, args.projections))?, json)
         }
         Mode::RebuildChild { dir, total, projections } => {
+            #[cfg(feature = "dhat-heap")]
+            let _profiler = dhat::Profiler::new_heap();
             let rows = runtime.block_on(rebuild::child(&dir, total, projections))?;
             println!("{}", serde_json::to_string(&rows)?);
             return Ok(());

@@ -35,8 +35,8 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::{
-    Checkpoints, Facets, HitKind, PersonDoc, ProjectedEvent, Projection, SearchHit, SearchIndex, SearchRequest,
-    SearchResults, Status, StoreError, fold,
+    AddressDoc, Checkpoints, Facets, HitKind, PersonDoc, ProjectedEvent, Projection, SearchHit, SearchIndex,
+    SearchRequest, SearchResults, Status, StoreError, fold,
 };
 
 /// Lower-cases and folds accents (`Zoë` finds `zoe`), as analysts expect of names.
@@ -104,6 +104,8 @@ fn schema() -> (Schema, Fields) {
 struct NoteDoc {
     note_id: Uuid,
     text: String,
+    /// The offset of its `NoteAdded`; part of the person's version guard (see [`Inner::add`]).
+    offset: u64,
 }
 
 /// What the writer holds between commits, under one lock so a commit's payload always matches
@@ -203,13 +205,42 @@ impl Inner {
         Term::from_field_text(self.fields.doc_id, &format!("person:{id}"))
     }
 
+    /// The person as the index holds them, with the version guard's position: the person
+    /// document is rewritten only when something it indexes changes, so events that change
+    /// nothing searchable (a note, a new phone number) are accounted for by the notes' own
+    /// offsets, and the rest need no guard (applying them again changes nothing indexed).
     fn load_person(&self, searcher: &tantivy::Searcher, id: Uuid) -> Result<Option<PersonDoc>, StoreError> {
         let query = TermQuery::new(self.person_term(id), IndexRecordOption::Basic);
         let top = searcher.search(&query, &TopDocs::with_limit(1)).map_err(unavailable)?;
         let Some((_, address)) = top.first() else { return Ok(None) };
         let doc: TantivyDocument = searcher.doc(*address).map_err(unavailable)?;
         let json = doc.get_first(self.fields.person).and_then(|v| v.as_str()).unwrap_or("null");
-        serde_json::from_str(json).map_err(unavailable)
+        let mut person: Option<PersonDoc> = serde_json::from_str(json).map_err(unavailable)?;
+        if let Some(person) = &mut person {
+            let latest_note = self.latest_note_offset(searcher, id)?;
+            person.version.offset = person.version.offset.max(latest_note);
+        }
+        Ok(person)
+    }
+
+    /// The highest offset among the person's notes (0 without notes, or for notes indexed
+    /// before notes carried one), read from the fast field without fetching documents.
+    fn latest_note_offset(&self, searcher: &tantivy::Searcher, id: Uuid) -> Result<u64, StoreError> {
+        let term = Term::from_field_text(self.fields.note_owner, &id.to_string());
+        let found =
+            searcher.search(&TermQuery::new(term, IndexRecordOption::Basic), &DocSetCollector).map_err(unavailable)?;
+        let mut latest = 0;
+        let mut columns = HashMap::new();
+        for address in found {
+            let column = match columns.entry(address.segment_ord) {
+                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::hash_map::Entry::Vacant(entry) => entry.insert(
+                    searcher.segment_reader(address.segment_ord).fast_fields().u64("version").map_err(unavailable)?,
+                ),
+            };
+            latest = latest.max(column.first(address.doc_id).unwrap_or(0));
+        }
+        Ok(latest)
     }
 
     fn load_notes(&self, searcher: &tantivy::Searcher, id: Uuid) -> Result<Vec<NoteDoc>, StoreError> {
@@ -222,7 +253,8 @@ impl Inner {
                 let doc: TantivyDocument = searcher.doc(address).map_err(unavailable)?;
                 let text_of = |f: Field| doc.get_first(f).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
                 let note_id = Uuid::parse_str(&text_of(self.fields.note_id)).map_err(unavailable)?;
-                Ok(NoteDoc { note_id, text: text_of(self.fields.text) })
+                let offset = doc.get_first(self.fields.version).and_then(|v| v.as_u64()).unwrap_or(0);
+                Ok(NoteDoc { note_id, text: text_of(self.fields.text), offset })
             })
             .collect()
     }
@@ -268,6 +300,7 @@ impl Inner {
             f.note_id => note.note_id.to_string(),
             f.text => note.text.clone(),
             f.person => display_name(person),
+            f.version => note.offset,
         );
         self.facet_values(&mut doc, person);
         doc
@@ -322,6 +355,12 @@ impl Inner {
 
     /// Adds one partition's batch to the writer and returns the `added` count a commit must
     /// reach for the batch to be durable.
+    ///
+    /// The version guard refuses events at or below the person's position (see
+    /// [`Inner::load_person`]). Since a note that passes it cannot be in the index yet, new
+    /// notes and new persons are added without a delete in front of them: deletes are what a
+    /// commit pays for in every segment's term dictionary, and a rebuild would otherwise issue
+    /// one per event.
     fn add(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<u64, StoreError> {
         let mut pending = self.pending.lock().map_err(unavailable)?;
         let searcher = self.reader.searcher();
@@ -346,40 +385,56 @@ impl Inner {
             }
             *current = fold(current.take(), ev);
             if let (PersonEvent::NoteAdded(e), Some(_), false) = (&ev.event, current.as_ref(), ev.erases()) {
-                new_notes.entry(id).or_default().push(NoteDoc { note_id: e.note_id, text: e.text.clone() });
+                let note = NoteDoc { note_id: e.note_id, text: e.text.clone(), offset: ev.offset };
+                new_notes.entry(id).or_default().push(note);
             }
         }
+        // Every read (a person's notes) happens while planning, so a failing read leaves the
+        // writer untouched and the retried batch starts from the same state.
+        let mut operations = Vec::new();
         for (id, (before, after)) in &persons {
             let Some(after) = after else { continue };
-            if before.as_ref() == Some(after) {
+            let owner = || Term::from_field_text(self.fields.note_owner, &id.to_string());
+            if before.as_ref().map(indexed) == Some(indexed(after)) {
+                if after.status != Status::Erased {
+                    for note in new_notes.get(id).into_iter().flatten() {
+                        operations.push(Operation::Add(self.note_document(after, note)));
+                    }
+                }
                 continue;
             }
-            pending.writer.delete_term(self.person_term(*id));
+            if before.is_some() {
+                operations.push(Operation::Delete(self.person_term(*id)));
+            }
             if after.status == Status::Erased {
                 // Erased: every document of the person goes; nothing is added back.
-                pending.writer.delete_term(Term::from_field_text(self.fields.note_owner, &id.to_string()));
+                operations.push(Operation::Delete(owner()));
                 continue;
             }
-            pending.writer.add_document(self.person_document(after)?).map_err(unavailable)?;
+            operations.push(Operation::Add(self.person_document(after)?));
             let facets_changed = before.as_ref().is_some_and(|b| {
                 b.tags != after.tags || b.status != after.status || display_name(b) != display_name(after)
             });
             if facets_changed {
                 let notes = self.load_notes(&searcher, *id)?;
-                pending.writer.delete_term(Term::from_field_text(self.fields.note_owner, &id.to_string()));
-                for note in &notes {
-                    pending.writer.add_document(self.note_document(after, note)).map_err(unavailable)?;
-                }
+                operations.push(Operation::Delete(owner()));
+                operations.extend(notes.iter().map(|note| Operation::Add(self.note_document(after, note))));
             }
             for note in new_notes.get(id).into_iter().flatten() {
-                pending
-                    .writer
-                    .delete_term(Term::from_field_text(self.fields.doc_id, &format!("note:{}", note.note_id)));
-                pending.writer.add_document(self.note_document(after, note)).map_err(unavailable)?;
+                operations.push(Operation::Add(self.note_document(after, note)));
             }
         }
-        // Only now that every document is in the writer does the cache move on; a failure above
-        // leaves it at the last good state and the retried batch is re-added in full.
+        for operation in operations {
+            match operation {
+                Operation::Delete(term) => {
+                    pending.writer.delete_term(term);
+                }
+                // Fails only once the writer's indexing threads are gone, which no retry mends.
+                Operation::Add(doc) => {
+                    pending.writer.add_document(doc).map_err(unavailable)?;
+                }
+            }
+        }
         let mut cache = self.persons.lock().map_err(unavailable)?;
         for (id, (_, after)) in persons {
             cache.put(id, after);
@@ -596,6 +651,27 @@ fn prefix_form(token: &str, expand: &dyn Fn(Option<&str>, &str) -> Vec<String>) 
     }
     let alternatives: Vec<String> = terms.iter().map(|t| format!("{prefix}{t}")).collect();
     format!("{sign}({})", alternatives.join(" OR "))
+}
+
+/// One change to the index, in the order the writer must see it (a delete removes only what
+/// was added before it).
+enum Operation {
+    Delete(Term),
+    Add(TantivyDocument),
+}
+
+/// What the index shows of a person: the person document is rewritten only when this changes.
+/// A note count, a phone number or a timestamp is not searched, so events that change only
+/// those add their own documents (a note) or nothing.
+fn indexed(person: &PersonDoc) -> (&str, &str, Option<&str>, Option<&AddressDoc>, &[String], Status) {
+    (
+        &person.given_name,
+        &person.family_name,
+        person.email.as_deref(),
+        person.address.as_ref(),
+        &person.tags,
+        person.status,
+    )
 }
 
 pub(crate) fn display_name(person: &PersonDoc) -> String {

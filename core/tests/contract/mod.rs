@@ -290,6 +290,7 @@ where
     Fut: Future<Output = Arc<dyn SearchIndex>>,
 {
     search_guard_and_redelivery(open("guard".into()).await).await;
+    search_guard_after_reopen(&open).await;
     checkpoints_round_trip(&open).await;
     search_semantics(server, open("semantics".into()).await).await;
     search_erasure(open("erasure".into()).await).await;
@@ -333,6 +334,30 @@ async fn search_guard_and_redelivery(index: Arc<dyn SearchIndex>) {
     // Tagged after the notes were written: the notes carry the new tag too.
     let math = SearchRequest { tag: Some("math".into()), ..request("") };
     assert_eq!(index.search(&math).await.unwrap().total, 3);
+}
+
+/// The guard holds for a process that starts afresh: after notes that change nothing else of
+/// the person, a redelivered note at or below the last one is refused, a newer one is added.
+async fn search_guard_after_reopen<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn SearchIndex>>,
+{
+    let id = Uuid::new_v4();
+    {
+        let index = open("reopen".into()).await;
+        index.apply(3, &[at(3, 10, registered(id, "Ada", &["vip"]))], 10).await.unwrap();
+        let notes = vec![at(3, 11, note(id, "the analytical engine")), at(3, 12, note(id, "bernoulli numbers"))];
+        index.apply(3, &notes, 12).await.unwrap();
+        assert_eq!(index.search(&request("")).await.unwrap().total, 3, "the person and two notes");
+    }
+    let index = open("reopen".into()).await;
+    index.apply(3, &[at(3, 12, note(id, "late duplicate")), at(3, 11, note(id, "older duplicate"))], 12).await.unwrap();
+    assert_eq!(index.search(&request("duplicate")).await.unwrap().total, 0, "redeliveries are refused");
+    index.apply(3, &[at(3, 13, note(id, "difference engine"))], 13).await.unwrap();
+    let results = index.search(&request("")).await.unwrap();
+    assert_eq!(results.total, 4, "the newer note is added: {results:?}");
+    assert_eq!(results.facets.tags.get("vip"), Some(&4), "and carries the person's facets");
 }
 
 async fn search_semantics(server: Server, index: Arc<dyn SearchIndex>) {
