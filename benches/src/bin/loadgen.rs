@@ -47,6 +47,9 @@ enum Mode {
         total: u64,
         #[arg(long, value_enum)]
         projections: Projections,
+        /// Where under `dir` the read models go, so several rebuilds can run over one log.
+        #[arg(long, default_value = ".")]
+        models: PathBuf,
     },
 }
 
@@ -122,10 +125,10 @@ fn main() -> anyhow::Result<()> {
             let json = args.json.clone();
             (runtime.block_on(rebuild::run(args.events, args.projections))?, json)
         }
-        Mode::RebuildChild { dir, total, projections } => {
+        Mode::RebuildChild { dir, total, projections, models } => {
             #[cfg(feature = "dhat-heap")]
             let _profiler = dhat::Profiler::new_heap();
-            let rows = runtime.block_on(rebuild::child(&dir, total, projections))?;
+            let rows = runtime.block_on(rebuild::child(&dir, &models, total, projections))?;
             println!("{}", serde_json::to_string(&rows)?);
             return Ok(());
         }
@@ -520,6 +523,9 @@ mod rebuild {
 
     const TOPIC: &str = "persons";
     const EVENTS_PER_PERSON: u64 = 20;
+    /// Events the 1-core / all-core comparison rebuilds: enough to pass the start-up, few
+    /// enough that the 1-core run stays short.
+    const SCALING_EVENTS: u64 = 200_000;
 
     fn own_rss_mib() -> f64 {
         super::rss_mib(std::process::id(), "VmRSS:").unwrap_or(0.0)
@@ -614,18 +620,7 @@ mod rebuild {
         drop(log);
         drop(codec);
         eprintln!("rebuilding in a child process");
-        let which_arg = match which {
-            super::Projections::Both => "both",
-            super::Projections::Documents => "documents",
-            super::Projections::Search => "search",
-        };
-        let output = std::process::Command::new(std::env::current_exe()?)
-            .args(["rebuild-child", "--total", &total.to_string(), "--projections", which_arg, "--dir"])
-            .arg(dir.path())
-            .stderr(std::process::Stdio::inherit())
-            .output()?;
-        anyhow::ensure!(output.status.success(), "the rebuild child failed: {}", output.status);
-        let mut rows: Vec<Row> = serde_json::from_slice(&output.stdout)?;
+        let mut rows = rebuild_in_child(dir.path(), ".", total, which, None)?;
         rows.push(
             Row::new("rebuild's decode + open of sealed events (cached keys)", open_rate, "events/s")
                 .against("decode alone/s", decode_rate),
@@ -641,7 +636,61 @@ mod rebuild {
                 .against("raw bulk write/s", raw_write_rate)
                 .ratio_at_least(0.50),
         );
+        rows.extend(scaling(dir.path(), total, which)?);
         Ok(rows)
+    }
+
+    /// The rebuild of a prefix of the log (at most [`SCALING_EVENTS`]) into fresh read models,
+    /// once pinned to one core and once on every core, with `taskset`.
+    fn scaling(dir: &std::path::Path, total: u64, which: super::Projections) -> anyhow::Result<Vec<Row>> {
+        let events = total.min(SCALING_EVENTS);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let rate_on = |label: &str, cpus: usize| -> anyhow::Result<f64> {
+            eprintln!("rebuilding {events} events on {cpus} core(s)");
+            let rows = rebuild_in_child(dir, label, events, which, Some(cpus))?;
+            Ok(rows.first().map_or(0.0, |row| row.value))
+        };
+        let one = rate_on("scaling-1", 1)?;
+        let all = rate_on("scaling-all", cores)?;
+        Ok(vec![
+            Row::new(format!("rebuild of {events} events pinned to 1 core"), one, "events/s"),
+            Row::new(format!("rebuild of {events} events on all {cores} cores vs 1 core"), all, "events/s")
+                .against("1-core events/s", one)
+                .ratio_at_least(1.7),
+        ])
+    }
+
+    /// Runs the rebuild child over the log in `dir`, with its read models in `models` (under
+    /// `dir`), pinned to the first `cores` CPUs when given, and returns its rows.
+    fn rebuild_in_child(
+        dir: &std::path::Path,
+        models: &str,
+        total: u64,
+        which: super::Projections,
+        cores: Option<usize>,
+    ) -> anyhow::Result<Vec<Row>> {
+        let which_arg = match which {
+            super::Projections::Both => "both",
+            super::Projections::Documents => "documents",
+            super::Projections::Search => "search",
+        };
+        let exe = std::env::current_exe()?;
+        let mut command = match cores {
+            Some(cores) => {
+                let mut taskset = std::process::Command::new("taskset");
+                taskset.args(["--cpu-list", &format!("0-{}", cores - 1)]).arg(exe);
+                taskset
+            }
+            None => std::process::Command::new(exe),
+        };
+        let output = command
+            .args(["rebuild-child", "--total", &total.to_string(), "--projections", which_arg, "--models", models])
+            .arg("--dir")
+            .arg(dir)
+            .stderr(std::process::Stdio::inherit())
+            .output()?;
+        anyhow::ensure!(output.status.success(), "the rebuild child failed: {}", output.status);
+        Ok(serde_json::from_slice(&output.stdout)?)
     }
 
     /// Every record's payload, in memory, so decoding can be timed without the reads.
@@ -659,12 +708,19 @@ mod rebuild {
     }
 
     /// The child's side: rebuild the read models of the log in `dir` and report as rows.
-    pub async fn child(dir: &std::path::Path, total: u64, which: super::Projections) -> anyhow::Result<Vec<Row>> {
+    pub async fn child(
+        dir: &std::path::Path,
+        models: &std::path::Path,
+        total: u64,
+        which: super::Projections,
+    ) -> anyhow::Result<Vec<Row>> {
         let registry = Arc::new(EmbeddedRegistry::open(&dir.join("schemas.redb"))?);
         let codec = Arc::new(Codec::new(registry, TOPIC)?);
         let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(&dir.join("log.redb"), EmbeddedLogOptions::default())?);
-        let store = Arc::new(EmbeddedReadStore::open(&dir.join("readmodel.redb"))?);
-        let search = Arc::new(TantivySearchIndex::open(&dir.join("search"))?);
+        let models = dir.join(models);
+        std::fs::create_dir_all(&models)?;
+        let store = Arc::new(EmbeddedReadStore::open(&models.join("readmodel.redb"))?);
+        let search = Arc::new(TantivySearchIndex::open(&models.join("search"))?);
         let rss_before = own_rss_mib();
         let shutdown = tokio_util::sync::CancellationToken::new();
         let projections: Vec<Arc<dyn Projection>> = match which {

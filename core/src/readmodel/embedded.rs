@@ -111,69 +111,105 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError>
     serde_json::from_slice(bytes).map_err(|e| StoreError::Unavailable(format!("stored document is corrupt: {e}")))
 }
 
-fn load_doc(txn: &WriteTransaction, id: &str) -> Result<Option<PersonDoc>, StoreError> {
-    let table = txn.open_table(PERSONS).map_err(unavailable)?;
-    let found = table.get(id).map_err(unavailable)?;
-    found.map(|g| decode(g.value())).transpose()
+/// The tables a batch writes, opened once per transaction.
+struct Tables<'txn> {
+    persons: redb::Table<'txn, &'static str, &'static [u8]>,
+    by_tag: redb::Table<'txn, (&'static str, &'static str), ()>,
+    by_status: redb::Table<'txn, (&'static str, &'static str), ()>,
+    timeline: redb::Table<'txn, (&'static str, u64), &'static [u8]>,
 }
 
-fn save_doc(txn: &WriteTransaction, before: Option<&PersonDoc>, after: &PersonDoc) -> Result<(), StoreError> {
-    let id = after.person_id.to_string();
-    let bytes = serde_json::to_vec(after).map_err(unavailable)?;
-    txn.open_table(PERSONS).map_err(unavailable)?.insert(id.as_str(), bytes.as_slice()).map_err(unavailable)?;
-    let mut by_tag = txn.open_table(BY_TAG).map_err(unavailable)?;
-    let old_tags = before.map(|d| d.tags.as_slice()).unwrap_or_default();
-    for tag in old_tags.iter().filter(|t| !after.tags.contains(t)) {
-        by_tag.remove((tag.as_str(), id.as_str())).map_err(unavailable)?;
+impl<'txn> Tables<'txn> {
+    fn open(txn: &'txn WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Self {
+            persons: txn.open_table(PERSONS).map_err(unavailable)?,
+            by_tag: txn.open_table(BY_TAG).map_err(unavailable)?,
+            by_status: txn.open_table(BY_STATUS).map_err(unavailable)?,
+            timeline: txn.open_table(TIMELINE).map_err(unavailable)?,
+        })
     }
-    for tag in after.tags.iter().filter(|t| !old_tags.contains(t)) {
-        by_tag.insert((tag.as_str(), id.as_str()), ()).map_err(unavailable)?;
+
+    fn load_doc(&self, id: &str) -> Result<Option<PersonDoc>, StoreError> {
+        let found = self.persons.get(id).map_err(unavailable)?;
+        found.map(|g| decode(g.value())).transpose()
     }
-    let mut by_status = txn.open_table(BY_STATUS).map_err(unavailable)?;
-    if let Some(old) = before.map(|d| d.status).filter(|s| *s != after.status) {
-        by_status.remove((old.as_str(), id.as_str())).map_err(unavailable)?;
+
+    /// Writes `after` over `before` with its index entries, touching only the entries that
+    /// changed.
+    fn save_doc(&mut self, before: Option<&PersonDoc>, after: &PersonDoc) -> Result<(), StoreError> {
+        let id = after.person_id.to_string();
+        let bytes = serde_json::to_vec(after).map_err(unavailable)?;
+        self.persons.insert(id.as_str(), bytes.as_slice()).map_err(unavailable)?;
+        let old_tags = before.map(|d| d.tags.as_slice()).unwrap_or_default();
+        for tag in old_tags.iter().filter(|t| !after.tags.contains(t)) {
+            self.by_tag.remove((tag.as_str(), id.as_str())).map_err(unavailable)?;
+        }
+        for tag in after.tags.iter().filter(|t| !old_tags.contains(t)) {
+            self.by_tag.insert((tag.as_str(), id.as_str()), ()).map_err(unavailable)?;
+        }
+        let old_status = before.map(|d| d.status);
+        if old_status != Some(after.status) {
+            if let Some(old) = old_status {
+                self.by_status.remove((old.as_str(), id.as_str())).map_err(unavailable)?;
+            }
+            self.by_status.insert((after.status.as_str(), id.as_str()), ()).map_err(unavailable)?;
+        }
+        Ok(())
     }
-    by_status.insert((after.status.as_str(), id.as_str()), ()).map_err(unavailable)?;
-    Ok(())
+
+    /// Rewrites every timeline entry of the person without its content.
+    fn scrub_timeline(&mut self, id: &str) -> Result<(), StoreError> {
+        let entries: Vec<(u64, TimelineEntry)> = self
+            .timeline
+            .range((id, 0)..=(id, u64::MAX))
+            .map_err(unavailable)?
+            .map(|entry| {
+                let (key, value) = entry.map_err(unavailable)?;
+                Ok((key.value().1, decode::<TimelineEntry>(value.value())?))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        for (offset, entry) in entries.into_iter().filter(|(_, e)| !e.erased) {
+            let bytes = serde_json::to_vec(&entry.scrubbed()).map_err(unavailable)?;
+            self.timeline.insert((id, offset), bytes.as_slice()).map_err(unavailable)?;
+        }
+        Ok(())
+    }
 }
 
+/// Applies a batch: every event goes on its person's timeline; each person is read once,
+/// folded in memory through the batch and written once at the end, with only the index
+/// entries that changed.
 fn apply_in(txn: &WriteTransaction, events: &[ProjectedEvent]) -> Result<(), StoreError> {
+    let mut tables = Tables::open(txn)?;
+    // person id → (as stored, as after the events so far).
+    let mut persons: std::collections::HashMap<String, (Option<PersonDoc>, Option<PersonDoc>)> =
+        std::collections::HashMap::new();
     for ev in events {
         let id = ev.event.meta().person_id.to_string();
         let entry = serde_json::to_vec(&timeline_entry(ev)).map_err(unavailable)?;
-        txn.open_table(TIMELINE)
-            .map_err(unavailable)?
-            .insert((id.as_str(), ev.offset), entry.as_slice())
-            .map_err(unavailable)?;
-        let before = load_doc(txn, &id)?;
+        tables.timeline.insert((id.as_str(), ev.offset), entry.as_slice()).map_err(unavailable)?;
+        let (_, current) = match persons.entry(id) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                let stored = tables.load_doc(entry.key())?;
+                entry.insert((stored.clone(), stored))
+            }
+        };
         // The version guard: an event at or below the stored position was applied already.
-        if before.as_ref().is_some_and(|d| d.version.partition == ev.partition && d.version.offset >= ev.offset) {
+        if current.as_ref().is_some_and(|d| d.version.partition == ev.partition && d.version.offset >= ev.offset) {
             continue;
         }
-        if let Some(after) = fold(before.clone(), ev) {
-            if super::scrubs_timeline(before.as_ref(), ev) {
-                scrub_timeline(txn, &id)?;
+        if let Some(after) = fold(current.clone(), ev) {
+            if super::scrubs_timeline(current.as_ref(), ev) {
+                tables.scrub_timeline(&after.person_id.to_string())?;
             }
-            save_doc(txn, before.as_ref(), &after)?;
+            *current = Some(after);
         }
     }
-    Ok(())
-}
-
-/// Rewrites every timeline entry of the person without its content.
-fn scrub_timeline(txn: &WriteTransaction, id: &str) -> Result<(), StoreError> {
-    let mut table = txn.open_table(TIMELINE).map_err(unavailable)?;
-    let entries: Vec<(u64, TimelineEntry)> = table
-        .range((id, 0)..=(id, u64::MAX))
-        .map_err(unavailable)?
-        .map(|entry| {
-            let (key, value) = entry.map_err(unavailable)?;
-            Ok((key.value().1, decode::<TimelineEntry>(value.value())?))
-        })
-        .collect::<Result<_, StoreError>>()?;
-    for (offset, entry) in entries.into_iter().filter(|(_, e)| !e.erased) {
-        let bytes = serde_json::to_vec(&entry.scrubbed()).map_err(unavailable)?;
-        table.insert((id, offset), bytes.as_slice()).map_err(unavailable)?;
+    for (stored, after) in persons.values() {
+        if let Some(after) = after.as_ref().filter(|after| stored.as_ref() != Some(*after)) {
+            tables.save_doc(stored.as_ref(), after)?;
+        }
     }
     Ok(())
 }
