@@ -52,10 +52,15 @@ impl Worker {
                 partition,
                 records.iter().map(|r| trace::remote_context(r.header("traceparent"), r.header("tracestate"))),
             );
-            let mut batch = Vec::with_capacity(records.len());
+            // The decoded events, and the record each came from (for dead letters).
+            let mut events = Vec::with_capacity(records.len());
+            let mut sources = Vec::with_capacity(records.len());
             for record in &records {
                 match self.decode(record, &stop).instrument(process.clone()).await {
-                    Some(Ok(event)) => batch.push((record, event)),
+                    Some(Ok(event)) => {
+                        events.push(event);
+                        sources.push(record);
+                    }
                     Some(Err(error)) => {
                         if !self.dead_letter(record, &error, &stop).await {
                             return;
@@ -64,10 +69,10 @@ impl Worker {
                     None => return,
                 }
             }
-            if let Outcome::Stopped = self.apply(&batch, through, &stop).instrument(process).await {
+            if let Outcome::Stopped = self.apply(&sources, &events, through, &stop).instrument(process).await {
                 return;
             }
-            callisto_core::readmodel::record_erasures(batch.iter().map(|(_, e)| e));
+            callisto_core::readmodel::record_erasures(&events);
             metrics::counter!("callisto_projected_events_total", "projection" => name).increment(records.len() as u64);
             metrics::histogram!("callisto_projection_batch_seconds", "projection" => name)
                 .record(started.elapsed().as_secs_f64());
@@ -139,15 +144,20 @@ impl Worker {
 
     /// Applies the batch with its checkpoint. A store that is down is retried until it is back;
     /// a batch the store rejects is applied event by event to dead-letter only the culprit.
-    async fn apply(&self, batch: &[(&Record, ProjectedEvent)], through: u64, shutdown: &CancellationToken) -> Outcome {
-        let events: Vec<ProjectedEvent> = batch.iter().map(|(_, e)| e.clone()).collect();
-        match self.apply_retrying(&events, through, shutdown).await {
+    async fn apply(
+        &self,
+        sources: &[&Record],
+        events: &[ProjectedEvent],
+        through: u64,
+        shutdown: &CancellationToken,
+    ) -> Outcome {
+        match self.apply_retrying(events, through, shutdown).await {
             None => Outcome::Stopped,
             Some(Ok(())) => Outcome::Applied,
             Some(Err(rejection)) => {
                 tracing::warn!(projection = self.projection.name(), partition = self.partition, error = %rejection,
                     "batch rejected; isolating the failing events");
-                for (record, event) in batch {
+                for (record, event) in sources.iter().zip(events) {
                     match self.apply_retrying(std::slice::from_ref(event), event.offset, shutdown).await {
                         None => return Outcome::Stopped,
                         Some(Ok(())) => {}
