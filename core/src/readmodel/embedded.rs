@@ -44,6 +44,11 @@ impl SharedDb {
         Self(Arc::new(RwLock::new(db)))
     }
 
+    /// Runs `f` on this thread, which must be one that may block.
+    pub fn run<T>(&self, f: impl FnOnce(&Database) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        f(&*self.0.read().map_err(unavailable)?)
+    }
+
     /// Runs `f` on a blocking thread.
     pub async fn blocking<T: Send + 'static>(
         &self,
