@@ -10,6 +10,8 @@
 //!   `KeyStore` port (embedded, MongoDB) and the `Keyring` services seal and open events with.
 //! - [`rules`]: input rules (lengths, patterns) shared by the handlers and the OpenAPI
 //!   document, so what is enforced is what is declared.
+//! - [`group_commit`]: one writer thread, one transaction and one fsync for many writers of an
+//!   embedded store.
 //! - [`resilience`]: timeout, retries and circuit breaker around read-model server calls.
 //! - [`auth`]: API keys, bearer JWTs, scopes, rate limits and the audit trail: the guard in
 //!   front of every route.
@@ -22,6 +24,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod group_commit;
 pub mod http;
 pub mod log;
 pub mod partition;

@@ -7,9 +7,9 @@
 //!
 //! ## Group commit
 //! Every new person needs a key on disk before their first event is acknowledged, so key
-//! writes are on the command path. A writer thread takes every write queued while the previous
-//! commit was syncing and applies them in one transaction, in arrival order, with one fsync:
-//! concurrent registrations share a commit instead of queueing for one each.
+//! writes are on the command path. They go through a [`GroupCommit`]: every write queued while
+//! the previous commit was syncing is applied in one transaction, in arrival order, with one
+//! fsync, so concurrent registrations share a commit instead of queueing for one each.
 
 use std::path::Path;
 
@@ -19,6 +19,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use uuid::Uuid;
 
 use super::{KeyStore, StoredKey};
+use crate::group_commit::GroupCommit;
 use crate::readmodel::StoreError;
 use crate::readmodel::embedded::SharedDb;
 
@@ -51,28 +52,16 @@ impl Condition {
     }
 }
 
-/// A queued write and who waits for its outcome: what is stored for the person after it.
-struct PendingWrite {
+/// A key write: what to store for the person, and when.
+struct KeyWrite {
     person: Uuid,
     key: StoredKey,
     condition: Condition,
-    reply: tokio::sync::oneshot::Sender<Result<StoredKey, StoreError>>,
 }
 
 pub struct EmbeddedKeyStore {
     db: SharedDb,
-    writes: Option<tokio::sync::mpsc::Sender<PendingWrite>>,
-    writer: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for EmbeddedKeyStore {
-    fn drop(&mut self) {
-        // The writer finishes what is queued and exits; joining it releases the file.
-        self.writes.take();
-        if let Some(writer) = self.writer.take() {
-            let _ = writer.join();
-        }
-    }
+    writes: GroupCommit<KeyWrite, StoredKey>,
 }
 
 impl std::fmt::Debug for EmbeddedKeyStore {
@@ -92,73 +81,43 @@ impl EmbeddedKeyStore {
         txn.open_table(KEYS).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
         let db = SharedDb::new(db);
-        let (writes, queue) = tokio::sync::mpsc::channel(MAX_GROUP);
-        let writer = {
+        let writes = {
             let db = db.clone();
-            std::thread::Builder::new()
-                .name("callisto-key-writer".into())
-                .spawn(move || write_groups(&db, queue))
-                .map_err(unavailable)?
+            GroupCommit::start("callisto-key-writer", MAX_GROUP, move |group: &[KeyWrite]| {
+                db.run(|db| write_group(db, group))
+            })?
         };
-        Ok(Self { db, writes: Some(writes), writer: Some(writer) })
+        Ok(Self { db, writes })
     }
 
-    /// Queues a write for the next group commit and waits for it.
+    /// Queues a write for the next group commit and waits for it: what is stored after it.
     async fn write(&self, person: Uuid, key: StoredKey, condition: Condition) -> Result<StoredKey, StoreError> {
-        let (reply, outcome) = tokio::sync::oneshot::channel();
-        let queue = self.writes.as_ref().ok_or_else(|| unavailable("the key store is closing"))?;
-        queue.send(PendingWrite { person, key, condition, reply }).await.map_err(unavailable)?;
-        outcome.await.map_err(unavailable)?
+        self.writes.submit(KeyWrite { person, key, condition }).await
     }
 }
 
-/// The writer thread: one transaction and one commit for every write queued meanwhile.
-fn write_groups(db: &SharedDb, mut queue: tokio::sync::mpsc::Receiver<PendingWrite>) {
-    let mut group = Vec::with_capacity(MAX_GROUP);
-    while let Some(first) = queue.blocking_recv() {
-        group.push(first);
-        while group.len() < MAX_GROUP {
-            match queue.try_recv() {
-                Ok(next) => group.push(next),
-                Err(_) => break,
-            }
-        }
-        let outcome = db.run(|db| {
-            let txn = db.begin_write().map_err(unavailable)?;
-            let stored = {
-                let mut table = txn.open_table(KEYS).map_err(unavailable)?;
-                group
-                    .iter()
-                    .map(|write| {
-                        let id = write.person.to_string();
-                        let current =
-                            table.get(id.as_str()).map_err(unavailable)?.map(|g| decode(g.value())).transpose()?;
-                        if write.condition.holds(current.as_ref()) {
-                            let bytes = serde_json::to_vec(&write.key).map_err(unavailable)?;
-                            table.insert(id.as_str(), bytes.as_slice()).map_err(unavailable)?;
-                            Ok(write.key.clone())
-                        } else {
-                            Ok(current.unwrap_or_else(|| write.key.clone()))
-                        }
-                    })
-                    .collect::<Result<Vec<_>, StoreError>>()?
-            };
-            txn.commit().map_err(unavailable)?;
-            Ok(stored)
-        });
-        match outcome {
-            Ok(stored) => {
-                for (write, stored) in group.drain(..).zip(stored) {
-                    let _ = write.reply.send(Ok(stored));
+/// Applies `group` in arrival order in one transaction: what is stored after each write.
+fn write_group(db: &Database, group: &[KeyWrite]) -> Result<Vec<StoredKey>, StoreError> {
+    let txn = db.begin_write().map_err(unavailable)?;
+    let stored = {
+        let mut table = txn.open_table(KEYS).map_err(unavailable)?;
+        group
+            .iter()
+            .map(|write| {
+                let id = write.person.to_string();
+                let current = table.get(id.as_str()).map_err(unavailable)?.map(|g| decode(g.value())).transpose()?;
+                if write.condition.holds(current.as_ref()) {
+                    let bytes = serde_json::to_vec(&write.key).map_err(unavailable)?;
+                    table.insert(id.as_str(), bytes.as_slice()).map_err(unavailable)?;
+                    Ok(write.key.clone())
+                } else {
+                    Ok(current.unwrap_or_else(|| write.key.clone()))
                 }
-            }
-            Err(e) => {
-                for write in group.drain(..) {
-                    let _ = write.reply.send(Err(StoreError::Unavailable(e.to_string())));
-                }
-            }
-        }
-    }
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?
+    };
+    txn.commit().map_err(unavailable)?;
+    Ok(stored)
 }
 
 #[async_trait]

@@ -1,5 +1,6 @@
 //! The embedded [`ReadStore`]: documents, secondary indexes, timelines and checkpoints in one
-//! redb file, each batch and its checkpoint in one write transaction.
+//! redb file, each batch and its checkpoint in one write transaction. Batches of different
+//! partitions arriving together share that transaction and its fsync (a group commit).
 //!
 //! ## Tables
 //! - `persons`: person id → JSON [`PersonDoc`].
@@ -15,6 +16,8 @@ use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use tokio::sync::watch;
 use uuid::Uuid;
+
+use crate::group_commit::GroupCommit;
 
 use super::{
     Checkpoints, ListFilter, Page, PersonDoc, ProjectedEvent, Projection, ReadStore, Status, StoreError, TimelineEntry,
@@ -72,9 +75,21 @@ impl SharedDb {
     }
 }
 
+/// One partition's batch and the checkpoint it reaches.
+struct Batch {
+    partition: u32,
+    events: Vec<ProjectedEvent>,
+    through: u64,
+}
+
+/// Most partition batches one transaction takes.
+const MAX_GROUP: usize = 64;
+
 pub struct EmbeddedReadStore {
     db: SharedDb,
     progress: watch::Sender<Checkpoints>,
+    /// Batches of every partition share transactions (see [`crate::group_commit`]).
+    batches: GroupCommit<Batch, ()>,
 }
 
 impl std::fmt::Debug for EmbeddedReadStore {
@@ -95,8 +110,35 @@ impl EmbeddedReadStore {
         txn.commit().map_err(unavailable)?;
         let checkpoints = read_checkpoints(&db)?;
         let (progress, _) = watch::channel(checkpoints);
-        Ok(Self { db: SharedDb::new(db), progress })
+        let db = SharedDb::new(db);
+        let batches = {
+            let db = db.clone();
+            GroupCommit::start("callisto-documents-writer", MAX_GROUP, move |group: &[Batch]| {
+                db.run(|db| commit_batches(db, group))
+            })?
+        };
+        Ok(Self { db, progress, batches })
     }
+}
+
+/// Applies every batch of `group` with its checkpoint, in one transaction. Partitions never
+/// share a person, so batches of different partitions do not interact.
+fn commit_batches(db: &Database, group: &[Batch]) -> Result<Vec<()>, StoreError> {
+    let txn = db.begin_write().map_err(unavailable)?;
+    for batch in group {
+        apply_in(&txn, &batch.events)?;
+    }
+    {
+        let mut table = txn.open_table(CHECKPOINTS).map_err(unavailable)?;
+        for batch in group {
+            let current = table.get(batch.partition).map_err(unavailable)?.map(|g| g.value());
+            if current.is_none_or(|c| c < batch.through) {
+                table.insert(batch.partition, batch.through).map_err(unavailable)?;
+            }
+        }
+    }
+    txn.commit().map_err(unavailable)?;
+    Ok(vec![(); group.len()])
 }
 
 fn read_checkpoints(db: &Database) -> Result<Checkpoints, StoreError> {
@@ -234,21 +276,7 @@ impl Projection for EmbeddedReadStore {
     }
 
     async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {
-        let events = events.to_vec();
-        self.db
-            .blocking(move |db| {
-                let txn = db.begin_write().map_err(unavailable)?;
-                apply_in(&txn, &events)?;
-                {
-                    let mut table = txn.open_table(CHECKPOINTS).map_err(unavailable)?;
-                    let current = table.get(partition).map_err(unavailable)?.map(|g| g.value());
-                    if current.is_none_or(|c| c < through) {
-                        table.insert(partition, through).map_err(unavailable)?;
-                    }
-                }
-                txn.commit().map_err(unavailable)
-            })
-            .await?;
+        self.batches.submit(Batch { partition, events: events.to_vec(), through }).await?;
         // The same never-backwards rule as the table above, without reading it back.
         super::advance(&self.progress, partition, through);
         Ok(())
