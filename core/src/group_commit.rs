@@ -68,6 +68,14 @@ impl<R: Send + 'static, T: Send + 'static> GroupCommit<R, T> {
     }
 }
 
+#[cfg(test)]
+impl<R, T> GroupCommit<R, T> {
+    /// Requests waiting for the writer to take them.
+    fn queued(&self) -> usize {
+        self.queue.as_ref().map_or(0, |q| q.max_capacity() - q.capacity())
+    }
+}
+
 /// Commits `group` and answers every request in it; on failure, each request alone.
 fn answer<R, T, F>(commit: &mut F, group: &mut Vec<Pending<R, T>>)
 where
@@ -101,5 +109,79 @@ impl<R, T> Drop for GroupCommit<R, T> {
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use super::GroupCommit;
+    use crate::readmodel::StoreError;
+
+    type Groups = Arc<Mutex<Vec<Vec<i64>>>>;
+
+    /// A store that records each group it commits, refuses any group holding a negative
+    /// number, and first waits until `open`, so requests pile up behind a commit in progress.
+    fn store(groups: Groups, open: Arc<AtomicBool>, started: Arc<AtomicUsize>) -> Arc<GroupCommit<i64, i64>> {
+        let writer = GroupCommit::start("test-writer", 64, move |group: &[i64]| {
+            started.fetch_add(1, Ordering::SeqCst);
+            while !open.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            groups.lock().unwrap().push(group.to_vec());
+            if group.iter().any(|n| *n < 0) {
+                return Err(StoreError::Rejected(format!("negative in {group:?}")));
+            }
+            Ok(group.iter().map(|n| n * 10).collect())
+        });
+        Arc::new(writer.unwrap())
+    }
+
+    /// Submits `first`, and once its commit is held back, `then`; lets the commits go and
+    /// returns every answer, `first`'s first, and the groups committed.
+    async fn submit_behind_a_commit(first: i64, then: &[i64]) -> (Vec<Result<i64, String>>, Vec<Vec<i64>>) {
+        let (groups, open, started) =
+            (Groups::default(), Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+        let writer = store(groups.clone(), open.clone(), started.clone());
+        let submit = |n: i64| {
+            let writer = writer.clone();
+            tokio::spawn(async move { writer.submit(n).await.map_err(|e| e.to_string()) })
+        };
+        let mut pending = vec![submit(first)];
+        // The writer has taken `first` and waits at the gate.
+        while started.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        pending.extend(then.iter().map(|n| submit(*n)));
+        while writer.queued() < then.len() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        open.store(true, Ordering::SeqCst);
+        let mut answers = Vec::new();
+        for answer in pending {
+            answers.push(answer.await.unwrap());
+        }
+        let groups = groups.lock().unwrap().clone();
+        (answers, groups)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_queued_during_a_commit_share_the_next_one() {
+        let (answers, groups) = submit_behind_a_commit(1, &[2, 3, 4, 5, 6, 7, 8, 9]).await;
+        assert_eq!(answers, (1..=9).map(|n| Ok(n * 10)).collect::<Vec<_>>(), "each request gets its own answer");
+        assert_eq!(groups.len(), 2, "the first commit, then one for the eight queued behind it: {groups:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_the_store_refuses_fails_alone() {
+        let (answers, groups) = submit_behind_a_commit(0, &[3, -1, 4]).await;
+        assert_eq!(answers[0], Ok(0));
+        assert_eq!(answers[1], Ok(30));
+        assert!(answers[2].as_ref().is_err_and(|e| e.contains("negative in [-1]")), "{answers:?}");
+        assert_eq!(answers[3], Ok(40));
+        assert!(groups.iter().any(|g| g.len() == 3), "the three shared a group first: {groups:?}");
     }
 }
