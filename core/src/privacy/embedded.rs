@@ -81,12 +81,7 @@ impl EmbeddedKeyStore {
         txn.open_table(KEYS).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
         let db = SharedDb::new(db);
-        let writes = {
-            let db = db.clone();
-            GroupCommit::start("callisto-key-writer", MAX_GROUP, move |group: &[KeyWrite]| {
-                db.run(|db| write_group(db, group))
-            })?
-        };
+        let writes = db.group_commit("callisto-key-writer", MAX_GROUP, write_group)?;
         Ok(Self { db, writes })
     }
 

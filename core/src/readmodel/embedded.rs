@@ -47,9 +47,15 @@ impl SharedDb {
         Self(Arc::new(RwLock::new(db)))
     }
 
-    /// Runs `f` on this thread, which must be one that may block.
-    pub fn run<T>(&self, f: impl FnOnce(&Database) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        f(&*self.0.read().map_err(unavailable)?)
+    /// A [`GroupCommit`] writer thread `name` whose groups `commit` applies to this database.
+    pub fn group_commit<R: Send + 'static, T: Send + 'static>(
+        &self,
+        name: &str,
+        max_group: usize,
+        commit: fn(&Database, &[R]) -> Result<Vec<T>, StoreError>,
+    ) -> Result<GroupCommit<R, T>, StoreError> {
+        let db = self.0.clone();
+        GroupCommit::start(name, max_group, move |group: &[R]| commit(&*db.read().map_err(unavailable)?, group))
     }
 
     /// Runs `f` on a blocking thread.
@@ -111,12 +117,7 @@ impl EmbeddedReadStore {
         let checkpoints = read_checkpoints(&db)?;
         let (progress, _) = watch::channel(checkpoints);
         let db = SharedDb::new(db);
-        let batches = {
-            let db = db.clone();
-            GroupCommit::start("callisto-documents-writer", MAX_GROUP, move |group: &[Batch]| {
-                db.run(|db| commit_batches(db, group))
-            })?
-        };
+        let batches = db.group_commit("callisto-documents-writer", MAX_GROUP, commit_batches)?;
         Ok(Self { db, progress, batches })
     }
 }
