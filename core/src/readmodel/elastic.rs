@@ -608,10 +608,9 @@ impl ElasticSearchIndex {
         for event in events {
             let id = event.event.meta().person_id;
             let before = current.get(&id);
-            // The version guard every adapter applies: an event at or below the position that
-            // last changed the person was applied already. External versioning alone cannot
-            // refuse it where it would make a new document (a note with its own id).
-            if before.is_some_and(|d| d.version.partition == event.partition && d.version.offset >= event.offset) {
+            // External versioning alone cannot refuse a redelivery where it would make a new
+            // document (a note with its own id), so the guard runs here too.
+            if before.is_some_and(|d| d.has_applied(event)) {
                 continue;
             }
             let Some(after) = fold(before.cloned(), event) else { continue };

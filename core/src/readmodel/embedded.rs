@@ -126,15 +126,13 @@ impl EmbeddedReadStore {
 /// share a person, so batches of different partitions do not interact.
 fn commit_batches(db: &Database, group: &[Batch]) -> Result<Vec<()>, StoreError> {
     let txn = db.begin_write().map_err(unavailable)?;
-    for batch in group {
-        apply_in(&txn, &batch.events)?;
-    }
     {
-        let mut table = txn.open_table(CHECKPOINTS).map_err(unavailable)?;
+        let mut tables = Tables::open(&txn)?;
         for batch in group {
-            let current = table.get(batch.partition).map_err(unavailable)?.map(|g| g.value());
+            apply_in(&mut tables, &batch.events)?;
+            let current = tables.checkpoints.get(batch.partition).map_err(unavailable)?.map(|g| g.value());
             if current.is_none_or(|c| c < batch.through) {
-                table.insert(batch.partition, batch.through).map_err(unavailable)?;
+                tables.checkpoints.insert(batch.partition, batch.through).map_err(unavailable)?;
             }
         }
     }
@@ -159,12 +157,13 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError>
     serde_json::from_slice(bytes).map_err(|e| StoreError::Unavailable(format!("stored document is corrupt: {e}")))
 }
 
-/// The tables a batch writes, opened once per transaction.
+/// The tables batches write, opened once per transaction.
 struct Tables<'txn> {
     persons: redb::Table<'txn, &'static str, &'static [u8]>,
     by_tag: redb::Table<'txn, (&'static str, &'static str), ()>,
     by_status: redb::Table<'txn, (&'static str, &'static str), ()>,
     timeline: redb::Table<'txn, (&'static str, u64), &'static [u8]>,
+    checkpoints: redb::Table<'txn, u32, u64>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -174,6 +173,7 @@ impl<'txn> Tables<'txn> {
             by_tag: txn.open_table(BY_TAG).map_err(unavailable)?,
             by_status: txn.open_table(BY_STATUS).map_err(unavailable)?,
             timeline: txn.open_table(TIMELINE).map_err(unavailable)?,
+            checkpoints: txn.open_table(CHECKPOINTS).map_err(unavailable)?,
         })
     }
 
@@ -227,8 +227,7 @@ impl<'txn> Tables<'txn> {
 /// Applies a batch: every event goes on its person's timeline; each person is read once,
 /// folded in memory through the batch and written once at the end, with only the index
 /// entries that changed.
-fn apply_in(txn: &WriteTransaction, events: &[ProjectedEvent]) -> Result<(), StoreError> {
-    let mut tables = Tables::open(txn)?;
+fn apply_in(tables: &mut Tables<'_>, events: &[ProjectedEvent]) -> Result<(), StoreError> {
     // person id → (as stored, as after the events so far).
     let mut persons: std::collections::HashMap<String, (Option<PersonDoc>, Option<PersonDoc>)> =
         std::collections::HashMap::new();
@@ -243,15 +242,13 @@ fn apply_in(txn: &WriteTransaction, events: &[ProjectedEvent]) -> Result<(), Sto
                 entry.insert((stored.clone(), stored))
             }
         };
-        // The version guard: an event at or below the stored position was applied already.
-        if current.as_ref().is_some_and(|d| d.version.partition == ev.partition && d.version.offset >= ev.offset) {
+        if current.as_ref().is_some_and(|d| d.has_applied(ev)) {
             continue;
         }
-        if let Some(after) = fold(current.clone(), ev) {
-            if super::scrubs_timeline(current.as_ref(), ev) {
-                tables.scrub_timeline(&after.person_id.to_string())?;
-            }
-            *current = Some(after);
+        let scrubs = super::scrubs_timeline(current.as_ref(), ev);
+        *current = fold(current.take(), ev);
+        if let Some(after) = current.as_ref().filter(|_| scrubs) {
+            tables.scrub_timeline(&after.person_id.to_string())?;
         }
     }
     for (stored, after) in persons.values() {

@@ -183,6 +183,14 @@ pub struct PersonDoc {
     pub version: Version,
 }
 
+impl PersonDoc {
+    /// The version guard every adapter applies: `ev` sits at or below the position that last
+    /// changed this document, so it was applied already (a redelivery or a replay).
+    pub fn has_applied(&self, ev: &ProjectedEvent) -> bool {
+        self.version.partition == ev.partition && self.version.offset >= ev.offset
+    }
+}
+
 /// One event in a person's history.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct TimelineEntry {

@@ -380,7 +380,7 @@ impl Inner {
                     entry.insert((committed.clone(), committed))
                 }
             };
-            if current.as_ref().is_some_and(|d| d.version.partition == ev.partition && d.version.offset >= ev.offset) {
+            if current.as_ref().is_some_and(|d| d.has_applied(ev)) {
                 continue;
             }
             *current = fold(current.take(), ev);
