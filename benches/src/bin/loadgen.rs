@@ -669,11 +669,8 @@ mod rebuild {
         which: super::Projections,
         cores: Option<usize>,
     ) -> anyhow::Result<Vec<Row>> {
-        let which_arg = match which {
-            super::Projections::Both => "both",
-            super::Projections::Documents => "documents",
-            super::Projections::Search => "search",
-        };
+        // The name clap parses the flag from.
+        let which_arg = clap::ValueEnum::to_possible_value(&which).expect("no variant is skipped");
         let exe = std::env::current_exe()?;
         let mut command = match cores {
             Some(cores) => {
@@ -684,7 +681,15 @@ mod rebuild {
             None => std::process::Command::new(exe),
         };
         let output = command
-            .args(["rebuild-child", "--total", &total.to_string(), "--projections", which_arg, "--models", models])
+            .args([
+                "rebuild-child",
+                "--total",
+                &total.to_string(),
+                "--projections",
+                which_arg.get_name(),
+                "--models",
+                models,
+            ])
             .arg("--dir")
             .arg(dir)
             .stderr(std::process::Stdio::inherit())
