@@ -6,14 +6,21 @@
 //! - `persons`: person id → JSON [`PersonDoc`].
 //! - `persons_by_tag`: (tag, person id) and `persons_by_status`: (status, person id), so a
 //!   filtered listing is a range scan from the cursor.
-//! - `timeline`: (person id, offset) → JSON [`TimelineEntry`].
+//! - `timeline_entries`: (partition, offset) → JSON [`TimelineEntry`], in log order, so a
+//!   batch appends its entries at the end of its partition's range instead of inserting each
+//!   at a random place in a tree far larger than the page cache.
+//! - `timeline_index`: (person id, bucket number) → that person's timeline positions, packed
+//!   [`BUCKET`] to a row, so a batch rewrites one row per person rather than one page per event.
 //! - `checkpoints`: partition → last applied offset.
+//!
+//! Stores written before the timeline was split into entries and index (one `timeline` table
+//! keyed by person and offset) are migrated when opened.
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle, WriteTransaction};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -27,7 +34,10 @@ use super::{
 const PERSONS: TableDefinition<&str, &[u8]> = TableDefinition::new("persons");
 const BY_TAG: TableDefinition<(&str, &str), ()> = TableDefinition::new("persons_by_tag");
 const BY_STATUS: TableDefinition<(&str, &str), ()> = TableDefinition::new("persons_by_status");
-const TIMELINE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("timeline");
+const TIMELINE: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("timeline_entries");
+const TIMELINE_INDEX: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("timeline_index");
+/// The timeline's earlier layout, (person id, offset) → entry, migrated on open.
+const TIMELINE_BY_PERSON: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("timeline");
 const CHECKPOINTS: TableDefinition<u32, u64> = TableDefinition::new("checkpoints");
 
 /// redb's page cache for the read models: bounded, so memory stays flat as they grow.
@@ -112,7 +122,9 @@ impl EmbeddedReadStore {
         txn.open_table(BY_TAG).map_err(unavailable)?;
         txn.open_table(BY_STATUS).map_err(unavailable)?;
         txn.open_table(TIMELINE).map_err(unavailable)?;
+        txn.open_table(TIMELINE_INDEX).map_err(unavailable)?;
         txn.open_table(CHECKPOINTS).map_err(unavailable)?;
+        migrate_timeline(&txn)?;
         txn.commit().map_err(unavailable)?;
         let checkpoints = read_checkpoints(&db)?;
         let (progress, _) = watch::channel(checkpoints);
@@ -140,6 +152,41 @@ fn commit_batches(db: &Database, group: &[Batch]) -> Result<Vec<()>, StoreError>
     Ok(vec![(); group.len()])
 }
 
+/// Moves a timeline kept in the earlier layout (one table keyed by person and offset) into
+/// entries and index, in the transaction that opens the store.
+fn migrate_timeline(txn: &WriteTransaction) -> Result<(), StoreError> {
+    let earlier = txn.list_tables().map_err(unavailable)?.any(|t| t.name() == TIMELINE_BY_PERSON.name());
+    if !earlier {
+        return Ok(());
+    }
+    {
+        let old = txn.open_table(TIMELINE_BY_PERSON).map_err(unavailable)?;
+        let mut tables = Tables::open(txn)?;
+        let mut person: Option<(String, Vec<Position>)> = None;
+        for entry in old.iter().map_err(unavailable)? {
+            let (key, value) = entry.map_err(unavailable)?;
+            let (id, offset) = key.value();
+            let partition = decode::<TimelineEntry>(value.value())?.partition;
+            tables.timeline.insert((partition, offset), value.value()).map_err(unavailable)?;
+            if person.as_ref().is_none_or(|(current, _)| current != id) {
+                if let Some((done, positions)) = person.take() {
+                    tables.index_positions(&done, &positions)?;
+                }
+                person = Some((id.to_owned(), Vec::new()));
+            }
+            if let Some((_, positions)) = person.as_mut() {
+                positions.push((partition, offset));
+            }
+        }
+        if let Some((done, positions)) = person {
+            tables.index_positions(&done, &positions)?;
+        }
+    }
+    txn.delete_table(TIMELINE_BY_PERSON).map_err(unavailable)?;
+    tracing::info!("moved the documents store's timeline to the entries-and-index layout");
+    Ok(())
+}
+
 fn read_checkpoints(db: &Database) -> Result<Checkpoints, StoreError> {
     let txn = db.begin_read().map_err(unavailable)?;
     let table = txn.open_table(CHECKPOINTS).map_err(unavailable)?;
@@ -157,12 +204,55 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError>
     serde_json::from_slice(bytes).map_err(|e| StoreError::Unavailable(format!("stored document is corrupt: {e}")))
 }
 
+/// Where a timeline entry sits in `timeline_entries`: (partition, offset).
+type Position = (u32, u64);
+
+/// Positions per `timeline_index` row: 256 of 12 bytes each, under one 4 KiB page.
+const BUCKET: usize = 256;
+const POSITION_BYTES: usize = 12;
+
+fn pack(positions: &[Position]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(positions.len() * POSITION_BYTES);
+    for (partition, offset) in positions {
+        bytes.extend_from_slice(&partition.to_le_bytes());
+        bytes.extend_from_slice(&offset.to_le_bytes());
+    }
+    bytes
+}
+
+fn unpack(bytes: &[u8]) -> impl Iterator<Item = Position> + '_ {
+    bytes.chunks_exact(POSITION_BYTES).map(|chunk| {
+        let (partition, offset) = chunk.split_at(4);
+        (
+            u32::from_le_bytes(partition.try_into().expect("4 bytes")),
+            u64::from_le_bytes(offset.try_into().expect("8 bytes")),
+        )
+    })
+}
+
+/// A person's timeline positions in the order they were applied, read row by row as the
+/// caller consumes them.
+fn positions_of<'t, T>(
+    index: &'t T,
+    id: &str,
+) -> Result<impl Iterator<Item = Result<Position, StoreError>> + 't, StoreError>
+where
+    T: ReadableTable<(&'static str, u32), &'static [u8]>,
+{
+    let rows = index.range((id, 0)..=(id, u32::MAX)).map_err(unavailable)?;
+    Ok(rows.flat_map(|row| match row {
+        Ok((_, value)) => unpack(value.value()).map(Ok).collect::<Vec<_>>(),
+        Err(e) => vec![Err(unavailable(e))],
+    }))
+}
+
 /// The tables batches write, opened once per transaction.
 struct Tables<'txn> {
     persons: redb::Table<'txn, &'static str, &'static [u8]>,
     by_tag: redb::Table<'txn, (&'static str, &'static str), ()>,
     by_status: redb::Table<'txn, (&'static str, &'static str), ()>,
-    timeline: redb::Table<'txn, (&'static str, u64), &'static [u8]>,
+    timeline: redb::Table<'txn, (u32, u64), &'static [u8]>,
+    timeline_index: redb::Table<'txn, (&'static str, u32), &'static [u8]>,
     checkpoints: redb::Table<'txn, u32, u64>,
 }
 
@@ -173,6 +263,7 @@ impl<'txn> Tables<'txn> {
             by_tag: txn.open_table(BY_TAG).map_err(unavailable)?,
             by_status: txn.open_table(BY_STATUS).map_err(unavailable)?,
             timeline: txn.open_table(TIMELINE).map_err(unavailable)?,
+            timeline_index: txn.open_table(TIMELINE_INDEX).map_err(unavailable)?,
             checkpoints: txn.open_table(CHECKPOINTS).map_err(unavailable)?,
         })
     }
@@ -207,53 +298,93 @@ impl<'txn> Tables<'txn> {
 
     /// Rewrites every timeline entry of the person without its content.
     fn scrub_timeline(&mut self, id: &str) -> Result<(), StoreError> {
-        let entries: Vec<(u64, TimelineEntry)> = self
-            .timeline
-            .range((id, 0)..=(id, u64::MAX))
-            .map_err(unavailable)?
-            .map(|entry| {
-                let (key, value) = entry.map_err(unavailable)?;
-                Ok((key.value().1, decode::<TimelineEntry>(value.value())?))
-            })
-            .collect::<Result<_, StoreError>>()?;
-        for (offset, entry) in entries.into_iter().filter(|(_, e)| !e.erased) {
-            let bytes = serde_json::to_vec(&entry.scrubbed()).map_err(unavailable)?;
-            self.timeline.insert((id, offset), bytes.as_slice()).map_err(unavailable)?;
+        let positions: Vec<Position> = positions_of(&self.timeline_index, id)?.collect::<Result<_, _>>()?;
+        for position in positions {
+            let Some(stored) = self.timeline.get(position).map_err(unavailable)? else { continue };
+            let entry: TimelineEntry = decode(stored.value())?;
+            drop(stored);
+            if !entry.erased {
+                let bytes = serde_json::to_vec(&entry.scrubbed()).map_err(unavailable)?;
+                self.timeline.insert(position, bytes.as_slice()).map_err(unavailable)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends `positions` (ascending within each partition) to the person's index rows. Those
+    /// at or below the last position recorded for the same partition were indexed already: a
+    /// batch delivered again after a crash.
+    fn index_positions(&mut self, id: &str, positions: &[Position]) -> Result<(), StoreError> {
+        let last_row = match self.timeline_index.range((id, 0)..=(id, u32::MAX)).map_err(unavailable)?.next_back() {
+            Some(found) => {
+                let (key, value) = found.map_err(unavailable)?;
+                Some((key.value().1, unpack(value.value()).collect::<Vec<_>>()))
+            }
+            None => None,
+        };
+        let (mut bucket, mut row) = last_row.unwrap_or_default();
+        let last = row.last().copied();
+        let fresh = positions.iter().filter(|(p, o)| last.is_none_or(|(lp, lo)| lp != *p || lo < *o));
+        let mut changed = false;
+        for &position in fresh {
+            if row.len() == BUCKET {
+                self.timeline_index.insert((id, bucket), pack(&row).as_slice()).map_err(unavailable)?;
+                bucket += 1;
+                row.clear();
+            }
+            row.push(position);
+            changed = true;
+        }
+        if changed {
+            self.timeline_index.insert((id, bucket), pack(&row).as_slice()).map_err(unavailable)?;
         }
         Ok(())
     }
 }
 
-/// Applies a batch: every event goes on its person's timeline; each person is read once,
-/// folded in memory through the batch and written once at the end, with only the index
-/// entries that changed.
+/// A person as a batch folds them.
+struct Folding {
+    /// As stored before the batch.
+    stored: Option<PersonDoc>,
+    /// After the batch's events so far.
+    current: Option<PersonDoc>,
+    /// Timeline positions the batch adds.
+    positions: Vec<Position>,
+}
+
+/// Applies a batch: every event's entry is appended to the timeline; each person is read once,
+/// folded in memory through the batch and written once at the end (document, index entries
+/// that changed, timeline positions).
 fn apply_in(tables: &mut Tables<'_>, events: &[ProjectedEvent]) -> Result<(), StoreError> {
-    // person id → (as stored, as after the events so far).
-    let mut persons: std::collections::HashMap<String, (Option<PersonDoc>, Option<PersonDoc>)> =
-        std::collections::HashMap::new();
+    let mut persons: std::collections::HashMap<String, Folding> = std::collections::HashMap::new();
     for ev in events {
         let id = ev.event.meta().person_id.to_string();
         let entry = serde_json::to_vec(&timeline_entry(ev)).map_err(unavailable)?;
-        tables.timeline.insert((id.as_str(), ev.offset), entry.as_slice()).map_err(unavailable)?;
-        let (_, current) = match persons.entry(id) {
+        tables.timeline.insert((ev.partition, ev.offset), entry.as_slice()).map_err(unavailable)?;
+        let person = match persons.entry(id) {
             std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
             std::collections::hash_map::Entry::Vacant(entry) => {
                 let stored = tables.load_doc(entry.key())?;
-                entry.insert((stored.clone(), stored))
+                entry.insert(Folding { current: stored.clone(), stored, positions: Vec::new() })
             }
         };
-        if current.as_ref().is_some_and(|d| d.has_applied(ev)) {
+        person.positions.push((ev.partition, ev.offset));
+        if person.current.as_ref().is_some_and(|d| d.has_applied(ev)) {
             continue;
         }
-        let scrubs = super::scrubs_timeline(current.as_ref(), ev);
-        *current = fold(current.take(), ev);
-        if let Some(after) = current.as_ref().filter(|_| scrubs) {
-            tables.scrub_timeline(&after.person_id.to_string())?;
+        let scrubs = super::scrubs_timeline(person.current.as_ref(), ev);
+        person.current = fold(person.current.take(), ev);
+        if scrubs {
+            // Positions of this batch go into the index first, so the scrub reaches them too.
+            let id = ev.event.meta().person_id.to_string();
+            tables.index_positions(&id, &std::mem::take(&mut person.positions))?;
+            tables.scrub_timeline(&id)?;
         }
     }
-    for (stored, after) in persons.values() {
-        if let Some(after) = after.as_ref().filter(|after| stored.as_ref() != Some(*after)) {
-            tables.save_doc(stored.as_ref(), after)?;
+    for (id, person) in &persons {
+        tables.index_positions(id, &person.positions)?;
+        if let Some(after) = person.current.as_ref().filter(|after| person.stored.as_ref() != Some(*after)) {
+            tables.save_doc(person.stored.as_ref(), after)?;
         }
     }
     Ok(())
@@ -380,14 +511,21 @@ impl ReadStore for EmbeddedReadStore {
         self.db
             .blocking(move |db| {
                 let txn = db.begin_read().map_err(unavailable)?;
-                let table = txn.open_table(TIMELINE).map_err(unavailable)?;
+                let entries = txn.open_table(TIMELINE).map_err(unavailable)?;
+                let index = txn.open_table(TIMELINE_INDEX).map_err(unavailable)?;
                 let id = person_id.to_string();
-                let start = cursor.map_or(0, |c| c.saturating_add(1));
                 let mut items: Vec<TimelineEntry> = Vec::with_capacity(limit + 1);
-                for entry in
-                    table.range((id.as_str(), start)..=(id.as_str(), u64::MAX)).map_err(unavailable)?.take(limit + 1)
-                {
-                    items.push(decode(entry.map_err(unavailable)?.1.value())?);
+                for position in positions_of(&index, &id)? {
+                    let position = position?;
+                    if cursor.is_some_and(|c| position.1 <= c) {
+                        continue;
+                    }
+                    if let Some(stored) = entries.get(position).map_err(unavailable)? {
+                        items.push(decode(stored.value())?);
+                    }
+                    if items.len() > limit {
+                        break;
+                    }
                 }
                 let next_cursor = if items.len() > limit {
                     items.truncate(limit);
@@ -398,5 +536,88 @@ impl ReadStore for EmbeddedReadStore {
                 Ok(Page { items, next_cursor })
             })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::readmodel::timeline_entry;
+    use callisto_avro::PersonEvent;
+    use callisto_avro::events::{NoteAdded, PersonRegistered};
+
+    fn at(offset: u64, event: PersonEvent) -> ProjectedEvent {
+        ProjectedEvent { partition: 2, offset, timestamp_ms: 0, event, principal: None, erased: false }
+    }
+
+    fn registered(person_id: Uuid) -> PersonEvent {
+        PersonEvent::Registered(PersonRegistered {
+            event_id: Uuid::new_v4(),
+            person_id,
+            occurred_at: chrono::Utc::now(),
+            correlation_id: "c".into(),
+            given_name: "Ada".into(),
+            family_name: "Lovelace".into(),
+            email: None,
+            phone: None,
+            date_of_birth: None,
+            address: None,
+            tags: vec![],
+        })
+    }
+
+    fn note(person_id: Uuid, text: &str) -> PersonEvent {
+        PersonEvent::NoteAdded(NoteAdded {
+            event_id: Uuid::new_v4(),
+            person_id,
+            occurred_at: chrono::Utc::now(),
+            correlation_id: "c".into(),
+            note_id: Uuid::new_v4(),
+            text: text.into(),
+        })
+    }
+
+    /// A store whose timeline was written in the earlier layout (one table keyed by person and
+    /// offset) opens with every entry in place, in order, and goes on from there.
+    #[tokio::test]
+    async fn a_timeline_in_the_earlier_layout_is_migrated_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("documents.redb");
+        let (ada, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let earlier: Vec<ProjectedEvent> = vec![
+            at(10, registered(ada)),
+            at(11, registered(bob)),
+            at(12, note(ada, "first")),
+            at(13, note(bob, "hello")),
+            at(14, note(ada, "second")),
+        ];
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut table = txn.open_table(TIMELINE_BY_PERSON).unwrap();
+                for ev in &earlier {
+                    let id = ev.event.meta().person_id.to_string();
+                    let entry = serde_json::to_vec(&timeline_entry(ev)).unwrap();
+                    table.insert((id.as_str(), ev.offset), entry.as_slice()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+
+        let store = EmbeddedReadStore::open(&path).unwrap();
+        let offsets = |page: Page<TimelineEntry>| page.items.iter().map(|e| e.offset).collect::<Vec<_>>();
+        assert_eq!(offsets(store.timeline(ada, 10, None).await.unwrap()), vec![10, 12, 14]);
+        assert_eq!(offsets(store.timeline(bob, 10, None).await.unwrap()), vec![11, 13]);
+        let text = &store.timeline(ada, 10, Some(10)).await.unwrap().items[0].data["text"];
+        assert_eq!(text, "first");
+
+        // The entries carry on after the migrated ones, and the old table is gone.
+        store.apply(2, &[at(15, note(ada, "third"))], 15).await.unwrap();
+        assert_eq!(offsets(store.timeline(ada, 10, None).await.unwrap()), vec![10, 12, 14, 15]);
+        drop(store);
+        let db = Database::open(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        assert!(txn.list_tables().unwrap().all(|t| t.name() != TIMELINE_BY_PERSON.name()));
     }
 }

@@ -125,6 +125,7 @@ where
     Fut: Future<Output = Arc<dyn ReadStore>>,
 {
     guard_and_redelivery(open("guard".into()).await).await;
+    long_timeline(open("long-timeline".into()).await).await;
     checkpoints_round_trip(&open).await;
     listing(open("listing".into()).await).await;
     bad_input(open("bad-input".into()).await).await;
@@ -217,6 +218,31 @@ async fn guard_and_redelivery(store: Arc<dyn ReadStore>) {
     let rest = store.timeline(id, 10, Some(cursor)).await.unwrap();
     assert_eq!(rest.items.iter().map(|e| e.offset).collect::<Vec<_>>(), vec![12, 13, 14]);
     assert!(rest.next_cursor.is_none());
+}
+
+/// A timeline of hundreds of entries, applied over several batches with one delivered twice,
+/// pages through every entry once and in order.
+async fn long_timeline(store: Arc<dyn ReadStore>) {
+    let id = Uuid::new_v4();
+    let mut events = vec![at(5, 100, registered(id, "Grace", &[]))];
+    events.extend((101..700).map(|offset| at(5, offset, note(id, &format!("note {offset}")))));
+    for batch in events.chunks(150) {
+        let through = batch.last().unwrap().offset;
+        store.apply(5, batch, through).await.unwrap();
+    }
+    store.apply(5, &events[300..450], 549).await.unwrap();
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store.timeline(id, 64, cursor).await.unwrap();
+        seen.extend(page.items.iter().map(|e| e.offset));
+        match page.next_cursor {
+            Some(next) => cursor = Some(next.parse::<u64>().unwrap()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, (100..700).collect::<Vec<u64>>());
+    assert_eq!(store.get(id).await.unwrap().unwrap().note_count, 599);
 }
 
 /// Checkpoints survive a reopen and never move back; the same for every projection.
