@@ -8,7 +8,8 @@ use callisto_core::config::Settings;
 use clap::{Args, Parser, Subcommand};
 
 /// mimalloc returns freed memory to the OS and does not grow per-thread arenas the way glibc's
-/// allocator does under tokio's blocking pool, which keeps RSS flat under long backlogs.
+/// allocator does under tokio's blocking pool, which keeps RSS flat under long backlogs; `main`
+/// applies its settings first (see `callisto_core::allocator`).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -256,6 +257,9 @@ impl ServeArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    if let Err(e) = callisto_core::allocator::apply_settings() {
+        eprintln!("callisto: running with mimalloc's default settings, as restarting with Callisto's failed: {e}");
+    }
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {

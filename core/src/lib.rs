@@ -20,8 +20,10 @@
 //! - [`telemetry`]: JSON logs and the Prometheus recorder, set up in one place.
 //! - [`http`]: `application/problem+json` errors and the JSON/query extractors that produce them.
 //! - [`replay`]: a stream of decoded events from a position (offset or time), for batch jobs.
+//! - [`allocator`]: mimalloc's settings, applied by the binaries before they do any work.
 //! - [`token`]: consistency tokens, `partition:offset`, handed to clients for read-your-writes.
 
+pub mod allocator;
 pub mod auth;
 pub mod config;
 pub mod group_commit;

@@ -114,6 +114,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 static ALLOCATOR: dhat::Alloc = dhat::Alloc;
 
 fn main() -> anyhow::Result<()> {
+    // The allocator settings `callisto` runs with, inherited by the rebuild child.
+    #[cfg(not(feature = "dhat-heap"))]
+    callisto_core::allocator::apply_settings()?;
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let (rows, json) = match cli.mode {
@@ -751,8 +754,15 @@ mod rebuild {
         .await?;
         let samples = Arc::new(Mutex::new(Vec::<(u64, f64)>::new()));
         let anon_samples = Arc::new(Mutex::new(Vec::<(u64, f64)>::new()));
+        // When each projection reached the end: which one the rebuild waited for.
+        let mut caught_up: Vec<Option<f64>> = vec![None; projections.len()];
         loop {
             let applied = |p: &dyn Projection| -> u64 { p.progress().borrow().values().map(|o| o + 1).sum() };
+            for (projection, at) in projections.iter().zip(caught_up.iter_mut()) {
+                if at.is_none() && applied(projection.as_ref()) >= total {
+                    *at = Some(started.elapsed().as_secs_f64());
+                }
+            }
             let done = projections.iter().map(|p| applied(p.as_ref())).min().unwrap_or(0);
             samples.lock().await.push((done, own_rss_mib()));
             anon_samples.lock().await.push((done, own_anon_mib()));
@@ -771,7 +781,7 @@ mod rebuild {
         let anon_at_tenth = anon.iter().find(|(done, _)| *done >= total / 10).map_or(0.0, |(_, rss)| *rss);
         let anon_peak = anon.iter().map(|(_, rss)| *rss).fold(0.0, f64::max);
 
-        Ok(vec![
+        let mut rows = vec![
             Row::new(format!("rebuild of {total} events into {label}"), rebuild_rate, "events/s").at_least(50_000.0),
             Row::new("rebuild peak RSS (rebuild process)", peak, "MiB").at_most(300.0),
             Row::new("rebuild RSS at end vs at 10% of the backlog", samples.last().map_or(0.0, |s| s.1), "MiB")
@@ -779,7 +789,17 @@ mod rebuild {
             Row::new("rebuild process RSS after opening the stores", rss_before, "MiB"),
             Row::new("rebuild peak anonymous RSS (heap, no mapped files)", anon_peak, "MiB")
                 .against("anon RSS at 10% MiB", anon_at_tenth),
-        ])
+        ];
+        if projections.len() > 1 {
+            for (projection, at) in projections.iter().zip(caught_up) {
+                rows.push(Row::new(
+                    format!("{} projection caught up after", projection.name()),
+                    at.unwrap_or(0.0),
+                    "s",
+                ));
+            }
+        }
+        Ok(rows)
     }
 
     /// Writes `total` documents in batches of 2,000 (the projector's batch) straight into redb and tantivy: one redb
