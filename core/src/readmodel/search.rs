@@ -25,8 +25,7 @@ use serde::{Deserialize, Serialize};
 use tantivy::collector::{Count, DocSetCollector, FacetCollector, TopDocs};
 use tantivy::query::{AllQuery, BooleanQuery, Occur, Query, QueryParser, TermQuery};
 use tantivy::schema::{
-    FAST, Facet, FacetOptions, Field, INDEXED, IndexRecordOption, STORED, STRING, Schema, TextFieldIndexing,
-    TextOptions, Value,
+    FAST, Facet, FacetOptions, Field, IndexRecordOption, STORED, STRING, Schema, TextFieldIndexing, TextOptions, Value,
 };
 use tantivy::snippet::SnippetGenerator;
 use tantivy::tokenizer::{AsciiFoldingFilter, LowerCaser, RemoveLongFilter, SimpleTokenizer, TextAnalyzer};
@@ -80,12 +79,17 @@ fn schema() -> (Schema, Fields) {
                 .set_index_option(IndexRecordOption::WithFreqsAndPositions),
         )
         .set_stored();
+    // Only what is looked up by term is indexed. Every indexed value goes into its segment's
+    // term dictionary, which is rebuilt each time segments are written and merged, and a
+    // unique value per document (an id, an offset) made those dictionaries the largest cost of
+    // a rebuild. So person documents carry `doc_id` (for `person_term`), notes carry
+    // `note_owner` (their person's notes), and ids and versions are only stored.
     let fields = Fields {
-        doc_id: b.add_text_field("doc_id", STRING | STORED),
+        doc_id: b.add_text_field("doc_id", STRING),
         kind: b.add_text_field("kind", STRING | STORED),
-        person_id: b.add_text_field("person_id", STRING | STORED),
+        person_id: b.add_text_field("person_id", STORED),
         note_owner: b.add_text_field("note_owner", STRING),
-        note_id: b.add_text_field("note_id", STRING | STORED),
+        note_id: b.add_text_field("note_id", STORED),
         name: b.add_text_field("name", text.clone()),
         email: b.add_text_field("email", text.clone()),
         address: b.add_text_field("address", text.clone()),
@@ -93,10 +97,32 @@ fn schema() -> (Schema, Fields) {
         status: b.add_text_field("status", STRING | STORED),
         text: b.add_text_field("text", text),
         facets: b.add_facet_field("facets", FacetOptions::default()),
-        version: b.add_u64_field("version", INDEXED | STORED | FAST),
+        version: b.add_u64_field("version", STORED | FAST),
         person: b.add_text_field("person", STORED),
     };
     (b.build(), fields)
+}
+
+/// Opens the index in `dir`, or creates it. An index built with another schema (an earlier
+/// Callisto's) is derived data in a layout this one does not write: it is removed, and the
+/// projector, finding no checkpoint, rebuilds it from the log.
+fn open_with_schema(dir: &Path, schema: Schema) -> Result<Index, StoreError> {
+    std::fs::create_dir_all(dir).map_err(unavailable)?;
+    let directory = || tantivy::directory::MmapDirectory::open(dir).map_err(unavailable);
+    if Index::exists(&directory()?).map_err(unavailable)? {
+        let existing = Index::open(directory()?).map_err(unavailable)?;
+        if existing.schema() == schema {
+            return Ok(existing);
+        }
+        drop(existing);
+        tracing::warn!(
+            dir = %dir.display(),
+            "the search index was built with another schema; removing it so it is rebuilt from the log"
+        );
+        std::fs::remove_dir_all(dir).map_err(unavailable)?;
+        std::fs::create_dir_all(dir).map_err(unavailable)?;
+    }
+    Index::create(directory()?, schema, tantivy::IndexSettings::default()).map_err(unavailable)
 }
 
 /// A note as stored, enough to re-index it.
@@ -163,10 +189,8 @@ struct CommitPayload {
 impl TantivySearchIndex {
     /// Opens (or creates) the index in directory `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(unavailable)?;
         let (schema, fields) = schema();
-        let directory = tantivy::directory::MmapDirectory::open(dir).map_err(unavailable)?;
-        let index = Index::open_or_create(directory, schema).map_err(unavailable)?;
+        let index = open_with_schema(dir, schema)?;
         index.tokenizers().register(
             FOLDED,
             TextAnalyzer::builder(SimpleTokenizer::default())
@@ -293,7 +317,6 @@ impl Inner {
     fn note_document(&self, person: &PersonDoc, note: &NoteDoc) -> TantivyDocument {
         let f = self.fields;
         let mut doc = doc!(
-            f.doc_id => format!("note:{}", note.note_id),
             f.kind => "note",
             f.person_id => person.person_id.to_string(),
             f.note_owner => person.person_id.to_string(),
@@ -729,6 +752,28 @@ impl SearchIndex for TantivySearchIndex {
 #[cfg(test)]
 mod tests {
     use super::normalize_query;
+
+    /// An index left by an earlier schema is replaced by an empty one without checkpoints, so
+    /// the projector rebuilds it from the log, instead of failing to open.
+    #[tokio::test]
+    async fn an_index_with_another_schema_is_replaced_for_a_rebuild() {
+        use crate::readmodel::Projection;
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut earlier = tantivy::schema::Schema::builder();
+            let doc_id = earlier.add_text_field("doc_id", tantivy::schema::STRING | tantivy::schema::STORED);
+            let index = tantivy::Index::create_in_dir(dir.path(), earlier.build()).unwrap();
+            let mut writer: tantivy::IndexWriter = index.writer_with_num_threads(1, 15_000_000).unwrap();
+            writer.add_document(tantivy::doc!(doc_id => "person:1")).unwrap();
+            let mut commit = writer.prepare_commit().unwrap();
+            commit.set_payload(r#"{"checkpoints":{"0":41}}"#);
+            commit.commit().unwrap();
+        }
+        let index = super::TantivySearchIndex::open(dir.path()).unwrap();
+        assert!(index.checkpoints().await.unwrap().is_empty());
+        let reopened = tantivy::Index::open_in_dir(dir.path()).unwrap();
+        assert_eq!(reopened.schema(), super::schema().0);
+    }
 
     fn expand(field: Option<&str>, stem: &str) -> Vec<String> {
         match (field, stem) {
