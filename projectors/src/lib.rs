@@ -13,7 +13,8 @@
 //! - [`retry`]: back-off with jitter for dependency calls.
 //!
 //! ## Guarantees
-//! - Memory is bounded: workers pull at most `batch_max` records at a time; nothing queues.
+//! - Memory is bounded: workers pull at most `batch_max` records at a time (or what the
+//!   projection asks for, `Projection::batch_max`); nothing queues.
 //! - A checkpoint is written with (or after) the batch that reached it, and workers resume from
 //!   the projection's checkpoint, never from the log's consumer-group offsets (those trail it).
 //! - On Kafka each projection is its own consumer group (`<group>.<projection>`), so projector

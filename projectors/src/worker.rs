@@ -88,10 +88,11 @@ impl Worker {
     async fn next_batch(&mut self, stop: &CancellationToken) -> Option<Vec<Record>> {
         let mut delays = backoff();
         let mut failures = 0u32;
+        let batch_max = self.projection.batch_max().unwrap_or(self.settings.batch_max);
         loop {
             let read = tokio::select! {
                 () = stop.cancelled() => return None,
-                read = self.feed.next_batch(self.settings.batch_max, self.settings.poll_wait) => read,
+                read = self.feed.next_batch(batch_max, self.settings.poll_wait) => read,
             };
             match read {
                 Ok(records) => return Some(records),

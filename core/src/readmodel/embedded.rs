@@ -98,6 +98,10 @@ struct Batch {
     through: u64,
 }
 
+/// Most records in one partition's batch (see [`Projection::batch_max`]): four times the
+/// projector's default, which took the 1M-event rebuild from about 25k to 44k events/s here.
+const CATCH_UP_BATCH: usize = 8000;
+
 /// Most partition batches one transaction takes.
 const MAX_GROUP: usize = 64;
 
@@ -402,6 +406,13 @@ impl Projection for EmbeddedReadStore {
 
     fn system(&self) -> &'static str {
         "redb"
+    }
+
+    /// A transaction rewrites every page its batches touch, and during a rebuild a batch
+    /// touches pages all over the persons and index tables, so larger batches make for fewer
+    /// rewrites of the same pages. Live traffic comes in far smaller batches anyway.
+    fn batch_max(&self) -> Option<usize> {
+        Some(CATCH_UP_BATCH)
     }
 
     async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {

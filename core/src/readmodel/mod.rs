@@ -433,6 +433,13 @@ pub trait Projection: Send + Sync + 'static {
     /// The database, as trace attributes name it (`db.system.name`).
     fn system(&self) -> &'static str;
 
+    /// Most records this projection takes in one batch, where it knows better than the
+    /// projector's default: a store whose batch costs about the same however many events it
+    /// holds catches up faster with larger ones. `None` takes the projector's `batch_max`.
+    fn batch_max(&self) -> Option<usize> {
+        None
+    }
+
     /// Applies `events` (all of `partition`, in offset order) and records `through` as the
     /// partition's checkpoint, atomically or, where the store cannot, checkpoint after data.
     /// `through` may be past the last event when trailing events were dead-lettered.

@@ -64,6 +64,10 @@ macro_rules! delegate_projection {
                 self.current().system()
             }
 
+            fn batch_max(&self) -> Option<usize> {
+                self.current().batch_max()
+            }
+
             async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {
                 self.current().apply(partition, events, through).await
             }
