@@ -1,6 +1,8 @@
 //! The embedded [`ReadStore`]: documents, secondary indexes, timelines and checkpoints in one
-//! redb file, each batch and its checkpoint in one write transaction. Batches of different
-//! partitions arriving together share that transaction and its fsync (a group commit).
+//! redb file, each batch and its checkpoint in one write transaction. What a batch writes is
+//! worked out on its partition's thread (fold, serialization, index rows), so partitions do
+//! that in parallel; batches arriving together then share one transaction and its fsync on the
+//! store's single writer thread (a group commit).
 //!
 //! ## Tables
 //! - `persons`: person id → JSON [`PersonDoc`].
@@ -91,11 +93,41 @@ impl SharedDb {
     }
 }
 
-/// One partition's batch and the checkpoint it reaches.
+/// One partition's batch as the writer applies it, with the checkpoint it reaches. Everything
+/// in it was worked out and serialized by [`prepare`] on the partition's own thread, so the one
+/// writer thread only writes.
 struct Batch {
     partition: u32,
-    events: Vec<ProjectedEvent>,
     through: u64,
+    /// New timeline entries, and the scrubbed rewrites of stored ones.
+    timeline: Vec<(Position, Vec<u8>)>,
+    /// (person id, bucket number, packed positions): the index rows that changed.
+    index_rows: Vec<(String, u32, Vec<u8>)>,
+    persons: Vec<PersonWrite>,
+}
+
+/// A person document to write, with the index entries that change with it.
+struct PersonWrite {
+    id: String,
+    bytes: Vec<u8>,
+    tags_removed: Vec<String>,
+    tags_added: Vec<String>,
+    /// (status before, status after), when it changed.
+    status_moved: Option<(Option<Status>, Status)>,
+}
+
+impl PersonWrite {
+    fn new(before: Option<&PersonDoc>, after: &PersonDoc) -> Result<Self, StoreError> {
+        let old_tags = before.map(|d| d.tags.as_slice()).unwrap_or_default();
+        let old_status = before.map(|d| d.status);
+        Ok(Self {
+            id: after.person_id.to_string(),
+            bytes: serde_json::to_vec(after).map_err(unavailable)?,
+            tags_removed: old_tags.iter().filter(|t| !after.tags.contains(t)).cloned().collect(),
+            tags_added: after.tags.iter().filter(|t| !old_tags.contains(t)).cloned().collect(),
+            status_moved: (old_status != Some(after.status)).then_some((old_status, after.status)),
+        })
+    }
 }
 
 /// Most records in one partition's batch (see [`Projection::batch_max`]): four times the
@@ -145,7 +177,7 @@ fn commit_batches(db: &Database, group: &[Batch]) -> Result<Vec<()>, StoreError>
     {
         let mut tables = Tables::open(&txn)?;
         for batch in group {
-            apply_in(&mut tables, &batch.events)?;
+            tables.write(batch)?;
             let current = tables.checkpoints.get(batch.partition).map_err(unavailable)?.map(|g| g.value());
             if current.is_none_or(|c| c < batch.through) {
                 tables.checkpoints.insert(batch.partition, batch.through).map_err(unavailable)?;
@@ -272,78 +304,78 @@ impl<'txn> Tables<'txn> {
         })
     }
 
-    fn load_doc(&self, id: &str) -> Result<Option<PersonDoc>, StoreError> {
-        let found = self.persons.get(id).map_err(unavailable)?;
-        found.map(|g| decode(g.value())).transpose()
-    }
-
-    /// Writes `after` over `before` with its index entries, touching only the entries that
-    /// changed.
-    fn save_doc(&mut self, before: Option<&PersonDoc>, after: &PersonDoc) -> Result<(), StoreError> {
-        let id = after.person_id.to_string();
-        let bytes = serde_json::to_vec(after).map_err(unavailable)?;
-        self.persons.insert(id.as_str(), bytes.as_slice()).map_err(unavailable)?;
-        let old_tags = before.map(|d| d.tags.as_slice()).unwrap_or_default();
-        for tag in old_tags.iter().filter(|t| !after.tags.contains(t)) {
-            self.by_tag.remove((tag.as_str(), id.as_str())).map_err(unavailable)?;
+    /// Writes one prepared batch.
+    fn write(&mut self, batch: &Batch) -> Result<(), StoreError> {
+        for (position, bytes) in &batch.timeline {
+            self.timeline.insert(*position, bytes.as_slice()).map_err(unavailable)?;
         }
-        for tag in after.tags.iter().filter(|t| !old_tags.contains(t)) {
-            self.by_tag.insert((tag.as_str(), id.as_str()), ()).map_err(unavailable)?;
+        for (id, bucket, row) in &batch.index_rows {
+            self.timeline_index.insert((id.as_str(), *bucket), row.as_slice()).map_err(unavailable)?;
         }
-        let old_status = before.map(|d| d.status);
-        if old_status != Some(after.status) {
-            if let Some(old) = old_status {
-                self.by_status.remove((old.as_str(), id.as_str())).map_err(unavailable)?;
+        for person in &batch.persons {
+            let id = person.id.as_str();
+            self.persons.insert(id, person.bytes.as_slice()).map_err(unavailable)?;
+            for tag in &person.tags_removed {
+                self.by_tag.remove((tag.as_str(), id)).map_err(unavailable)?;
             }
-            self.by_status.insert((after.status.as_str(), id.as_str()), ()).map_err(unavailable)?;
-        }
-        Ok(())
-    }
-
-    /// Rewrites every timeline entry of the person without its content.
-    fn scrub_timeline(&mut self, id: &str) -> Result<(), StoreError> {
-        let positions: Vec<Position> = positions_of(&self.timeline_index, id)?.collect::<Result<_, _>>()?;
-        for position in positions {
-            let Some(stored) = self.timeline.get(position).map_err(unavailable)? else { continue };
-            let entry: TimelineEntry = decode(stored.value())?;
-            drop(stored);
-            if !entry.erased {
-                let bytes = serde_json::to_vec(&entry.scrubbed()).map_err(unavailable)?;
-                self.timeline.insert(position, bytes.as_slice()).map_err(unavailable)?;
+            for tag in &person.tags_added {
+                self.by_tag.insert((tag.as_str(), id), ()).map_err(unavailable)?;
+            }
+            if let Some((before, after)) = person.status_moved {
+                if let Some(before) = before {
+                    self.by_status.remove((before.as_str(), id)).map_err(unavailable)?;
+                }
+                self.by_status.insert((after.as_str(), id), ()).map_err(unavailable)?;
             }
         }
         Ok(())
     }
 
-    /// Appends `positions` (ascending within each partition) to the person's index rows. Those
-    /// at or below the last position recorded for the same partition were indexed already: a
-    /// batch delivered again after a crash.
+    /// Appends `positions` to the person's index rows (see [`extend_rows`]).
     fn index_positions(&mut self, id: &str, positions: &[Position]) -> Result<(), StoreError> {
-        let last_row = match self.timeline_index.range((id, 0)..=(id, u32::MAX)).map_err(unavailable)?.next_back() {
-            Some(found) => {
-                let (key, value) = found.map_err(unavailable)?;
-                Some((key.value().1, unpack(value.value()).collect::<Vec<_>>()))
-            }
-            None => None,
-        };
-        let (mut bucket, mut row) = last_row.unwrap_or_default();
-        let last = row.last().copied();
-        let fresh = positions.iter().filter(|(p, o)| last.is_none_or(|(lp, lo)| lp != *p || lo < *o));
-        let mut changed = false;
-        for &position in fresh {
-            if row.len() == BUCKET {
-                self.timeline_index.insert((id, bucket), pack(&row).as_slice()).map_err(unavailable)?;
-                bucket += 1;
-                row.clear();
-            }
-            row.push(position);
-            changed = true;
-        }
-        if changed {
-            self.timeline_index.insert((id, bucket), pack(&row).as_slice()).map_err(unavailable)?;
+        let last = last_row(&self.timeline_index, id)?;
+        for (bucket, row) in extend_rows(last, positions) {
+            self.timeline_index.insert((id, bucket), row.as_slice()).map_err(unavailable)?;
         }
         Ok(())
     }
+}
+
+/// The person's last index row: (bucket number, positions).
+fn last_row<T>(index: &T, id: &str) -> Result<Option<(u32, Vec<Position>)>, StoreError>
+where
+    T: ReadableTable<(&'static str, u32), &'static [u8]>,
+{
+    match index.range((id, 0)..=(id, u32::MAX)).map_err(unavailable)?.next_back() {
+        Some(found) => {
+            let (key, value) = found.map_err(unavailable)?;
+            Ok(Some((key.value().1, unpack(value.value()).collect())))
+        }
+        None => Ok(None),
+    }
+}
+
+/// The index rows that change when `positions` (ascending within each partition) are appended
+/// after the person's `last` row. Positions at or below the last one recorded for the same
+/// partition were indexed already: a batch delivered again after a crash.
+fn extend_rows(last: Option<(u32, Vec<Position>)>, positions: &[Position]) -> Vec<(u32, Vec<u8>)> {
+    let (mut bucket, mut row) = last.unwrap_or_default();
+    let recorded = row.last().copied();
+    let mut rows = Vec::new();
+    let mut changed = false;
+    for &position in positions.iter().filter(|(p, o)| recorded.is_none_or(|(rp, ro)| rp != *p || ro < *o)) {
+        if row.len() == BUCKET {
+            rows.push((bucket, pack(&row)));
+            bucket += 1;
+            row.clear();
+        }
+        row.push(position);
+        changed = true;
+    }
+    if changed {
+        rows.push((bucket, pack(&row)));
+    }
+    rows
 }
 
 /// A person as a batch folds them.
@@ -352,46 +384,70 @@ struct Folding {
     stored: Option<PersonDoc>,
     /// After the batch's events so far.
     current: Option<PersonDoc>,
-    /// Timeline positions the batch adds.
-    positions: Vec<Position>,
+    /// Where the batch's events for this person are in its timeline entries.
+    entries: Vec<usize>,
+    /// An erasure in the batch: the entries stored before it lose their content too.
+    scrubs: bool,
 }
 
-/// Applies a batch: every event's entry is appended to the timeline; each person is read once,
-/// folded in memory through the batch and written once at the end (document, index entries
-/// that changed, timeline positions).
-fn apply_in(tables: &mut Tables<'_>, events: &[ProjectedEvent]) -> Result<(), StoreError> {
+/// Works out what a partition's batch writes, against the last commit: every event's timeline
+/// entry, each person read once, folded in memory through the batch and written once, only
+/// the tag and status index entries that changed, and the index rows the new positions go in.
+/// Reading outside the writer is safe because partitions never share a person and a
+/// partition's previous batch is committed before its next one is applied.
+fn prepare(db: &Database, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<Batch, StoreError> {
+    let txn = db.begin_read().map_err(unavailable)?;
+    let stored_persons = txn.open_table(PERSONS).map_err(unavailable)?;
+    let stored_entries = txn.open_table(TIMELINE).map_err(unavailable)?;
+    let index = txn.open_table(TIMELINE_INDEX).map_err(unavailable)?;
+    // Serialized at once: entries are the bulk of a batch, and a JSON tree per entry would be
+    // held until the batch is written. Entry `i` is event `i`'s.
+    let mut entries: Vec<(Position, Vec<u8>)> = Vec::with_capacity(events.len());
+    let serialized = |entry: TimelineEntry| serde_json::to_vec(&entry).map_err(unavailable);
     let mut persons: std::collections::HashMap<String, Folding> = std::collections::HashMap::new();
     for ev in events {
-        let id = ev.event.meta().person_id.to_string();
-        let entry = serde_json::to_vec(&timeline_entry(ev)).map_err(unavailable)?;
-        tables.timeline.insert((ev.partition, ev.offset), entry.as_slice()).map_err(unavailable)?;
-        let person = match persons.entry(id) {
+        let person = match persons.entry(ev.event.meta().person_id.to_string()) {
             std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
             std::collections::hash_map::Entry::Vacant(entry) => {
-                let stored = tables.load_doc(entry.key())?;
-                entry.insert(Folding { current: stored.clone(), stored, positions: Vec::new() })
+                let found = stored_persons.get(entry.key().as_str()).map_err(unavailable)?;
+                let stored: Option<PersonDoc> = found.map(|g| decode(g.value())).transpose()?;
+                entry.insert(Folding { current: stored.clone(), stored, entries: Vec::new(), scrubs: false })
             }
         };
-        person.positions.push((ev.partition, ev.offset));
+        person.entries.push(entries.len());
+        entries.push(((ev.partition, ev.offset), serialized(timeline_entry(ev))?));
         if person.current.as_ref().is_some_and(|d| d.has_applied(ev)) {
             continue;
         }
-        let scrubs = super::scrubs_timeline(person.current.as_ref(), ev);
+        if super::scrubs_timeline(person.current.as_ref(), ev) {
+            person.scrubs = true;
+            for &i in &person.entries {
+                entries[i].1 = serialized(timeline_entry(&events[i]).scrubbed())?;
+            }
+        }
         person.current = fold(person.current.take(), ev);
-        if scrubs {
-            // Positions of this batch go into the index first, so the scrub reaches them too.
-            let id = ev.event.meta().person_id.to_string();
-            tables.index_positions(&id, &std::mem::take(&mut person.positions))?;
-            tables.scrub_timeline(&id)?;
-        }
     }
+    let mut batch = Batch { partition, through, timeline: Vec::new(), index_rows: Vec::new(), persons: Vec::new() };
     for (id, person) in &persons {
-        tables.index_positions(id, &person.positions)?;
+        let positions: Vec<Position> = person.entries.iter().map(|&i| entries[i].0).collect();
+        if person.scrubs {
+            for position in positions_of(&index, id)? {
+                let position = position?;
+                let Some(stored) = stored_entries.get(position).map_err(unavailable)? else { continue };
+                let entry: TimelineEntry = decode(stored.value())?;
+                if !entry.erased && !positions.contains(&position) {
+                    batch.timeline.push((position, serialized(entry.scrubbed())?));
+                }
+            }
+        }
+        let rows = extend_rows(last_row(&index, id)?, &positions);
+        batch.index_rows.extend(rows.into_iter().map(|(bucket, row)| (id.clone(), bucket, row)));
         if let Some(after) = person.current.as_ref().filter(|after| person.stored.as_ref() != Some(*after)) {
-            tables.save_doc(person.stored.as_ref(), after)?;
+            batch.persons.push(PersonWrite::new(person.stored.as_ref(), after)?);
         }
     }
-    Ok(())
+    batch.timeline.extend(entries);
+    Ok(batch)
 }
 
 fn cursor_after<'a>(prefix: &'a str, cursor: &'a Option<String>) -> (&'a str, &'a str) {
@@ -416,7 +472,9 @@ impl Projection for EmbeddedReadStore {
     }
 
     async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {
-        self.batches.submit(Batch { partition, events: events.to_vec(), through }).await?;
+        let events = events.to_vec();
+        let batch = self.db.blocking(move |db| prepare(db, partition, &events, through)).await?;
+        self.batches.submit(batch).await?;
         // The same never-backwards rule as the table above, without reading it back.
         super::advance(&self.progress, partition, through);
         Ok(())

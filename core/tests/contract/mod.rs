@@ -189,6 +189,14 @@ async fn erasure(store: Arc<dyn ReadStore>) {
     store.apply(3, &replayed, 16).await.unwrap();
     store.apply(3, &[at(3, 16, erased(id))], 16).await.unwrap();
     check("after a redelivery").await;
+
+    // A person registered, noted and erased within one batch: no content reaches the timeline.
+    let brief = Uuid::new_v4();
+    let batch = [at(4, 1, registered(brief, "Brief", &[])), at(4, 2, note(brief, "secret")), at(4, 3, erased(brief))];
+    store.apply(4, &batch, 3).await.unwrap();
+    let timeline = store.timeline(brief, 10, None).await.unwrap();
+    assert_eq!(timeline.items.iter().map(|e| e.offset).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert!(timeline.items.iter().all(|e| e.erased && e.data == serde_json::json!({})), "{timeline:?}");
 }
 
 async fn guard_and_redelivery(store: Arc<dyn ReadStore>) {
