@@ -14,7 +14,8 @@
 //!
 //! ## Guarantees
 //! - Memory is bounded: workers pull at most `batch_max` records at a time (or what the
-//!   projection asks for, `Projection::batch_max`); nothing queues.
+//!   projection asks for, `Projection::batch_max`), and while catching up a projection's
+//!   workers hold at most `catch_up_records` records between them; nothing queues.
 //! - A checkpoint is written with (or after) the batch that reached it, and workers resume from
 //!   the projection's checkpoint, never from the log's consumer-group offsets (those trail it).
 //! - On Kafka each projection is its own consumer group (`<group>.<projection>`), so projector
@@ -47,6 +48,11 @@ pub struct ProjectorSettings {
     pub batch_max: usize,
     /// How long a read waits for the first new record before returning empty.
     pub poll_wait: Duration,
+    /// Records one projection holds in full batches at a time, across all its partitions, while
+    /// they catch up (a rebuild, a backlog): a worker reads a full batch only with that many
+    /// records of the budget. This bounds a rebuild's memory, as otherwise every partition
+    /// holds a full batch, raw and decoded. Live traffic reads without waiting for it.
+    pub catch_up_records: usize,
     /// Attempts to decode or apply before a single event is dead-lettered.
     pub event_attempts: usize,
     /// Consumer-group prefix; each projection's group is `<group>.<projection>`.
@@ -62,6 +68,7 @@ impl ProjectorSettings {
             topic: topic.to_owned(),
             batch_max: 2000,
             poll_wait: Duration::from_millis(250),
+            catch_up_records: 32_000,
             event_attempts: 3,
             group: "callisto-projectors".into(),
             start_offsets: None,

@@ -24,6 +24,9 @@ pub struct Member {
     pub projection: Arc<dyn Projection>,
     pub settings: ProjectorSettings,
     pub shutdown: CancellationToken,
+    /// The projection's catch-up budget, shared by its workers (see
+    /// [`ProjectorSettings::catch_up_records`]).
+    catch_up: Arc<tokio::sync::Semaphore>,
     workers: Mutex<HashMap<u32, (CancellationToken, JoinHandle<()>)>>,
 }
 
@@ -35,7 +38,8 @@ impl Member {
         settings: ProjectorSettings,
         shutdown: CancellationToken,
     ) -> Self {
-        Self { log, reader, projection, settings, shutdown, workers: Mutex::new(HashMap::new()) }
+        let catch_up = Arc::new(tokio::sync::Semaphore::new(settings.catch_up_records.max(1)));
+        Self { log, reader, projection, settings, shutdown, catch_up, workers: Mutex::new(HashMap::new()) }
     }
 
     /// The consumer group this projection's members share.
@@ -82,6 +86,7 @@ impl GroupHandler for Member {
                 reader: self.reader.clone(),
                 projection: self.projection.clone(),
                 settings: self.settings.clone(),
+                catch_up: self.catch_up.clone(),
                 partition,
                 feed,
             };

@@ -21,6 +21,8 @@ pub struct Worker {
     pub reader: Arc<EventReader>,
     pub projection: Arc<dyn Projection>,
     pub settings: ProjectorSettings,
+    /// The projection's catch-up budget (see [`ProjectorSettings::catch_up_records`]).
+    pub catch_up: Arc<tokio::sync::Semaphore>,
     pub partition: u32,
     /// The partition's records, starting after the projection's checkpoint.
     pub feed: Box<dyn PartitionFeed>,
@@ -39,8 +41,24 @@ impl Worker {
         let name = self.projection.name();
         let partition = self.partition;
         tracing::debug!(projection = name, partition, "projector worker starting");
+        let batch_max = self.projection.batch_max().unwrap_or(self.settings.batch_max);
+        // Whether the last batch was full: the partition is catching up, so its next read waits
+        // for the budget, and does not wait for records (it stops being behind once a read
+        // comes back short). Every worker starts out behind, which bounds a rebuild's start.
+        let mut behind = true;
+        let share = u32::try_from(batch_max.min(self.settings.catch_up_records).max(1)).unwrap_or(u32::MAX);
         while !stop.is_cancelled() {
-            let Some(records) = self.next_batch(&stop).await else { return };
+            let _permit = if behind {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    permit = self.catch_up.clone().acquire_many_owned(share) => permit.ok(),
+                }
+            } else {
+                None
+            };
+            let wait = if behind { Duration::ZERO } else { self.settings.poll_wait };
+            let Some(records) = self.next_batch(batch_max, wait, &stop).await else { return };
+            behind = records.len() >= batch_max;
             let Some(last) = records.last() else { continue };
             let through = last.offset;
             let started = Instant::now();
@@ -84,15 +102,15 @@ impl Worker {
         }
     }
 
-    /// The next batch, retried with back-off while the log fails. `None` on stop.
-    async fn next_batch(&mut self, stop: &CancellationToken) -> Option<Vec<Record>> {
+    /// The next batch of at most `max` records, waiting up to `wait` for the first, retried with
+    /// back-off while the log fails. `None` on stop.
+    async fn next_batch(&mut self, max: usize, wait: Duration, stop: &CancellationToken) -> Option<Vec<Record>> {
         let mut delays = backoff();
         let mut failures = 0u32;
-        let batch_max = self.projection.batch_max().unwrap_or(self.settings.batch_max);
         loop {
             let read = tokio::select! {
                 () = stop.cancelled() => return None,
-                read = self.feed.next_batch(batch_max, self.settings.poll_wait) => read,
+                read = self.feed.next_batch(max, wait) => read,
             };
             match read {
                 Ok(records) => return Some(records),
