@@ -203,6 +203,24 @@ mod fill_events {
     }
 }
 
+/// Waits until the search index whose `meta.json` is at `meta` has committed a checkpoint.
+async fn wait_for_search_progress(meta: &Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let committed = std::fs::read(meta)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+            .and_then(|meta| meta["payload"].as_str().and_then(|p| serde_json::from_str::<Value>(p).ok()))
+            .and_then(|payload| payload["checkpoints"].as_object().map(|c| !c.is_empty()))
+            .unwrap_or(false);
+        if committed {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "the rebuild never committed any progress");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 fn replay_cli(dir: &Path) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_callisto"))
         .args(["replay", "--quiet", "--data-dir"])
@@ -226,9 +244,10 @@ async fn an_interrupted_rebuild_resumes_and_never_touches_the_live_generation() 
     let live_file = dir.path().join("readmodel.redb");
     let live_before = std::fs::read(&live_file).unwrap();
 
-    // Kill the first rebuild part-way.
+    // Kill the first rebuild part-way: once generation 1's search index has committed some
+    // progress, which a rebuild of this log does long before it ends.
     let mut first = replay_cli(dir.path());
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    wait_for_search_progress(&dir.path().join("generations/g1/search/meta.json")).await;
     first.kill().unwrap();
     first.wait().unwrap();
     let pointer: Value = serde_json::from_slice(&std::fs::read(dir.path().join("generations.json")).unwrap()).unwrap();
