@@ -20,6 +20,52 @@ async fn the_embedded_store_meets_the_contract() {
     .await;
 }
 
+/// A store whose timeline was written in the earlier layout (one `timeline` table keyed by
+/// person and offset) opens with every entry in place and in order, and goes on from there.
+#[tokio::test]
+async fn an_embedded_timeline_in_the_earlier_layout_is_migrated_on_open() {
+    use callisto_core::readmodel::{Page, Projection, TimelineEntry, timeline_entry};
+    use redb::{ReadableDatabase, TableHandle};
+    const EARLIER: redb::TableDefinition<(&str, u64), &[u8]> = redb::TableDefinition::new("timeline");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("documents.redb");
+    let (ada, bob) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let earlier = [
+        contract::at(2, 10, contract::registered(ada, "Ada", &[])),
+        contract::at(2, 11, contract::registered(bob, "Bob", &[])),
+        contract::at(2, 12, contract::note(ada, "first")),
+        contract::at(2, 13, contract::note(bob, "hello")),
+        contract::at(2, 14, contract::note(ada, "second")),
+    ];
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(EARLIER).unwrap();
+            for ev in &earlier {
+                let id = ev.event.meta().person_id.to_string();
+                let entry = serde_json::to_vec(&timeline_entry(ev)).unwrap();
+                table.insert((id.as_str(), ev.offset), entry.as_slice()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+
+    let store = EmbeddedReadStore::open(&path).unwrap();
+    let offsets = |page: Page<TimelineEntry>| page.items.iter().map(|e| e.offset).collect::<Vec<_>>();
+    assert_eq!(offsets(store.timeline(ada, 10, None).await.unwrap()), vec![10, 12, 14]);
+    assert_eq!(offsets(store.timeline(bob, 10, None).await.unwrap()), vec![11, 13]);
+    assert_eq!(store.timeline(ada, 10, Some(10)).await.unwrap().items[0].data["text"], "first");
+
+    // New entries follow the migrated ones, and the earlier table is gone.
+    store.apply(2, &[contract::at(2, 15, contract::note(ada, "third"))], 15).await.unwrap();
+    assert_eq!(offsets(store.timeline(ada, 10, None).await.unwrap()), vec![10, 12, 14, 15]);
+    drop(store);
+    let db = redb::Database::open(&path).unwrap();
+    assert!(db.begin_read().unwrap().list_tables().unwrap().all(|t| t.name() != EARLIER.name()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mongodb_meets_the_contract() {
     let Some(uri) = contract::server_url("MONGODB_URI") else { return };
