@@ -365,20 +365,20 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let (mut interrupt, mut terminate) =
-            (signal(SignalKind::interrupt()).ok(), signal(SignalKind::terminate()).ok());
-        async move {
-            let received = |stream: Option<tokio::signal::unix::Signal>| async move {
-                match stream {
-                    Some(mut stream) => {
-                        stream.recv().await;
-                    }
-                    None => std::future::pending::<()>().await,
+        let received = |stream: Option<tokio::signal::unix::Signal>| async move {
+            match stream {
+                Some(mut stream) => {
+                    stream.recv().await;
                 }
-            };
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let interrupt = received(signal(SignalKind::interrupt()).ok());
+        let terminate = received(signal(SignalKind::terminate()).ok());
+        async move {
             tokio::select! {
-                () = received(interrupt.take()) => {},
-                () = received(terminate.take()) => {},
+                () = interrupt => {},
+                () = terminate => {},
             }
         }
     }

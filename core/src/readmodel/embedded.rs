@@ -198,23 +198,22 @@ fn migrate_timeline(txn: &WriteTransaction) -> Result<(), StoreError> {
     {
         let old = txn.open_table(TIMELINE_BY_PERSON).map_err(unavailable)?;
         let mut tables = Tables::open(txn)?;
-        let mut person: Option<(String, Vec<Position>)> = None;
+        // The old table is ordered by person, then offset: each person's positions are indexed
+        // when the next person's entries begin.
+        let (mut person, mut positions) = (None::<String>, Vec::new());
         for entry in old.iter().map_err(unavailable)? {
             let (key, value) = entry.map_err(unavailable)?;
             let (id, offset) = key.value();
             let partition = decode::<TimelineEntry>(value.value())?.partition;
             tables.timeline.insert((partition, offset), value.value()).map_err(unavailable)?;
-            if person.as_ref().is_none_or(|(current, _)| current != id) {
-                if let Some((done, positions)) = person.take() {
-                    tables.index_positions(&done, &positions)?;
-                }
-                person = Some((id.to_owned(), Vec::new()));
+            if person.as_deref() != Some(id)
+                && let Some(done) = person.replace(id.to_owned())
+            {
+                tables.index_positions(&done, &std::mem::take(&mut positions))?;
             }
-            if let Some((_, positions)) = person.as_mut() {
-                positions.push((partition, offset));
-            }
+            positions.push((partition, offset));
         }
-        if let Some((done, positions)) = person {
+        if let Some(done) = person {
             tables.index_positions(&done, &positions)?;
         }
     }

@@ -247,8 +247,8 @@ impl Inner {
         Ok(person)
     }
 
-    /// The highest offset among the person's notes (0 without notes, or for notes indexed
-    /// before notes carried one), read from the fast field without fetching documents.
+    /// The highest offset among the person's notes (0 without notes), read from the fast field
+    /// without fetching documents.
     fn latest_note_offset(&self, searcher: &tantivy::Searcher, id: Uuid) -> Result<u64, StoreError> {
         let term = Term::from_field_text(self.fields.note_owner, &id.to_string());
         let found =
