@@ -137,11 +137,18 @@ struct NoteDoc {
 /// What the writer holds between commits, under one lock so a commit's payload always matches
 /// the documents it contains.
 struct Pending {
-    writer: IndexWriter,
+    /// Taken when the index is dropped, so in-flight merges can be waited for.
+    writer: Option<IndexWriter>,
     /// Checkpoints including batches added but not yet committed.
     checkpoints: Checkpoints,
     /// Bumped by every batch added; the committer commits up to it.
     added: u64,
+}
+
+impl Pending {
+    fn writer(&mut self) -> Result<&mut IndexWriter, StoreError> {
+        self.writer.as_mut().ok_or_else(|| StoreError::Unavailable("the search index is closed".into()))
+    }
 }
 
 struct Inner {
@@ -166,11 +173,17 @@ pub struct TantivySearchIndex {
 
 impl Drop for TantivySearchIndex {
     fn drop(&mut self) {
-        // Stop the committer (it commits what is pending first) so the index lock is released
-        // when this returns.
+        // Stop the committer (it commits what is pending first), then wait for the merges in
+        // flight: dropping a writer leaves them writing segment files, so the index lock and the
+        // files are only done with once this returns (a dropped generation's directory is
+        // removed right after).
         self.stop_committer.take();
         if let Some(committer) = self.committer.take() {
             let _ = committer.join();
+        }
+        let writer = self.inner.pending.lock().ok().and_then(|mut pending| pending.writer.take());
+        if let Some(Err(e)) = writer.map(IndexWriter::wait_merging_threads) {
+            tracing::warn!(error = %e, "a search index merge failed while closing");
         }
     }
 }
@@ -208,7 +221,7 @@ impl TantivySearchIndex {
         };
         let (progress, _) = watch::channel(checkpoints.clone());
         let (committed, _) = watch::channel((0, checkpoints.clone()));
-        let pending = Mutex::new(Pending { writer, checkpoints, added: 0 });
+        let pending = Mutex::new(Pending { writer: Some(writer), checkpoints, added: 0 });
         let persons = Mutex::new(lru::LruCache::new(PERSON_CACHE));
         let inner = Arc::new(Inner { index, reader, pending, persons, fields, committed });
         let (stop_committer, stopped) = std::sync::mpsc::channel::<()>();
@@ -351,7 +364,7 @@ impl Inner {
         let payload =
             serde_json::to_string(&CommitPayload { checkpoints: pending.checkpoints.clone() }).map_err(unavailable)?;
         let started = std::time::Instant::now();
-        let mut commit = pending.writer.prepare_commit().map_err(unavailable)?;
+        let mut commit = pending.writer()?.prepare_commit().map_err(unavailable)?;
         commit.set_payload(&payload);
         commit.commit().map_err(unavailable)?;
         self.reader.reload().map_err(unavailable)?;
@@ -369,10 +382,10 @@ impl Inner {
         let mut pending = self.pending.lock().map_err(unavailable)?;
         let segments = self.index.searchable_segment_ids().map_err(unavailable)?;
         if !segments.is_empty() {
-            pending.writer.merge(&segments).wait().map_err(unavailable)?;
+            pending.writer()?.merge(&segments).wait().map_err(unavailable)?;
         }
         self.reader.reload().map_err(unavailable)?;
-        pending.writer.garbage_collect_files().wait().map_err(unavailable)?;
+        pending.writer()?.garbage_collect_files().wait().map_err(unavailable)?;
         Ok(())
     }
 
@@ -450,11 +463,11 @@ impl Inner {
         for operation in operations {
             match operation {
                 Operation::Delete(term) => {
-                    pending.writer.delete_term(term);
+                    pending.writer()?.delete_term(term);
                 }
                 // Fails only once the writer's indexing threads are gone, which no retry mends.
                 Operation::Add(doc) => {
-                    pending.writer.add_document(doc).map_err(unavailable)?;
+                    pending.writer()?.add_document(doc).map_err(unavailable)?;
                 }
             }
         }
