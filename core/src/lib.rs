@@ -21,6 +21,8 @@
 //! - [`http`]: `application/problem+json` errors and the JSON/query extractors that produce them.
 //! - [`replay`]: a stream of decoded events from a position (offset or time), for batch jobs.
 //! - [`allocator`]: mimalloc's settings, applied by the binaries before they do any work.
+//! - [`priority`]: a lower scheduling priority for the search index's threads, so commands,
+//!   reads and the documents projection get the cores first.
 //! - [`token`]: consistency tokens, `partition:offset`, handed to clients for read-your-writes.
 
 pub mod allocator;
@@ -30,6 +32,7 @@ pub mod group_commit;
 pub mod http;
 pub mod log;
 pub mod partition;
+pub mod priority;
 pub mod privacy;
 pub mod readmodel;
 pub mod replay;

@@ -188,6 +188,34 @@ fn spawn_server(binary: &PathBuf) -> anyhow::Result<Server> {
     Ok(Server { child, base, dir })
 }
 
+/// Waits until every projection has applied the whole log, by the server's
+/// `callisto_projection_lag` gauges (sampled each second); returns how long that took. `None`
+/// when the metrics cannot be read (a key without the `metrics` scope) or after two minutes.
+async fn wait_for_projections(client: &reqwest::Client, base: &str) -> Option<f64> {
+    let started = Instant::now();
+    // A gauge sampled before the last command was appended would read 0 too early.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    while started.elapsed() < Duration::from_secs(120) {
+        let response = client.get(format!("{base}/metrics")).send().await.ok()?;
+        if !response.status().is_success() {
+            eprintln!("cannot read {base}/metrics ({}); not waiting for the projections", response.status());
+            return None;
+        }
+        let text = response.text().await.ok()?;
+        let lag: f64 = text
+            .lines()
+            .filter(|line| line.starts_with("callisto_projection_lag{"))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if lag == 0.0 {
+            return Some(started.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!("the projections did not catch up within two minutes");
+    None
+}
+
 /// Resident set size of `pid` in MiB, from /proc.
 fn rss_mib(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -362,6 +390,13 @@ async fn http(args: HttpArgs) -> anyhow::Result<Vec<Row>> {
             .against(format!("{c} connections p99 ms"), ms(&commands.latency, 0.99)),
     );
 
+    // The saturation phases outran the projectors, which run below the API's priority; the
+    // phases after this one measure latency and freshness from a caught-up backbone.
+    let catch_up = wait_for_projections(&client, &base).await;
+    if let Some(seconds) = catch_up {
+        rows.push(Row::new("projections caught up after the saturation phases in", seconds, "s"));
+    }
+
     eprintln!("phase: commands at half saturation (open loop)");
     let half_rate = (commands.throughput / 2.0).max(1.0) as u64;
     let half = {
@@ -383,6 +418,7 @@ async fn http(args: HttpArgs) -> anyhow::Result<Vec<Row>> {
         rows.push(row);
     }
 
+    wait_for_projections(&client, &base).await;
     eprintln!("phase: freshness at {}/s", args.freshness_rate);
     let person_fresh = Arc::new(Mutex::new(histogram()));
     let search_fresh = Arc::new(Mutex::new(histogram()));

@@ -212,7 +212,22 @@ impl TantivySearchIndex {
                 .filter(AsciiFoldingFilter)
                 .build(),
         );
-        let writer = index.writer_with_num_threads(1, WRITER_HEAP_BYTES).map_err(unavailable)?;
+        // tantivy starts its indexing and merge threads with the writer, and indexing threads
+        // again at every commit (on the committer thread, below): created from lowered threads,
+        // they all run below the request path (see `crate::priority`).
+        let writer = {
+            let index = index.clone();
+            std::thread::Builder::new()
+                .name("callisto-search-open".into())
+                .spawn(move || {
+                    crate::priority::lower_current_thread(crate::priority::BACKGROUND_NICE);
+                    index.writer_with_num_threads(1, WRITER_HEAP_BYTES)
+                })
+                .map_err(unavailable)?
+                .join()
+                .map_err(|_| StoreError::Unavailable("opening the search index writer panicked".into()))?
+                .map_err(unavailable)?
+        };
         let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into().map_err(unavailable)?;
         let payload = index.load_metas().map_err(unavailable)?.payload;
         let checkpoints = match payload {
@@ -230,7 +245,10 @@ impl TantivySearchIndex {
             let progress = progress.clone();
             std::thread::Builder::new()
                 .name("callisto-search-commit".into())
-                .spawn(move || inner.commit_loop(&stopped, &progress))
+                .spawn(move || {
+                    crate::priority::lower_current_thread(crate::priority::BACKGROUND_NICE);
+                    inner.commit_loop(&stopped, &progress);
+                })
                 .map_err(unavailable)?
         };
         Ok(Self { inner, progress, stop_committer: Some(stop_committer), committer: Some(committer) })
