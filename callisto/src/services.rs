@@ -249,6 +249,9 @@ impl Dev {
         if !security.insecure_no_auth {
             crate::keys::ensure_dev_key(settings)?;
         }
+        // The projectors share this process with the API: the search index yields the cores to
+        // requests (see `callisto_core::priority`). Set before any index is opened.
+        callisto_core::priority::yield_to_requests();
         let auth = Auth::from_settings(settings, security.insecure_no_auth).await?;
         let log_side = backends::open_log(settings).await?;
         let reader = log_side.reader();

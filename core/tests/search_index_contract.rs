@@ -22,13 +22,15 @@ async fn the_embedded_index_meets_the_contract() {
     .await;
 }
 
-/// The embedded index's threads (its committer, tantivy's indexing and merge threads, including
-/// indexing threads started again by a commit) run below the request path's priority.
+/// In a process that serves requests, the embedded index's threads (its committer, tantivy's
+/// indexing and merge threads, including indexing threads started again by a commit) run below
+/// the request path's priority.
 #[tokio::test]
 async fn the_embedded_index_indexes_at_background_priority() {
-    use callisto_core::priority::{BACKGROUND_NICE, current_nice};
+    use callisto_core::priority::{BACKGROUND_NICE, current_nice, yield_to_requests};
     use callisto_core::readmodel::Projection;
 
+    yield_to_requests();
     let dir = tempfile::tempdir().unwrap();
     let index = TantivySearchIndex::open(dir.path()).unwrap();
     let id = uuid::Uuid::new_v4();

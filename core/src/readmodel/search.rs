@@ -213,14 +213,15 @@ impl TantivySearchIndex {
                 .build(),
         );
         // tantivy starts its indexing and merge threads with the writer, and indexing threads
-        // again at every commit (on the committer thread, below): created from lowered threads,
-        // they all run below the request path (see `crate::priority`).
+        // again at every commit (on the committer thread, below): created from background
+        // threads, they all run below the request path where it shares the process
+        // (see `crate::priority`).
         let writer = {
             let index = index.clone();
             std::thread::Builder::new()
                 .name("callisto-search-open".into())
                 .spawn(move || {
-                    crate::priority::lower_current_thread(crate::priority::BACKGROUND_NICE);
+                    crate::priority::enter_background();
                     index.writer_with_num_threads(1, WRITER_HEAP_BYTES)
                 })
                 .map_err(unavailable)?
@@ -246,7 +247,7 @@ impl TantivySearchIndex {
             std::thread::Builder::new()
                 .name("callisto-search-commit".into())
                 .spawn(move || {
-                    crate::priority::lower_current_thread(crate::priority::BACKGROUND_NICE);
+                    crate::priority::enter_background();
                     inner.commit_loop(&stopped, &progress);
                 })
                 .map_err(unavailable)?
