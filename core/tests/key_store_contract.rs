@@ -112,6 +112,16 @@ async fn key_store_contract(store: Arc<dyn KeyStore>) {
     assert!(elsewhere.open(sealed_event.clone(), Some(sealed.clone())).await.unwrap().erased, "after the cache bound");
     assert!(matches!(only_new.seal(noted(hedy, "late")).await, Err(KeyError::Erased)));
     assert!(matches!(only_new.key_for_writing(hedy).await, Err(KeyError::Erased)));
+    // A registration does not look the key up first; reusing an erased person's id is refused
+    // all the same, from the cache or, in a process that never saw the person, by the store.
+    assert!(matches!(only_new.seal(registered(hedy)).await, Err(KeyError::Erased)));
+    let unaware = keyring(store.clone(), &new, &[], Duration::from_secs(30));
+    assert!(matches!(unaware.seal(registered(hedy)).await, Err(KeyError::Erased)));
+    // Reusing a live person's id seals with their stored key, not a new one.
+    let ada = Uuid::new_v4();
+    only_new.seal(registered(ada)).await.unwrap();
+    let (again, again_sealed) = unaware.seal(registered(ada)).await.unwrap();
+    assert!(!only_new.open(again, again_sealed).await.unwrap().erased, "sealed with the key stored first");
     assert!(matches!(store.load(hedy).await.unwrap(), Some(StoredKey::Destroyed { .. })), "the wrapped key is gone");
     store.compact().await.unwrap();
 }

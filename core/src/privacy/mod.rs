@@ -287,10 +287,26 @@ impl Keyring {
     /// [`KeyError::Erased`] once the person is erased.
     pub async fn key_for_writing(&self, person: Uuid) -> Result<Arc<DataKey>, KeyError> {
         match self.state(person, false).await? {
-            Cached::Active(key, _) => return Ok(key),
-            Cached::Destroyed => return Err(KeyError::Erased),
-            Cached::Missing(_) => {}
+            Cached::Active(key, _) => Ok(key),
+            Cached::Destroyed => Err(KeyError::Erased),
+            Cached::Missing(_) => self.create_key(person).await,
         }
+    }
+
+    /// The key a person's first event (their registration) is sealed with. The person is almost
+    /// always new, so the store is not asked first: the insert itself answers with the key (or
+    /// tombstone) already stored when the id was used before. This saves a registration one
+    /// store round trip.
+    pub async fn key_for_first_event(&self, person: Uuid) -> Result<Arc<DataKey>, KeyError> {
+        match self.cached(person) {
+            Some(Cached::Active(key, _)) => Ok(key),
+            Some(Cached::Destroyed) => Err(KeyError::Erased),
+            Some(Cached::Missing(_)) | None => self.create_key(person).await,
+        }
+    }
+
+    /// Creates and stores a key for `person` unless one is stored; returns the stored one.
+    async fn create_key(&self, person: Uuid) -> Result<Arc<DataKey>, KeyError> {
         let (_, wrapped) = self.master.new_data_key(person).map_err(|e| KeyError::Unreadable(e.to_string()))?;
         let fresh = StoredKey::Active { kek_id: self.master.id().to_owned(), wrapped, created_at: Utc::now() };
         let stored =
@@ -320,7 +336,10 @@ impl Keyring {
             self.ensure_not_erased(person).await?;
             return Ok((event, None));
         }
-        let key = self.key_for_writing(person).await?;
+        let key = match event {
+            PersonEvent::Registered(_) => self.key_for_first_event(person).await?,
+            _ => self.key_for_writing(person).await?,
+        };
         let personal = event.take_personal();
         let sealed = key.seal(&key_id(person), event_id, &personal).map_err(|e| KeyError::Unreadable(e.to_string()))?;
         Ok((event, Some(sealed)))
