@@ -22,6 +22,7 @@ pub mod embedded;
 pub mod generations;
 pub mod mongo;
 pub mod search;
+mod search_directory;
 pub mod switch;
 
 use std::collections::BTreeMap;

@@ -108,7 +108,7 @@ fn schema() -> (Schema, Fields) {
 /// projector, finding no checkpoint, rebuilds it from the log.
 fn open_with_schema(dir: &Path, schema: Schema) -> Result<Index, StoreError> {
     std::fs::create_dir_all(dir).map_err(unavailable)?;
-    let directory = || tantivy::directory::MmapDirectory::open(dir).map_err(unavailable);
+    let directory = || super::search_directory::SearchDirectory::open(dir).map_err(unavailable);
     if Index::exists(&directory()?).map_err(unavailable)? {
         let existing = Index::open(directory()?).map_err(unavailable)?;
         if existing.schema() == schema {
