@@ -106,3 +106,43 @@ impl FileHandle for ReadFile {
         Ok(OwnedBytes::new(bytes))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use tantivy::directory::TerminatingWrite;
+
+    use super::*;
+
+    fn write(directory: &SearchDirectory, name: &str, bytes: &[u8]) {
+        let mut file = directory.open_write(Path::new(name)).unwrap();
+        file.write_all(bytes).unwrap();
+        file.terminate().unwrap();
+    }
+
+    #[test]
+    fn document_stores_are_read_from_the_file_and_stay_readable_once_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let directory = SearchDirectory::open(dir.path()).unwrap();
+        let bytes: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+        write(&directory, "segment.store", &bytes);
+        write(&directory, "segment.term", &bytes);
+
+        let store = directory.open_read(Path::new("segment.store")).unwrap();
+        assert_eq!(store.len(), bytes.len());
+        assert_eq!(store.slice(40_000..40_016).read_bytes().unwrap().as_slice(), &bytes[40_000..40_016]);
+        let mapped = directory.open_read(Path::new("segment.term")).unwrap();
+        assert_eq!(mapped.read_bytes().unwrap().as_slice(), bytes.as_slice(), "other files read as before");
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let mapped_here = |name: &str| maps.lines().any(|l| l.ends_with(&*dir.path().join(name).to_string_lossy()));
+        assert!(mapped_here("segment.term"), "the term file is mapped");
+        assert!(!mapped_here("segment.store"), "the document store is not");
+
+        // A merge deletes segments that searchers may still hold open.
+        directory.delete(Path::new("segment.store")).unwrap();
+        assert!(!directory.exists(Path::new("segment.store")).unwrap());
+        assert_eq!(store.read_bytes().unwrap().as_slice(), bytes.as_slice());
+        assert!(matches!(directory.open_read(Path::new("segment.store")), Err(OpenReadError::FileDoesNotExist(_))));
+    }
+}
