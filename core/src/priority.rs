@@ -38,9 +38,8 @@ pub fn enter_background() {
 pub const BACKGROUND_NICE: i32 = 10;
 
 /// Lowers the calling thread's priority to at least `nice` (the threads it starts later inherit
-/// it). A
-/// platform or sandbox that refuses leaves it as it is: priority is an optimisation, never a
-/// reason to fail.
+/// it). A platform or sandbox that refuses leaves it as it is: priority is an optimisation,
+/// never a reason to fail.
 fn lower_current_thread(nice: i32) {
     // Never raise it: a process started at a higher nice value keeps it (and an unprivileged
     // one could not go lower anyway).

@@ -65,8 +65,9 @@ pub struct ProjectorSettings {
 
 /// The default catch-up budget on a machine with `cores` cores: 8,000 records (one full
 /// documents batch) per core, and never under 16,000, so one batch can be prepared while
-/// another is written. On 2 cores that holds a rebuild's heap under 300 MiB; on more cores
-/// more batches are folded in parallel, with memory to match.
+/// another is written. On 2 cores that took a 1M-event rebuild's peak heap from about 390 MiB
+/// to 276–314 MiB (`BENCHMARKS.md`); on more cores more batches are folded in parallel, with
+/// memory to match.
 pub fn catch_up_records_for(cores: usize) -> usize {
     (8_000 * cores).max(16_000)
 }

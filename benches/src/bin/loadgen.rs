@@ -701,8 +701,8 @@ mod rebuild {
         let smaller = if total > events {
             let smaller = tempfile::tempdir()?;
             eprintln!("filling a separate log of {events} events for the scaling figure");
-            let filled = fill(smaller.path(), events).await?;
-            drop(filled);
+            // Dropped at once: the rebuild child opens the log.
+            fill(smaller.path(), events).await?;
             Some(smaller)
         } else {
             None
