@@ -7,15 +7,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use callisto_avro::events::NoteAdded;
-use callisto_avro::{Codec, EmbeddedRegistry, PersonEvent};
+use callisto_avro::{Codec, EmbeddedRegistry};
 use callisto_core::log::{AppendRequest, EmbeddedLog, EmbeddedLogOptions, EventLog};
 use callisto_core::privacy::EventReader;
 use callisto_core::readmodel::{Checkpoints, ProjectedEvent, Projection, StoreError};
 use callisto_projectors::{Projector, ProjectorSettings};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
+
+mod common;
 
 const TOPIC: &str = "persons";
 const PARTITIONS: u32 = 6;
@@ -80,14 +80,7 @@ async fn a_backlog_is_worked_off_within_the_catch_up_budget_and_exactly_once() {
     log.ensure_topic(TOPIC, PARTITIONS).await.unwrap();
     let mut expected = Vec::with_capacity(EVENTS);
     for _ in 0..EVENTS {
-        let event = PersonEvent::NoteAdded(NoteAdded {
-            event_id: Uuid::new_v4(),
-            person_id: Uuid::new_v4(),
-            occurred_at: chrono::Utc::now(),
-            correlation_id: "catch-up".into(),
-            note_id: Uuid::new_v4(),
-            text: "backlog".into(),
-        });
+        let event = common::note("backlog");
         let request = AppendRequest {
             topic: TOPIC.into(),
             key: event.meta().person_id.to_string().into_bytes(),

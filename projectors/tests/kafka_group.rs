@@ -7,8 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use callisto_avro::events::NoteAdded;
-use callisto_avro::{Codec, EmbeddedRegistry, PersonEvent};
+use callisto_avro::{Codec, EmbeddedRegistry};
 use callisto_core::log::{AppendRequest, EventLog, KafkaLog, KafkaLogOptions};
 use callisto_core::privacy::EventReader;
 use callisto_core::readmodel::{Checkpoints, ProjectedEvent, Projection, StoreError};
@@ -17,6 +16,8 @@ use rdkafka::mocking::MockCluster;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+mod common;
 
 /// Every application of every event, by whom, shared by both members like a shared database.
 #[derive(Default)]
@@ -63,21 +64,10 @@ impl Projection for Recording {
     }
 }
 
-fn note() -> PersonEvent {
-    PersonEvent::NoteAdded(NoteAdded {
-        event_id: Uuid::new_v4(),
-        person_id: Uuid::new_v4(),
-        occurred_at: chrono::Utc::now(),
-        correlation_id: "group-test".into(),
-        note_id: Uuid::new_v4(),
-        text: "handed over".into(),
-    })
-}
-
 async fn produce(log: &KafkaLog, codec: &Codec, topic: &str, count: usize, pause: Duration) -> Vec<(u32, u64)> {
     let mut positions = Vec::with_capacity(count);
     for _ in 0..count {
-        let event = note();
+        let event = common::note("handed over");
         let key = event.meta().person_id.to_string().into_bytes();
         let request = AppendRequest {
             topic: topic.to_owned(),
