@@ -74,9 +74,14 @@ fn decode(bytes: &[u8]) -> Result<StoredKey, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Unavailable(format!("stored key is corrupt: {e}")))
 }
 
+/// redb's page cache for the key store. Its default (1 GiB) would let the cache grow with the
+/// number of persons whose keys a rebuild reads; the keyring caches the keys themselves, so
+/// this only spares a hot B-tree path re-reads.
+const CACHE_BYTES: usize = 8 << 20;
+
 impl EmbeddedKeyStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(unavailable)?;
+        let db = redb::Builder::new().set_cache_size(CACHE_BYTES).create(path).map_err(unavailable)?;
         let txn = db.begin_write().map_err(unavailable)?;
         txn.open_table(KEYS).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;

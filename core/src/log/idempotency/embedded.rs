@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use async_trait::async_trait;
-use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::{Claim, ClaimStore};
 use crate::readmodel::StoreError;
@@ -34,9 +34,13 @@ impl std::fmt::Debug for EmbeddedClaimStore {
     }
 }
 
+/// redb's page cache for the claims. Its default (1 GiB) would let the cache grow with the
+/// claims kept, while each claim is looked up alone, by its key.
+const CACHE_BYTES: usize = 8 << 20;
+
 impl EmbeddedClaimStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(unavailable)?;
+        let db = redb::Builder::new().set_cache_size(CACHE_BYTES).create(path).map_err(unavailable)?;
         let txn = db.begin_write().map_err(unavailable)?;
         txn.open_table(CLAIMS).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
