@@ -155,8 +155,12 @@ impl Codec {
     pub fn decode_value(&self, bytes: &[u8]) -> Result<(EventKind, apache_avro::types::Value), CodecError> {
         let id = schema_id(bytes)?;
         let (kind, writer) = self.writer_schema(id)?;
+        // Written with this build's schema for the kind, the record needs no resolution into
+        // it: resolving rebuilds the value field by field, and most records read are this
+        // build's own. Records of any other schema (an older producer's) are resolved.
+        let reader = (self.writer_ids.get(&kind) != Some(&id)).then(|| kind.schema());
         let mut body = &bytes[HEADER_LEN..];
-        let value = from_avro_datum(&writer, &mut body, Some(kind.schema())).map_err(avro_err)?;
+        let value = from_avro_datum(&writer, &mut body, reader).map_err(avro_err)?;
         if !body.is_empty() {
             return Err(CodecError::TrailingBytes(body.len()));
         }

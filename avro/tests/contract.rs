@@ -317,3 +317,37 @@ fn a_v1_consumer_reads_v2_sealed_events_and_v2_reads_v1_clear_events() {
     .unwrap();
     assert_eq!(apache_avro::from_value::<PersonRegistered>(&back).unwrap(), clear);
 }
+
+/// A record written with another schema of its kind (an older producer's) is resolved into
+/// today's schema; one written with today's comes out as written. Either way the value is one
+/// of today's schema, which `export --format avro` writes as it is.
+#[test]
+fn decoded_values_are_in_todays_schema_whichever_schema_wrote_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(EmbeddedRegistry::open(&dir.path().join("schemas.redb")).unwrap());
+    let codec = Codec::new(registry.clone(), "persons").unwrap();
+    let kind = EventKind::PersonRegistered;
+    let v1_path = released_root().join("v1").join(format!("{}.avsc", kind.name()));
+    let v1 = Schema::parse_str(&std::fs::read_to_string(v1_path).unwrap()).unwrap();
+    let v1_id = registry.register(&kind.subject("persons"), &v1).unwrap();
+    assert_ne!(v1_id, codec.writer_id(kind), "v1 and today's schema are distinct versions");
+
+    let PersonEvent::Registered(clear) = sample_events().remove(0) else { panic!("first sample registers") };
+    let v1_body =
+        apache_avro::to_avro_datum(&v1, apache_avro::to_value(&clear).unwrap().resolve(&v1).unwrap()).unwrap();
+    let mut v1_record = vec![0u8];
+    v1_record.extend_from_slice(&v1_id.to_be_bytes());
+    v1_record.extend_from_slice(&v1_body);
+    let todays_record = codec.encode(&PersonEvent::Registered(clear.clone())).unwrap();
+
+    for (written_with, record) in [("v1", v1_record), ("today's schema", todays_record)] {
+        let (decoded_kind, value) = codec.decode_value(&record).unwrap();
+        assert_eq!(decoded_kind, kind);
+        let Schema::Record(todays) = kind.schema() else { panic!("events are records") };
+        let apache_avro::types::Value::Record(fields) = &value else { panic!("decoded to a record") };
+        let names: Vec<&str> = fields.iter().map(|(name, _)| name.as_str()).collect();
+        let expected: Vec<&str> = todays.fields.iter().map(|field| field.name.as_str()).collect();
+        assert_eq!(names, expected, "a record written with {written_with} decodes to today's fields");
+        assert_eq!(codec.decode(&record).unwrap(), PersonEvent::Registered(clear.clone()));
+    }
+}
