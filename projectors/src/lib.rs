@@ -14,8 +14,9 @@
 //!
 //! ## Guarantees
 //! - Memory is bounded: workers pull at most `batch_max` records at a time (or what the
-//!   projection asks for, `Projection::batch_max`), and while catching up a projection's
-//!   workers hold at most `catch_up_records` records between them; nothing queues.
+//!   projection asks for, `Projection::batch_max`), and while catching up the workers of all
+//!   of a projector's projections hold at most `catch_up_records` records between them;
+//!   nothing queues.
 //! - A checkpoint is written with (or after) the batch that reached it, and workers resume from
 //!   the projection's checkpoint, never from the log's consumer-group offsets (those trail it).
 //! - On Kafka each projection is its own consumer group (`<group>.<projection>`), so projector
@@ -48,11 +49,14 @@ pub struct ProjectorSettings {
     pub batch_max: usize,
     /// How long a read waits for the first new record before returning empty.
     pub poll_wait: Duration,
-    /// Records one projection holds in full batches at a time, across all its partitions, while
-    /// they catch up (a rebuild, a backlog): a worker reads a full batch only with that many
-    /// records of the budget. This bounds a rebuild's memory, as otherwise every partition
-    /// holds a full batch, raw and decoded. Live traffic reads without waiting for it. The
-    /// default, [`catch_up_records_for`], grows with the cores that can work on the batches.
+    /// Records the projector's projections hold in full batches at a time, across all their
+    /// partitions, while they catch up (a rebuild, a backlog): a worker reads a full batch only
+    /// with that many records of the budget. This bounds a rebuild's memory, as otherwise every
+    /// partition of every projection holds a full batch, raw and decoded. The budget is one for
+    /// all projections, so rebuilding two read models holds no more batches than rebuilding
+    /// one, and a projection that finishes first leaves the whole budget to the others. Live
+    /// traffic reads without waiting for it. The default, [`catch_up_records_for`], grows with
+    /// the cores that can work on the batches.
     pub catch_up_records: usize,
     /// Attempts to decode or apply before a single event is dead-lettered.
     pub event_attempts: usize,
@@ -65,9 +69,9 @@ pub struct ProjectorSettings {
 
 /// The default catch-up budget on a machine with `cores` cores: 8,000 records (one full
 /// documents batch) per core, and never under 16,000, so one batch can be prepared while
-/// another is written. On 2 cores that took a 1M-event rebuild's peak heap from about 390 MiB
-/// to 276–314 MiB (`BENCHMARKS.md`); on more cores more batches are folded in parallel, with
-/// memory to match.
+/// another is written. Shared by the documents and search projections of a 1M-event rebuild on
+/// 2 cores, it held peak RSS under 300 MiB at the rate of a budget per projection
+/// (`BENCHMARKS.md`); on more cores more batches are folded in parallel, with memory to match.
 pub fn catch_up_records_for(cores: usize) -> usize {
     (8_000 * cores).max(16_000)
 }
@@ -117,6 +121,7 @@ impl Projector {
         self.log.ensure_topic(&self.settings.dlq_topic(), partitions).await?;
         let mut tasks = tokio::task::JoinSet::new();
         let mut members = Vec::new();
+        let catch_up = Arc::new(tokio::sync::Semaphore::new(self.settings.catch_up_records.max(1)));
         for projection in &self.projections {
             let member = Arc::new(member::Member::new(
                 self.log.clone(),
@@ -124,6 +129,7 @@ impl Projector {
                 projection.clone(),
                 self.settings.clone(),
                 shutdown.clone(),
+                catch_up.clone(),
             ));
             members.push(member.clone());
             let group = member.group();

@@ -24,7 +24,7 @@ pub struct Member {
     pub projection: Arc<dyn Projection>,
     pub settings: ProjectorSettings,
     pub shutdown: CancellationToken,
-    /// The projection's catch-up budget, shared by its workers (see
+    /// The projector's catch-up budget, shared by the workers of all its projections (see
     /// [`ProjectorSettings::catch_up_records`]).
     catch_up: Arc<tokio::sync::Semaphore>,
     workers: Mutex<HashMap<u32, (CancellationToken, JoinHandle<()>)>>,
@@ -37,8 +37,8 @@ impl Member {
         projection: Arc<dyn Projection>,
         settings: ProjectorSettings,
         shutdown: CancellationToken,
+        catch_up: Arc<tokio::sync::Semaphore>,
     ) -> Self {
-        let catch_up = Arc::new(tokio::sync::Semaphore::new(settings.catch_up_records.max(1)));
         Self { log, reader, projection, settings, shutdown, catch_up, workers: Mutex::new(HashMap::new()) }
     }
 

@@ -21,7 +21,8 @@ pub struct Worker {
     pub reader: Arc<EventReader>,
     pub projection: Arc<dyn Projection>,
     pub settings: ProjectorSettings,
-    /// The projection's catch-up budget (see [`ProjectorSettings::catch_up_records`]).
+    /// The projector's catch-up budget, shared with the workers of its other projections (see
+    /// [`ProjectorSettings::catch_up_records`]).
     pub catch_up: Arc<tokio::sync::Semaphore>,
     pub partition: u32,
     /// The partition's records, starting after the projection's checkpoint.

@@ -1,5 +1,6 @@
-//! A projection catching up on a backlog holds at most `catch_up_records` records in full
-//! batches at a time across its partitions, and still applies every event exactly once.
+//! Projections catching up on a backlog hold at most `catch_up_records` records in full batches
+//! at a time, across their partitions and across the projections of one projector, and still
+//! apply every event exactly once.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,10 +24,12 @@ const EVENTS: usize = 1200;
 const BATCH: usize = 25;
 const BUDGET: usize = 2;
 
-/// Counts applies in flight, the most seen at once, and every application of every event.
+/// Counts applies in flight (with the projector's other projections), the most seen at once,
+/// and every application of every event.
 struct Counting {
-    in_flight: AtomicUsize,
-    most_in_flight: AtomicUsize,
+    name: &'static str,
+    in_flight: Arc<AtomicUsize>,
+    most_in_flight: Arc<AtomicUsize>,
     applied: Mutex<HashMap<(u32, u64), usize>>,
     checkpoints: Mutex<Checkpoints>,
     progress: watch::Sender<Checkpoints>,
@@ -35,7 +38,7 @@ struct Counting {
 #[async_trait]
 impl Projection for Counting {
     fn name(&self) -> &'static str {
-        "counting"
+        self.name
     }
 
     fn system(&self) -> &'static str {
@@ -45,7 +48,7 @@ impl Projection for Counting {
     async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.most_in_flight.fetch_max(now, Ordering::SeqCst);
-        // Long enough for every partition's worker to be waiting to apply at the same time.
+        // Long enough for every worker of both projections to be waiting to apply at once.
         tokio::time::sleep(Duration::from_millis(10)).await;
         {
             let mut applied = self.applied.lock().unwrap();
@@ -70,7 +73,7 @@ impl Projection for Counting {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backlog_is_worked_off_within_the_catch_up_budget_and_exactly_once() {
+async fn a_backlog_is_worked_off_by_two_projections_within_one_catch_up_budget_and_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let codec =
         Arc::new(Codec::new(Arc::new(EmbeddedRegistry::open(&dir.path().join("s.redb")).unwrap()), TOPIC).unwrap());
@@ -92,27 +95,38 @@ async fn a_backlog_is_worked_off_within_the_catch_up_budget_and_exactly_once() {
         expected.push((appended.partition, appended.offset));
     }
 
-    let projection = Arc::new(Counting {
-        in_flight: AtomicUsize::new(0),
-        most_in_flight: AtomicUsize::new(0),
-        applied: Mutex::new(HashMap::new()),
-        checkpoints: Mutex::new(BTreeMap::new()),
-        progress: watch::channel(BTreeMap::new()).0,
-    });
+    let (in_flight, most_in_flight) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let projections: Vec<Arc<Counting>> = ["documents-like", "search-like"]
+        .into_iter()
+        .map(|name| {
+            Arc::new(Counting {
+                name,
+                in_flight: in_flight.clone(),
+                most_in_flight: most_in_flight.clone(),
+                applied: Mutex::new(HashMap::new()),
+                checkpoints: Mutex::new(BTreeMap::new()),
+                progress: watch::channel(BTreeMap::new()).0,
+            })
+        })
+        .collect();
     let settings =
         ProjectorSettings { batch_max: BATCH, catch_up_records: BUDGET * BATCH, ..ProjectorSettings::new(TOPIC) };
     let stop = CancellationToken::new();
-    let done = Projector::new(log, reader, vec![projection.clone()], settings).start(stop.clone()).await.unwrap();
+    let started: Vec<Arc<dyn Projection>> = projections.iter().map(|p| p.clone() as Arc<dyn Projection>).collect();
+    let done = Projector::new(log, reader, started, settings).start(stop.clone()).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while projection.applied.lock().unwrap().len() < EVENTS {
+    while projections.iter().any(|p| p.applied.lock().unwrap().len() < EVENTS) {
         assert!(Instant::now() < deadline, "the backlog was never worked off");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stop.cancel();
     done.await.unwrap();
 
-    let applied = projection.applied.lock().unwrap();
-    assert!(expected.iter().all(|p| applied.get(p) == Some(&1)), "every event applied exactly once");
-    let most = projection.most_in_flight.load(Ordering::SeqCst);
-    assert!(most <= BUDGET, "{most} batches in flight at once, over the budget of {BUDGET}");
+    for projection in &projections {
+        let applied = projection.applied.lock().unwrap();
+        let name = projection.name;
+        assert!(expected.iter().all(|p| applied.get(p) == Some(&1)), "{name} applied every event exactly once");
+    }
+    let most = most_in_flight.load(Ordering::SeqCst);
+    assert!(most <= BUDGET, "{most} batches of both projections in flight at once, over the budget of {BUDGET}");
 }
