@@ -335,7 +335,7 @@ fn decoded_values_are_in_todays_schema_whichever_schema_wrote_them() {
     let PersonEvent::Registered(clear) = sample_events().remove(0) else { panic!("first sample registers") };
     let v1_body =
         apache_avro::to_avro_datum(&v1, apache_avro::to_value(&clear).unwrap().resolve(&v1).unwrap()).unwrap();
-    let mut v1_record = vec![0u8];
+    let mut v1_record = vec![callisto_avro::codec::MAGIC_BYTE];
     v1_record.extend_from_slice(&v1_id.to_be_bytes());
     v1_record.extend_from_slice(&v1_body);
     let todays_record = codec.encode(&PersonEvent::Registered(clear.clone())).unwrap();

@@ -75,8 +75,8 @@ fn decode(bytes: &[u8]) -> Result<StoredKey, StoreError> {
 }
 
 /// redb's page cache for the key store. Its default (1 GiB) would let the cache grow with the
-/// number of persons whose keys a rebuild reads; the keyring caches the keys themselves, so
-/// this only spares a hot B-tree path re-reads.
+/// number of persons whose keys a rebuild reads. The keyring caches the keys themselves, so this
+/// cache only keeps the B-tree's upper pages from being read again.
 const CACHE_BYTES: usize = 8 << 20;
 
 impl EmbeddedKeyStore {
