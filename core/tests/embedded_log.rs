@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use callisto_core::log::{AppendRequest, EmbeddedLog, EmbeddedLogOptions, EventLog, IdempotencyKey, LogError};
+use callisto_core::log::{
+    AppendRequest, EmbeddedLog, EmbeddedLogOptions, EventLog, IdempotencyKey, LogError, PartitionFeed, PositionFeed,
+};
 use callisto_core::partition::partition_for;
 
 const TOPIC: &str = "persons";
@@ -93,6 +95,50 @@ async fn everything_survives_a_reopen() {
     let at = log.append(request("k0", "after")).await.unwrap();
     let before = written.iter().filter(|(a, _)| a.partition == at.partition).count() as u64;
     assert_eq!(at.offset, before);
+}
+
+/// A feed records its position at most once per interval while batches keep coming, and the
+/// last one as soon as a read finds the partition idle.
+#[tokio::test]
+async fn a_position_feed_coalesces_its_commits_and_records_the_last_when_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let log: Arc<dyn EventLog> = Arc::new(open(dir.path()));
+    log.ensure_topic(TOPIC, 1).await.unwrap();
+    for i in 0..50 {
+        log.append(request("k", &format!("e{i}"))).await.unwrap();
+    }
+    let mut feed = PositionFeed::new(log.clone(), TOPIC.into(), "projector".into(), 0, 0);
+    let mut processed = 0;
+    loop {
+        let records = feed.next_batch(5, Duration::ZERO).await.unwrap();
+        let Some(last) = records.last() else { break };
+        processed += records.len();
+        feed.processed(last.offset + 1).await.unwrap();
+        if processed == 5 {
+            assert_eq!(log.committed_offsets("projector", TOPIC).await.unwrap(), vec![(0, 5)], "the first is recorded");
+        }
+    }
+    assert_eq!(processed, 50);
+    // Ten batches within one interval: the first was committed, and the idle read that ended the
+    // loop committed the last. Nothing in between is asserted, only the end state and that the
+    // position never ran ahead of what was processed.
+    assert_eq!(log.committed_offsets("projector", TOPIC).await.unwrap(), vec![(0, 50)]);
+}
+
+#[tokio::test]
+async fn a_position_feed_commits_at_most_once_per_interval_while_busy() {
+    let dir = tempfile::tempdir().unwrap();
+    let log: Arc<dyn EventLog> = Arc::new(open(dir.path()));
+    log.ensure_topic(TOPIC, 1).await.unwrap();
+    let mut feed = PositionFeed::new(log.clone(), TOPIC.into(), "projector".into(), 0, 0);
+    for next in 1..=100 {
+        feed.processed(next).await.unwrap();
+    }
+    // Well inside one interval: only the first position reached the log.
+    assert_eq!(log.committed_offsets("projector", TOPIC).await.unwrap(), vec![(0, 1)]);
+    tokio::time::sleep(PositionFeed::COMMIT_INTERVAL).await;
+    feed.processed(101).await.unwrap();
+    assert_eq!(log.committed_offsets("projector", TOPIC).await.unwrap(), vec![(0, 101)]);
 }
 
 #[tokio::test]

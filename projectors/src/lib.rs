@@ -154,13 +154,13 @@ impl Projector {
                                 .iter()
                                 .zip(starts)
                                 .map(|(&partition, next)| {
-                                    Box::new(PositionFeed {
-                                        log: log.clone(),
-                                        topic: topic.clone(),
-                                        group: group.clone(),
+                                    Box::new(PositionFeed::new(
+                                        log.clone(),
+                                        topic.clone(),
+                                        group.clone(),
                                         partition,
                                         next,
-                                    }) as Box<dyn PartitionFeed>
+                                    )) as Box<dyn PartitionFeed>
                                 })
                                 .collect();
                             member.assigned(feeds);

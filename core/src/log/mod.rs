@@ -18,7 +18,7 @@ pub mod kafka;
 mod kafka_group;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -308,12 +308,41 @@ pub trait GroupHandler: Send + Sync + 'static {
 
 /// A [`PartitionFeed`] that reads by position, for logs without consumer groups; its
 /// progress is committed under `group` as a lag signal.
+///
+/// Positions are committed at most once per [`PositionFeed::COMMIT_INTERVAL`], and the last
+/// one when a read finds the partition idle, the way Kafka's consumers auto-commit. Committing
+/// after every batch put a durable write of the log's own store next to every live batch of
+/// every projection, and those writes queue with the appends behind the store's one writer.
+/// The group's position only signals lag: resuming always starts from the read model's own
+/// checkpoint, so a position a little behind costs nothing.
 pub struct PositionFeed {
-    pub log: Arc<dyn EventLog>,
-    pub topic: String,
-    pub group: String,
-    pub partition: u32,
-    pub next: u64,
+    log: Arc<dyn EventLog>,
+    topic: String,
+    group: String,
+    partition: u32,
+    next: u64,
+    /// Processed but not committed yet.
+    pending: Option<u64>,
+    committed_at: Option<Instant>,
+}
+
+impl PositionFeed {
+    /// How often, at most, one partition's position is committed.
+    pub const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+
+    /// Reads `partition` of `topic` from `next` on.
+    pub fn new(log: Arc<dyn EventLog>, topic: String, group: String, partition: u32, next: u64) -> Self {
+        Self { log, topic, group, partition, next, pending: None, committed_at: None }
+    }
+
+    async fn commit_pending(&mut self) -> Result<(), LogError> {
+        if let Some(next) = self.pending {
+            self.log.commit_offsets(&self.group, &self.topic, &[(self.partition, next)]).await?;
+            self.pending = None;
+            self.committed_at = Some(Instant::now());
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -324,13 +353,23 @@ impl PartitionFeed for PositionFeed {
 
     async fn next_batch(&mut self, max_records: usize, max_wait: Duration) -> Result<Vec<Record>, LogError> {
         let records = self.log.read(&self.topic, self.partition, self.next, max_records, max_wait).await?;
-        if let Some(last) = records.last() {
-            self.next = last.offset + 1;
+        match records.last() {
+            Some(last) => self.next = last.offset + 1,
+            // Idle: nothing will come to commit the last position with, so commit it now.
+            None => {
+                if let Err(e) = self.commit_pending().await {
+                    tracing::debug!(partition = self.partition, error = %e, "recording the group position failed");
+                }
+            }
         }
         Ok(records)
     }
 
     async fn processed(&mut self, next: u64) -> Result<(), LogError> {
-        self.log.commit_offsets(&self.group, &self.topic, &[(self.partition, next)]).await
+        self.pending = Some(next);
+        if self.committed_at.is_none_or(|at| at.elapsed() >= Self::COMMIT_INTERVAL) {
+            self.commit_pending().await?;
+        }
+        Ok(())
     }
 }
