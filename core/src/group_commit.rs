@@ -38,6 +38,7 @@ impl<R: Send + 'static, T: Send + 'static> GroupCommit<R, T> {
         F: FnMut(&[R]) -> Result<Vec<T>, StoreError> + Send + 'static,
     {
         let max_group = max_group.max(1);
+        let writer_name = name.to_owned();
         let (queue, mut incoming) = mpsc::channel::<Pending<R, T>>(max_group);
         let writer = std::thread::Builder::new()
             .name(name.to_owned())
@@ -51,7 +52,12 @@ impl<R: Send + 'static, T: Send + 'static> GroupCommit<R, T> {
                             Err(_) => break,
                         }
                     }
+                    let (started, size) = (std::time::Instant::now(), group.len());
                     answer(&mut commit, &mut group);
+                    let writer = writer_name.clone();
+                    metrics::histogram!("callisto_store_group_commit_seconds", "writer" => writer.clone())
+                        .record(started.elapsed().as_secs_f64());
+                    metrics::histogram!("callisto_store_group_commit_size", "writer" => writer).record(size as f64);
                 }
             })
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;

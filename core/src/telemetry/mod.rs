@@ -170,6 +170,16 @@ pub const METRICS: &[(&str, MetricKind, &str)] = &[
         "Time of one embedded-log group commit, fsync included.",
     ),
     ("callisto_log_group_commit_size", MetricKind::Histogram, "Appends per embedded-log group commit."),
+    (
+        "callisto_store_group_commit_seconds",
+        MetricKind::Histogram,
+        "Time of one embedded-store group commit (data keys, documents), fsync included, by writer thread.",
+    ),
+    (
+        "callisto_store_group_commit_size",
+        MetricKind::Histogram,
+        "Writes per embedded-store group commit, by writer thread.",
+    ),
     ("callisto_projected_events_total", MetricKind::Counter, "Events applied, by projection."),
     (
         "callisto_projection_batch_seconds",
