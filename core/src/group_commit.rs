@@ -33,12 +33,11 @@ impl<R, T> std::fmt::Debug for GroupCommit<R, T> {
 impl<R: Send + 'static, T: Send + 'static> GroupCommit<R, T> {
     /// Starts the writer thread `name`. `commit` applies a group in one transaction and returns
     /// one answer per request, in order; it runs on the writer thread, which may block.
-    pub fn start<F>(name: &str, max_group: usize, mut commit: F) -> Result<Self, StoreError>
+    pub fn start<F>(name: &'static str, max_group: usize, mut commit: F) -> Result<Self, StoreError>
     where
         F: FnMut(&[R]) -> Result<Vec<T>, StoreError> + Send + 'static,
     {
         let max_group = max_group.max(1);
-        let writer_name = name.to_owned();
         let (queue, mut incoming) = mpsc::channel::<Pending<R, T>>(max_group);
         let writer = std::thread::Builder::new()
             .name(name.to_owned())
@@ -54,10 +53,9 @@ impl<R: Send + 'static, T: Send + 'static> GroupCommit<R, T> {
                     }
                     let (started, size) = (std::time::Instant::now(), group.len());
                     answer(&mut commit, &mut group);
-                    let writer = writer_name.clone();
-                    metrics::histogram!("callisto_store_group_commit_seconds", "writer" => writer.clone())
+                    metrics::histogram!("callisto_store_group_commit_seconds", "writer" => name)
                         .record(started.elapsed().as_secs_f64());
-                    metrics::histogram!("callisto_store_group_commit_size", "writer" => writer).record(size as f64);
+                    metrics::histogram!("callisto_store_group_commit_size", "writer" => name).record(size as f64);
                 }
             })
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;

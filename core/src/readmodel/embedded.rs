@@ -62,7 +62,7 @@ impl SharedDb {
     /// A [`GroupCommit`] writer thread `name` whose groups `commit` applies to this database.
     pub fn group_commit<R: Send + 'static, T: Send + 'static>(
         &self,
-        name: &str,
+        name: &'static str,
         max_group: usize,
         commit: fn(&Database, &[R]) -> Result<Vec<T>, StoreError>,
     ) -> Result<GroupCommit<R, T>, StoreError> {
