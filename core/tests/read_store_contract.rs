@@ -66,6 +66,58 @@ async fn an_embedded_timeline_in_the_earlier_layout_is_migrated_on_open() {
     assert!(db.begin_read().unwrap().list_tables().unwrap().all(|t| t.name() != EARLIER.name()));
 }
 
+/// Person documents written as JSON by earlier builds are read as they are, and each is
+/// rewritten in the compact layout, well under its JSON size, the next time an event changes it.
+#[tokio::test]
+async fn embedded_person_documents_stored_as_json_are_read_and_rewritten_compactly() {
+    use callisto_core::readmodel::{ListFilter, PersonDoc, Projection, fold};
+    use redb::ReadableDatabase;
+    const PERSONS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("persons");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("documents.redb");
+    let ada = uuid::Uuid::new_v4();
+    let registered = contract::at(3, 7, contract::registered(ada, "Ada", &["vip"]));
+    let earlier: PersonDoc = fold(None, &registered).unwrap();
+    let json = serde_json::to_vec(&earlier).unwrap();
+    {
+        let store = EmbeddedReadStore::open(&path).unwrap();
+        store.apply(3, std::slice::from_ref(&registered), 7).await.unwrap();
+    }
+    let stored = |path: &std::path::Path| {
+        let db = redb::Database::open(path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let table = txn.open_table(PERSONS).unwrap();
+        table.get(ada.to_string().as_str()).unwrap().unwrap().value().to_vec()
+    };
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(PERSONS).unwrap().insert(ada.to_string().as_str(), json.as_slice()).unwrap();
+        txn.commit().unwrap();
+    }
+    assert_eq!(stored(&path), json, "the earlier build's JSON document is in place");
+
+    let store = EmbeddedReadStore::open(&path).unwrap();
+    assert_eq!(store.get(ada).await.unwrap(), Some(earlier.clone()));
+    let tagged = ListFilter { tag: Some("vip".into()), status: None };
+    assert_eq!(store.list(&tagged, 10, None).await.unwrap().items, vec![earlier.clone()]);
+
+    let note = contract::at(3, 8, contract::note(ada, "first"));
+    store.apply(3, std::slice::from_ref(&note), 8).await.unwrap();
+    let now = fold(Some(earlier), &note).unwrap();
+    assert_eq!(store.get(ada).await.unwrap(), Some(now.clone()));
+    drop(store);
+    let rewritten = stored(&path);
+    assert!(serde_json::from_slice::<PersonDoc>(&rewritten).is_err(), "the document is no longer JSON");
+    assert!(
+        rewritten.len() * 2 < serde_json::to_vec(&now).unwrap().len(),
+        "{} bytes against {} as JSON",
+        rewritten.len(),
+        serde_json::to_vec(&now).unwrap().len()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mongodb_meets_the_contract() {
     let Some(uri) = contract::server_url("MONGODB_URI") else { return };

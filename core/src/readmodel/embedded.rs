@@ -136,7 +136,7 @@ impl PersonWrite {
         let old_status = before.map(|d| d.status);
         Ok(Self {
             id: after.person_id.to_string(),
-            bytes: serde_json::to_vec(after).map_err(unavailable)?,
+            bytes: encode_person(after)?,
             tags_removed: old_tags.iter().filter(|t| !after.tags.contains(t)).cloned().collect(),
             tags_added: after.tags.iter().filter(|t| !old_tags.contains(t)).cloned().collect(),
             status_moved: (old_status != Some(after.status)).then_some((old_status, after.status)),
@@ -250,7 +250,31 @@ fn read_checkpoints(db: &Database) -> Result<Checkpoints, StoreError> {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Unavailable(format!("stored document is corrupt: {e}")))
+    serde_json::from_slice(bytes).map_err(corrupt)
+}
+
+fn corrupt<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::Unavailable(format!("stored document is corrupt: {e}"))
+}
+
+/// The first byte of a person document stored as postcard. Person documents are the rows every
+/// batch reads and rewrites all over the `persons` table, so their size is what a transaction
+/// copies: postcard (16-byte ids, no field names) is well under half of their JSON. Postcard is
+/// not self-describing, so the byte names the layout, and a later change to [`PersonDoc`] takes
+/// a new one. JSON documents of earlier builds start with `{` and are still read; each is
+/// rewritten in this layout the next time an event changes the person.
+const PERSON_LAYOUT: u8 = 1;
+
+fn encode_person(doc: &PersonDoc) -> Result<Vec<u8>, StoreError> {
+    postcard::to_extend(doc, vec![PERSON_LAYOUT]).map_err(unavailable)
+}
+
+fn decode_person(bytes: &[u8]) -> Result<PersonDoc, StoreError> {
+    match bytes.first() {
+        Some(&PERSON_LAYOUT) => postcard::from_bytes(&bytes[1..]).map_err(corrupt),
+        Some(b'{') => decode(bytes),
+        _ => Err(corrupt(format!("unknown layout {:?}", bytes.first()))),
+    }
 }
 
 /// Where a timeline entry sits in `timeline_entries`: (partition, offset).
@@ -423,7 +447,7 @@ fn prepare(db: &Database, partition: u32, events: &[ProjectedEvent], through: u6
             std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
             std::collections::hash_map::Entry::Vacant(entry) => {
                 let found = stored_persons.get(entry.key().as_str()).map_err(unavailable)?;
-                let stored: Option<PersonDoc> = found.map(|g| decode(g.value())).transpose()?;
+                let stored = found.map(|g| decode_person(g.value())).transpose()?;
                 entry.insert(Folding { current: stored.clone(), stored, entries: Vec::new(), scrubs: false })
             }
         };
@@ -516,7 +540,7 @@ impl ReadStore for EmbeddedReadStore {
                 let txn = db.begin_read().map_err(unavailable)?;
                 let table = txn.open_table(PERSONS).map_err(unavailable)?;
                 let found = table.get(person_id.to_string().as_str()).map_err(unavailable)?;
-                found.map(|g| decode(g.value())).transpose()
+                found.map(|g| decode_person(g.value())).transpose()
             })
             .await
     }
@@ -539,7 +563,7 @@ impl ReadStore for EmbeddedReadStore {
                         return Ok(true);
                     }
                     let Some(found) = persons.get(id).map_err(unavailable)? else { return Ok(true) };
-                    let doc: PersonDoc = decode(found.value())?;
+                    let doc = decode_person(found.value())?;
                     let matches = filter.status.map_or(doc.status != Status::Erased, |s| s == doc.status)
                         && filter.tag.as_ref().is_none_or(|t| doc.tags.contains(t));
                     if matches {
