@@ -113,6 +113,7 @@ pub async fn open_keyring(settings: &Settings) -> anyhow::Result<Arc<Keyring>> {
         cache_ttl: Duration::from_millis(privacy.key_cache_ttl_ms),
         cache_entries: privacy.key_cache_entries,
         timeout: Duration::from_millis(privacy.timeout_ms),
+        ..KeyringOptions::default()
     };
     Ok(Arc::new(Keyring::new(store, master, previous, &options)))
 }

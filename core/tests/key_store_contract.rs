@@ -153,6 +153,84 @@ async fn the_mongodb_key_store_meets_the_contract() {
     key_store_contract(Arc::new(MongoKeyStore::new(&db))).await;
 }
 
+/// Counts the keys written through it.
+struct CountingStore {
+    inner: Arc<dyn KeyStore>,
+    inserts: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl KeyStore for CountingStore {
+    async fn load(&self, person: Uuid) -> Result<Option<StoredKey>, callisto_core::readmodel::StoreError> {
+        self.inner.load(person).await
+    }
+    async fn insert_if_absent(
+        &self,
+        person: Uuid,
+        key: StoredKey,
+    ) -> Result<StoredKey, callisto_core::readmodel::StoreError> {
+        self.inserts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.insert_if_absent(person, key).await
+    }
+    async fn destroy(
+        &self,
+        person: Uuid,
+        at: chrono::DateTime<Utc>,
+    ) -> Result<(), callisto_core::readmodel::StoreError> {
+        self.inner.destroy(person, at).await
+    }
+    async fn wrapped_by_other(
+        &self,
+        kek_id: &str,
+        limit: usize,
+    ) -> Result<Vec<(Uuid, StoredKey)>, callisto_core::readmodel::StoreError> {
+        self.inner.wrapped_by_other(kek_id, limit).await
+    }
+    async fn replace_wrapping(
+        &self,
+        person: Uuid,
+        from_kek: &str,
+        key: StoredKey,
+    ) -> Result<(), callisto_core::readmodel::StoreError> {
+        self.inner.replace_wrapping(person, from_kek, key).await
+    }
+}
+
+/// A person id from the reserve comes with its key stored before any event, so registering
+/// them writes nothing to the key store; each id is handed out once, and what it seals opens
+/// in a process that knows only the store.
+#[tokio::test]
+async fn reserved_persons_have_stored_keys_and_register_without_a_key_store_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let embedded: Arc<dyn KeyStore> = Arc::new(EmbeddedKeyStore::open(&dir.path().join("keys.redb")).unwrap());
+    let store = Arc::new(CountingStore { inner: embedded.clone(), inserts: Default::default() });
+    let master = MasterKey::generate_hex();
+    let options = KeyringOptions { reserved_persons: 8, ..KeyringOptions::default() };
+    let ring = Arc::new(Keyring::new(store.clone(), MasterKey::from_hex(&master).unwrap(), Vec::new(), &options));
+
+    let first = ring.new_person();
+    assert_eq!(embedded.load(first).await.unwrap(), None, "an empty reserve hands out a fresh id");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ring.reserved_persons() < 8 {
+        assert!(std::time::Instant::now() < deadline, "the reserve refills in the background");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let reserved = ring.new_person();
+    assert!(matches!(embedded.load(reserved).await.unwrap(), Some(StoredKey::Active { .. })), "stored ahead");
+    let written = store.inserts.load(std::sync::atomic::Ordering::SeqCst);
+    let (event, sealed) = ring.seal(registered(reserved)).await.unwrap();
+    assert_eq!(store.inserts.load(std::sync::atomic::Ordering::SeqCst), written, "no key written to register");
+    let elsewhere = keyring(embedded.clone(), &master, &[], Duration::from_secs(30));
+    let opened = elsewhere.open(event, sealed).await.unwrap();
+    assert_eq!(opened.event, registered_like(&opened.event, reserved));
+
+    let mut handed_out: Vec<Uuid> = (0..20).map(|_| ring.new_person()).collect();
+    handed_out.extend([first, reserved]);
+    let distinct: std::collections::HashSet<_> = handed_out.iter().collect();
+    assert_eq!(distinct.len(), handed_out.len(), "every id is handed out once");
+}
+
 /// With the store unreachable, the keyring answers `Unavailable` promptly (timeout, retries,
 /// then the breaker), never a guess.
 #[tokio::test]

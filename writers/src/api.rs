@@ -249,13 +249,23 @@ fn reject<T>(kind: EventKind, result: Result<T, Vec<FieldError>>) -> Result<T, P
     })
 }
 
+/// Whose event a command appends.
+#[derive(Debug, Clone, Copy)]
+enum Subject {
+    Person(Uuid),
+    /// A registration that lets the writer choose the id. It is chosen once the request is
+    /// known to be valid, from the keyring's reserve (see [`Keyring::new_person`]), so a
+    /// rejected request takes no key and an accepted one waits on no key store write.
+    NewPerson,
+}
+
 impl WriterState {
     /// Answers the field errors `checked` collected with a 422; otherwise appends the event
     /// `build` makes and answers 202, or the problem that stopped it.
     async fn command(
         &self,
         ctx: CommandContext,
-        person_id: Uuid,
+        subject: Subject,
         kind: EventKind,
         body: &[u8],
         checked: Checker,
@@ -285,6 +295,10 @@ impl WriterState {
                 outcome("rejected");
                 return Err(problem);
             }
+        };
+        let person_id = match subject {
+            Subject::Person(id) => id,
+            Subject::NewPerson => self.inner.keyring.new_person(),
         };
         let envelope = Envelope { event_id: Uuid::new_v4(), person_id, occurred_at: Utc::now(), correlation_id };
         let event = build(envelope);
@@ -489,9 +503,9 @@ pub async fn register(
     let date_of_birth = c.date_of_birth("date_of_birth", cmd.date_of_birth.as_deref());
     let address = cmd.address.as_ref().map(|a| c.address("address", a));
     let tags = c.tags("tags", &cmd.tags);
-    let person_id = cmd.person_id.unwrap_or_else(Uuid::new_v4);
+    let subject = cmd.person_id.map_or(Subject::NewPerson, Subject::Person);
     state
-        .command(ctx, person_id, EventKind::PersonRegistered, &body.raw, c, |e| {
+        .command(ctx, subject, EventKind::PersonRegistered, &body.raw, c, |e| {
             event!(Registered(PersonRegistered), e, {
                 given_name, family_name, email, phone, date_of_birth, address, tags
             })
@@ -515,7 +529,7 @@ pub async fn rename(
     state
         .command(
             ctx,
-            person_id,
+            Subject::Person(person_id),
             EventKind::PersonRenamed,
             &body.raw,
             c,
@@ -543,7 +557,7 @@ pub async fn change_contact(
     state
         .command(
             ctx,
-            person_id,
+            Subject::Person(person_id),
             EventKind::ContactDetailsChanged,
             &body.raw,
             c,
@@ -565,7 +579,7 @@ pub async fn change_address(
     let mut c = Checker::default();
     let address = c.address("address", &body.value);
     state
-        .command(ctx, person_id, EventKind::AddressChanged, &body.raw, c, |e| {
+        .command(ctx, Subject::Person(person_id), EventKind::AddressChanged, &body.raw, c, |e| {
             event!(AddressChanged(AddressChanged), e, { address })
         })
         .await
@@ -586,7 +600,7 @@ pub async fn add_note(
     state
         .command(
             ctx,
-            person_id,
+            Subject::Person(person_id),
             EventKind::NoteAdded,
             &body.raw,
             c,
@@ -608,7 +622,9 @@ pub async fn tag(
     let mut c = Checker::default();
     let tag = c.tag("tag", &body.value.tag);
     state
-        .command(ctx, person_id, EventKind::PersonTagged, &body.raw, c, |e| event!(Tagged(TagChanged), e, { tag }))
+        .command(ctx, Subject::Person(person_id), EventKind::PersonTagged, &body.raw, c, |e| {
+            event!(Tagged(TagChanged), e, { tag })
+        })
         .await
 }
 
@@ -625,7 +641,11 @@ pub async fn untag(
 ) -> Result<Response, Problem> {
     let mut c = Checker::default();
     let tag = c.tag("tag", &segments.1);
-    state.command(ctx, person_id, EventKind::PersonUntagged, &[], c, |e| event!(Untagged(TagChanged), e, { tag })).await
+    state
+        .command(ctx, Subject::Person(person_id), EventKind::PersonUntagged, &[], c, |e| {
+            event!(Untagged(TagChanged), e, { tag })
+        })
+        .await
 }
 
 #[utoipa::path(post, path = "/v1/persons/{id}/archive", tag = "commands", request_body = ArchivePerson,
@@ -641,7 +661,7 @@ pub async fn archive(
     let mut c = Checker::default();
     let reason = c.optional_text("reason", body.value.reason.as_deref(), MAX_REASON_CHARS);
     state
-        .command(ctx, person_id, EventKind::PersonArchived, &body.raw, c, |e| {
+        .command(ctx, Subject::Person(person_id), EventKind::PersonArchived, &body.raw, c, |e| {
             event!(Archived(PersonArchived), e, { reason })
         })
         .await
@@ -668,7 +688,7 @@ pub async fn erase(
     // The guard writes the audit line for the request itself (`Rule::ERASE` always audits).
     tracing::info!(%person_id, "data key destroyed");
     state
-        .command(ctx, person_id, kind, &[], Checker::default(), |e| {
+        .command(ctx, Subject::Person(person_id), kind, &[], Checker::default(), |e| {
             PersonEvent::Erased(PersonErased {
                 event_id: e.event_id,
                 person_id: e.person_id,

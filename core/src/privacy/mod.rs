@@ -23,6 +23,9 @@
 //!   written in clear before sealing existed.
 //! - A destroyed key can still be used from another process's cache for at most the cache's
 //!   time to live (`privacy.key_cache_ttl_ms`); the destroying process forgets it at once.
+//! - A registration that lets the writer choose the id takes one from a reserve of persons whose
+//!   keys are stored ahead ([`Keyring::new_person`]), so it waits on its event's append alone.
+//!   A reserved id is never handed out twice; a restart leaves the unused ones' keys behind.
 
 pub mod cipher;
 pub mod embedded;
@@ -182,13 +185,31 @@ pub struct KeyringOptions {
     pub cache_entries: usize,
     /// Bounds each store call.
     pub timeout: Duration,
+    /// New persons whose keys are created ahead, for registrations that let the writer choose
+    /// the id (see [`Keyring::new_person`]); 0 creates every key on the registration's path.
+    pub reserved_persons: usize,
 }
 
 impl Default for KeyringOptions {
     fn default() -> Self {
-        Self { cache_ttl: Duration::from_secs(30), cache_entries: 100_000, timeout: Duration::from_secs(3) }
+        Self {
+            cache_ttl: Duration::from_secs(30),
+            cache_entries: 100_000,
+            timeout: Duration::from_secs(3),
+            reserved_persons: 256,
+        }
     }
 }
+
+/// Person ids whose data keys are stored already, handed to registrations without an id.
+#[derive(Default)]
+struct Reserve {
+    ready: Mutex<Vec<(Uuid, Arc<DataKey>)>>,
+    refilling: std::sync::atomic::AtomicBool,
+}
+
+/// Keys a refill creates at once: the store's writer groups them into a few commits.
+const REFILL_CONCURRENCY: usize = 64;
 
 #[derive(Clone)]
 enum Cached {
@@ -208,6 +229,8 @@ pub struct Keyring {
     cache: Mutex<lru::LruCache<Uuid, Cached>>,
     ttl: Duration,
     guard: Guard,
+    reserve: Reserve,
+    reserve_size: usize,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -231,7 +254,66 @@ impl Keyring {
             cache: Mutex::new(lru::LruCache::new(entries)),
             ttl: options.cache_ttl,
             guard: Guard::new("key store", "all", options.timeout, 3),
+            reserve: Reserve::default(),
+            reserve_size: options.reserved_persons,
         }
+    }
+
+    /// An id for a person the writer registers, whose data key is, when the reserve has one,
+    /// stored already: the registration then waits on the event's append alone, not on a key
+    /// store write before it. The reserve refills in the background once it is half empty, in
+    /// groups the store commits together; while it is empty (or the store is down) the id is
+    /// fresh and [`Keyring::seal`] creates its key as it would for an id the caller chose.
+    ///
+    /// A reserved id is handed out once and never again, not even after a restart (the reserve
+    /// lives in memory). What a restart leaves behind is at most the reserve's keys stored for
+    /// persons that were never registered: no personal data, about a hundred bytes each.
+    pub fn new_person(self: &Arc<Self>) -> Uuid {
+        let (taken, left) = {
+            let mut ready = self.reserve.ready.lock().expect("key reserve poisoned");
+            (ready.pop(), ready.len())
+        };
+        if left < self.reserve_size / 2 && !self.reserve.refilling.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            let keyring = self.clone();
+            tokio::spawn(async move { keyring.refill_reserve(left).await });
+        }
+        match taken {
+            Some((person, key)) => {
+                self.remember(person, Cached::Active(key, Instant::now()));
+                person
+            }
+            None => Uuid::new_v4(),
+        }
+    }
+
+    async fn refill_reserve(&self, left: usize) {
+        use futures::StreamExt;
+        let created: Vec<_> = futures::stream::iter(0..self.reserve_size.saturating_sub(left))
+            .map(|_| async {
+                let person = Uuid::new_v4();
+                self.create_key(person).await.map(|key| (person, key))
+            })
+            .buffer_unordered(REFILL_CONCURRENCY)
+            .collect()
+            .await;
+        let mut failed = None;
+        let mut ready = self.reserve.ready.lock().expect("key reserve poisoned");
+        for outcome in created {
+            match outcome {
+                Ok(reserved) => ready.push(reserved),
+                Err(e) => failed = Some(e),
+            }
+        }
+        drop(ready);
+        if let Some(e) = failed {
+            tracing::warn!(error = %e, "the data-key reserve was not refilled; registrations create their keys");
+        }
+        self.reserve.refilling.store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Persons in the reserve now (see [`Keyring::new_person`]).
+    pub fn reserved_persons(&self) -> usize {
+        self.reserve.ready.lock().expect("key reserve poisoned").len()
     }
 
     fn cached(&self, person: Uuid) -> Option<Cached> {
