@@ -245,6 +245,11 @@ async fn an_unreachable_key_store_is_unavailable_not_a_guess() {
     let person = Uuid::new_v4();
     assert!(matches!(ring.seal(registered(person)).await, Err(KeyError::Unavailable(_))));
     assert!(matches!(ring.open(noted(person, "x"), None).await, Err(KeyError::Unavailable(_))));
+    // The reserve cannot fill: a new person's registration is refused the same way.
+    let ring = Arc::new(ring);
+    let fresh = ring.new_person();
+    assert!(matches!(ring.seal(registered(fresh)).await, Err(KeyError::Unavailable(_))));
+    assert_eq!(ring.reserved_persons(), 0);
     assert!(started.elapsed() < Duration::from_secs(20), "answered in {:?}", started.elapsed());
 }
 

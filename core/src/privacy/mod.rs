@@ -286,27 +286,25 @@ impl Keyring {
         }
     }
 
+    /// Creates keys until the reserve is full again, each ready as soon as it is stored. It stops
+    /// at the first failure: the store is down (the guard reports that), and the registrations
+    /// that find the reserve empty meanwhile create their keys on their own path.
     async fn refill_reserve(&self, left: usize) {
         use futures::StreamExt;
-        let created: Vec<_> = futures::stream::iter(0..self.reserve_size.saturating_sub(left))
+        let mut created = futures::stream::iter(0..self.reserve_size.saturating_sub(left))
             .map(|_| async {
                 let person = Uuid::new_v4();
                 self.create_key(person).await.map(|key| (person, key))
             })
-            .buffer_unordered(REFILL_CONCURRENCY)
-            .collect()
-            .await;
-        let mut failed = None;
-        let mut ready = self.reserve.ready.lock().expect("key reserve poisoned");
-        for outcome in created {
+            .buffer_unordered(REFILL_CONCURRENCY);
+        while let Some(outcome) = created.next().await {
             match outcome {
-                Ok(reserved) => ready.push(reserved),
-                Err(e) => failed = Some(e),
+                Ok(reserved) => self.reserve.ready.lock().expect("key reserve poisoned").push(reserved),
+                Err(e) => {
+                    tracing::debug!(error = %e, "refilling the data-key reserve stopped");
+                    break;
+                }
             }
-        }
-        drop(ready);
-        if let Some(e) = failed {
-            tracing::warn!(error = %e, "the data-key reserve was not refilled; registrations create their keys");
         }
         self.reserve.refilling.store(false, std::sync::atomic::Ordering::Release);
     }
