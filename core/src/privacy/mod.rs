@@ -204,7 +204,8 @@ impl Default for KeyringOptions {
 /// Person ids whose data keys are stored already, handed to registrations without an id.
 #[derive(Default)]
 struct Reserve {
-    ready: Mutex<Vec<(Uuid, Arc<DataKey>)>>,
+    /// Oldest first: ids go out in the order they were made.
+    ready: Mutex<std::collections::VecDeque<(Uuid, Arc<DataKey>)>>,
     refilling: std::sync::atomic::AtomicBool,
 }
 
@@ -268,10 +269,17 @@ impl Keyring {
     /// A reserved id is handed out once and never again, not even after a restart (the reserve
     /// lives in memory). What a restart leaves behind is at most the reserve's keys stored for
     /// persons that were never registered: no personal data, about a hundred bytes each.
+    ///
+    /// Ids are UUIDv7, which sort by the time they were made, for the reason MongoDB's ObjectId
+    /// starts with a timestamp: the stores keep people in B-trees ordered by id, and random ids
+    /// put each new person on a page of their own, so a refill's commit rewrote one page per key
+    /// and the documents store one per registration. Time-ordered ids land together at the
+    /// tree's right edge. The id tells whoever sees it when the person was registered, to the
+    /// millisecond, which the log's record of the registration says already.
     pub fn new_person(self: &Arc<Self>) -> Uuid {
         let (taken, left) = {
             let mut ready = self.reserve.ready.lock().expect("key reserve poisoned");
-            (ready.pop(), ready.len())
+            (ready.pop_front(), ready.len())
         };
         if left < self.reserve_size / 2 && !self.reserve.refilling.swap(true, std::sync::atomic::Ordering::AcqRel) {
             let keyring = self.clone();
@@ -282,7 +290,7 @@ impl Keyring {
                 self.remember(person, Cached::Active(key, Instant::now()));
                 person
             }
-            None => Uuid::new_v4(),
+            None => Uuid::now_v7(),
         }
     }
 
@@ -293,13 +301,13 @@ impl Keyring {
         use futures::StreamExt;
         let mut created = futures::stream::iter(0..self.reserve_size.saturating_sub(left))
             .map(|_| async {
-                let person = Uuid::new_v4();
+                let person = Uuid::now_v7();
                 self.create_key(person).await.map(|key| (person, key))
             })
             .buffer_unordered(REFILL_CONCURRENCY);
         while let Some(outcome) = created.next().await {
             match outcome {
-                Ok(reserved) => self.reserve.ready.lock().expect("key reserve poisoned").push(reserved),
+                Ok(reserved) => self.reserve.ready.lock().expect("key reserve poisoned").push_back(reserved),
                 Err(e) => {
                     tracing::debug!(error = %e, "refilling the data-key reserve stopped");
                     break;
