@@ -145,15 +145,21 @@ async fn offsets_for_timestamp_finds_the_first_record_at_or_after() {
     let dir = tempfile::tempdir().unwrap();
     let log = open(dir.path());
     log.ensure_topic(TOPIC, 1).await.unwrap();
+    // Enough records that the sparse time index has several entries, and stamps that repeat
+    // (several appends in a millisecond) as well as ones that jump.
     let mut stamps = Vec::new();
-    for i in 0..5 {
+    for i in 0..100 {
         stamps.push(log.append(request("k", &format!("{i}"))).await.unwrap());
-        tokio::time::sleep(Duration::from_millis(3)).await;
+        if i % 3 == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
-    for at in &stamps {
-        let found = log.offsets_for_timestamp(TOPIC, at.timestamp_ms).await.unwrap();
-        let first_with_stamp = stamps.iter().find(|s| s.timestamp_ms == at.timestamp_ms).unwrap().offset;
-        assert_eq!(found, vec![Some(first_with_stamp)]);
+    let first_at_or_after = |t: i64| stamps.iter().find(|s| s.timestamp_ms >= t).map(|s| s.offset);
+    let mut probes: Vec<i64> =
+        stamps.iter().flat_map(|s| [s.timestamp_ms - 1, s.timestamp_ms, s.timestamp_ms + 1]).collect();
+    probes.extend([0, i64::MIN, i64::MAX]);
+    for t in probes {
+        assert_eq!(log.offsets_for_timestamp(TOPIC, t).await.unwrap(), vec![first_at_or_after(t)], "at {t}");
     }
     assert_eq!(log.offsets_for_timestamp(TOPIC, 0).await.unwrap(), vec![Some(0)]);
     let future = stamps.last().unwrap().timestamp_ms + 1;
