@@ -8,6 +8,10 @@
 //!
 //! A group whose commit fails is retried one request at a time, so a request the store
 //! cannot take fails alone instead of failing everyone queued beside it.
+//!
+//! A store whose commits are not all durable (see the documents store) gives its writer an
+//! [`IdleFlush`]: once no request has come for a while after a commit, the writer runs it, so
+//! what was committed last becomes durable without waiting for the next request.
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -16,6 +20,13 @@ use crate::readmodel::StoreError;
 struct Pending<R, T> {
     request: R,
     reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+/// What the writer runs once it has been idle for `after` since its last commit, and again
+/// when it stops.
+pub struct IdleFlush {
+    pub after: std::time::Duration,
+    pub run: Box<dyn FnMut() + Send>,
 }
 
 /// A writer thread committing requests of type `R` in groups, answering each with a `T`.
@@ -33,17 +44,58 @@ impl<R, T> std::fmt::Debug for GroupCommit<R, T> {
 impl<R: Send + 'static, T: Send + 'static> GroupCommit<R, T> {
     /// Starts the writer thread `name`. `commit` applies a group in one transaction and returns
     /// one answer per request, in order; it runs on the writer thread, which may block.
-    pub fn start<F>(name: &'static str, max_group: usize, mut commit: F) -> Result<Self, StoreError>
+    pub fn start<F>(name: &'static str, max_group: usize, commit: F) -> Result<Self, StoreError>
+    where
+        F: FnMut(&[R]) -> Result<Vec<T>, StoreError> + Send + 'static,
+    {
+        Self::start_with_flush(name, max_group, None, commit)
+    }
+
+    /// [`GroupCommit::start`], with `flush` run when the writer has been idle after a commit.
+    pub fn start_with_flush<F>(
+        name: &'static str,
+        max_group: usize,
+        mut flush: Option<IdleFlush>,
+        mut commit: F,
+    ) -> Result<Self, StoreError>
     where
         F: FnMut(&[R]) -> Result<Vec<T>, StoreError> + Send + 'static,
     {
         let max_group = max_group.max(1);
         let (queue, mut incoming) = mpsc::channel::<Pending<R, T>>(max_group);
+        // Waiting for a request with a time limit needs a timer.
+        let clock = match &flush {
+            None => None,
+            Some(_) => Some(
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?,
+            ),
+        };
         let writer = std::thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
                 let mut group = Vec::with_capacity(max_group);
-                while let Some(first) = incoming.blocking_recv() {
+                let mut unflushed = false;
+                loop {
+                    let first = match (&mut flush, &clock) {
+                        (Some(flush), Some(clock)) if unflushed => {
+                            let waited =
+                                clock.block_on(async { tokio::time::timeout(flush.after, incoming.recv()).await });
+                            match waited {
+                                Ok(next) => next,
+                                Err(_) => {
+                                    (flush.run)();
+                                    unflushed = false;
+                                    continue;
+                                }
+                            }
+                        }
+                        _ => incoming.blocking_recv(),
+                    };
+                    let Some(first) = first else { break };
+                    unflushed = true;
                     group.push(first);
                     while group.len() < max_group {
                         match incoming.try_recv() {
@@ -56,6 +108,11 @@ impl<R: Send + 'static, T: Send + 'static> GroupCommit<R, T> {
                     metrics::histogram!("callisto_store_group_commit_seconds", "writer" => name)
                         .record(started.elapsed().as_secs_f64());
                     metrics::histogram!("callisto_store_group_commit_size", "writer" => name).record(size as f64);
+                }
+                if let Some(flush) = &mut flush
+                    && unflushed
+                {
+                    (flush.run)();
                 }
             })
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
@@ -187,5 +244,28 @@ mod tests {
         assert!(answers[2].as_ref().is_err_and(|e| e.contains("negative in [-1]")), "{answers:?}");
         assert_eq!(answers[3], Ok(40));
         assert!(groups.iter().any(|g| g.len() == 3), "the three shared a group first: {groups:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_writer_flushes_once_after_its_last_commit_and_again_when_it_stops() {
+        let flushes = Arc::new(AtomicUsize::new(0));
+        let counted = flushes.clone();
+        let flush = super::IdleFlush {
+            after: Duration::from_millis(30),
+            run: Box::new(move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }),
+        };
+        let writer =
+            GroupCommit::start_with_flush("test-flushing-writer", 64, Some(flush), |group: &[i64]| Ok(group.to_vec()))
+                .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(flushes.load(Ordering::SeqCst), 0, "nothing committed, nothing to flush");
+        writer.submit(1).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(flushes.load(Ordering::SeqCst), 1, "one flush for the idle spell, not one per wait");
+        writer.submit(2).await.unwrap();
+        drop(writer);
+        assert_eq!(flushes.load(Ordering::SeqCst), 2, "what was committed last is flushed when the writer stops");
     }
 }

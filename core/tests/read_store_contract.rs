@@ -118,6 +118,48 @@ async fn embedded_person_documents_stored_as_json_are_read_and_rewritten_compact
     );
 }
 
+/// What the embedded documents store has on disk after a crash, read from a copy of its file:
+/// redb opens such a copy the way it opens a file after a crash, at its last durable commit.
+async fn after_a_crash(
+    path: &std::path::Path,
+    person: uuid::Uuid,
+) -> (Option<callisto_core::readmodel::PersonDoc>, u64) {
+    use callisto_core::readmodel::Projection;
+    let copy = path.with_extension("crashed.redb");
+    std::fs::copy(path, &copy).unwrap();
+    let store = EmbeddedReadStore::open(&copy).unwrap();
+    let found = store.get(person).await.unwrap();
+    let checkpoint = store.checkpoints().await.unwrap().get(&3).copied().unwrap_or(0);
+    drop(store);
+    std::fs::remove_file(&copy).unwrap();
+    (found, checkpoint)
+}
+
+/// Live commits of the embedded documents store are made durable within moments without
+/// another write coming, and a batch that erases a person is durable when it is applied.
+#[tokio::test]
+async fn embedded_documents_become_durable_without_another_write_and_erasures_at_once() {
+    use callisto_core::readmodel::{Projection, Status};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("documents.redb");
+    let store = EmbeddedReadStore::open(&path).unwrap();
+    let ada = uuid::Uuid::new_v4();
+    store.apply(3, &[contract::at(3, 7, contract::registered(ada, "Ada", &["vip"]))], 7).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let (found, checkpoint) = after_a_crash(&path, ada).await;
+    assert_eq!(found.map(|doc| doc.given_name), Some("Ada".to_owned()), "on disk after a pause");
+    assert_eq!(checkpoint, 7, "with its checkpoint");
+
+    // The note's commit is durable (the last one was long ago), so the erasure right after it
+    // would not be, by time alone.
+    store.apply(3, &[contract::at(3, 8, contract::note(ada, "first"))], 8).await.unwrap();
+    store.apply(3, &[contract::at(3, 9, contract::erased(ada))], 9).await.unwrap();
+    let (found, checkpoint) = after_a_crash(&path, ada).await;
+    let found = found.expect("the erased person's document remains, scrubbed");
+    assert_eq!((found.status, checkpoint), (Status::Erased, 9), "the erasure is on disk as soon as it is applied");
+    assert_ne!(found.given_name, "Ada");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mongodb_meets_the_contract() {
     let Some(uri) = contract::server_url("MONGODB_URI") else { return };

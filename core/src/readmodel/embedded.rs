@@ -1,11 +1,13 @@
 //! The embedded [`ReadStore`]: documents, secondary indexes, timelines and checkpoints in one
 //! redb file, each batch and its checkpoint in one write transaction. What a batch writes is
 //! worked out on its partition's thread (fold, serialization, index rows), so partitions do
-//! that in parallel; batches arriving together then share one transaction and its fsync on the
-//! store's single writer thread (a group commit).
+//! that in parallel; batches arriving together then share one transaction on the store's
+//! single writer thread (a group commit). Those transactions are made durable at most every
+//! [`DURABLE_EVERY`], and at once when they erase.
 //!
 //! ## Tables
-//! - `persons`: person id → JSON [`PersonDoc`].
+//! - `persons`: person id → [`PersonDoc`] (postcard behind a layout byte; JSON in stores
+//!   written by earlier builds).
 //! - `persons_by_tag`: (tag, person id) and `persons_by_status`: (status, person id), so a
 //!   filtered listing is a range scan from the cursor.
 //! - `timeline_entries`: (partition, offset) → JSON [`TimelineEntry`], in log order, so a
@@ -26,7 +28,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHand
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::group_commit::GroupCommit;
+use crate::group_commit::{GroupCommit, IdleFlush};
 
 use super::{
     Checkpoints, ListFilter, Page, PersonDoc, ProjectedEvent, Projection, ReadStore, Status, StoreError, TimelineEntry,
@@ -54,20 +56,37 @@ fn unavailable<E: std::fmt::Display>(e: E) -> StoreError {
 #[derive(Clone)]
 pub struct SharedDb(Arc<RwLock<Database>>);
 
+/// What a store's writer runs on its database once idle after a commit (see
+/// [`SharedDb::group_commit`]).
+pub type DatabaseFlush = Box<dyn FnMut(&Database) + Send>;
+
 impl SharedDb {
     pub fn new(db: Database) -> Self {
         Self(Arc::new(RwLock::new(db)))
     }
 
-    /// A [`GroupCommit`] writer thread `name` whose groups `commit` applies to this database.
+    /// A [`GroupCommit`] writer thread `name` whose groups `commit` applies to this database;
+    /// with `flush`, the writer also runs that on the database once it has been idle for its
+    /// duration after a commit (see [`crate::group_commit::IdleFlush`]).
     pub fn group_commit<R: Send + 'static, T: Send + 'static>(
         &self,
         name: &'static str,
         max_group: usize,
-        commit: fn(&Database, &[R]) -> Result<Vec<T>, StoreError>,
+        flush: Option<(std::time::Duration, DatabaseFlush)>,
+        mut commit: impl FnMut(&Database, &[R]) -> Result<Vec<T>, StoreError> + Send + 'static,
     ) -> Result<GroupCommit<R, T>, StoreError> {
+        let flush = flush.map(|(after, mut run)| {
+            let db = self.0.clone();
+            let run = move || match db.read() {
+                Ok(db) => run(&db),
+                Err(_) => tracing::warn!("the store's lock is poisoned; its last commits stay unflushed"),
+            };
+            IdleFlush { after, run: Box::new(run) }
+        });
         let db = self.0.clone();
-        GroupCommit::start(name, max_group, move |group: &[R]| commit(&*db.read().map_err(unavailable)?, group))
+        GroupCommit::start_with_flush(name, max_group, flush, move |group: &[R]| {
+            commit(&*db.read().map_err(unavailable)?, group)
+        })
     }
 
     /// Runs `f` on a blocking thread.
@@ -118,6 +137,9 @@ struct Batch {
     /// (person id, bucket number, packed positions): the index rows that changed.
     index_rows: Vec<(String, u32, Vec<u8>)>,
     persons: Vec<PersonWrite>,
+    /// Whether it scrubs an erased person's data: such a batch commits durably at once, so an
+    /// erasure the store has applied is not undone by a crash, not even until it is re-applied.
+    erases: bool,
 }
 
 /// A person document to write, with the index entries that change with it.
@@ -179,15 +201,49 @@ impl EmbeddedReadStore {
         let checkpoints = read_checkpoints(&db)?;
         let (progress, _) = watch::channel(checkpoints);
         let db = SharedDb::new(db);
-        let batches = db.group_commit("callisto-documents-writer", MAX_GROUP, commit_batches)?;
+        let synced = Arc::new(std::sync::Mutex::new(std::time::Instant::now()));
+        let flush: DatabaseFlush = {
+            let synced = synced.clone();
+            Box::new(move |db: &Database| {
+                if let Err(e) = make_durable(db, &synced) {
+                    tracing::warn!(error = %e, "the documents store could not make its last commits durable");
+                }
+            })
+        };
+        let batches = db.group_commit(
+            "callisto-documents-writer",
+            MAX_GROUP,
+            Some((DURABLE_EVERY, flush)),
+            move |db: &Database, group: &[Batch]| commit_batches(db, group, &synced),
+        )?;
         Ok(Self { db, progress, batches })
     }
 }
 
+/// How often the documents store's commits are made durable. Those in between are visible to
+/// readers at once but reach the disk with the next durable one, the trade MongoDB's journal
+/// makes with its 100 ms commit interval. A read model can afford it where the log cannot: its
+/// checkpoints commit with its documents, so a crash loses at most this much projection, which
+/// the projector applies again from the log on restart; nothing acknowledged is lost. Live
+/// traffic had made an fsync of this file for every few events, on the disk whose fsyncs
+/// commands wait on.
+const DURABLE_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Applies every batch of `group` with its checkpoint, in one transaction. Partitions never
-/// share a person, so batches of different partitions do not interact.
-fn commit_batches(db: &Database, group: &[Batch]) -> Result<Vec<()>, StoreError> {
-    let txn = db.begin_write().map_err(unavailable)?;
+/// share a person, so batches of different partitions do not interact. The transaction is
+/// durable when the last durable one is [`DURABLE_EVERY`] old (`synced` says when that was), or
+/// when it erases.
+fn commit_batches(
+    db: &Database,
+    group: &[Batch],
+    synced: &std::sync::Mutex<std::time::Instant>,
+) -> Result<Vec<()>, StoreError> {
+    let mut txn = db.begin_write().map_err(unavailable)?;
+    let mut synced = synced.lock().map_err(unavailable)?;
+    let durable = synced.elapsed() >= DURABLE_EVERY || group.iter().any(|batch| batch.erases);
+    if !durable {
+        txn.set_durability(redb::Durability::None).map_err(unavailable)?;
+    }
     {
         let mut tables = Tables::open(&txn)?;
         for batch in group {
@@ -199,7 +255,18 @@ fn commit_batches(db: &Database, group: &[Batch]) -> Result<Vec<()>, StoreError>
         }
     }
     txn.commit().map_err(unavailable)?;
+    if durable {
+        *synced = std::time::Instant::now();
+    }
     Ok(vec![(); group.len()])
+}
+
+/// Makes every commit so far durable: an empty durable transaction persists the ones before it.
+fn make_durable(db: &Database, synced: &std::sync::Mutex<std::time::Instant>) -> Result<(), StoreError> {
+    let mut synced = synced.lock().map_err(unavailable)?;
+    db.begin_write().map_err(unavailable)?.commit().map_err(unavailable)?;
+    *synced = std::time::Instant::now();
+    Ok(())
 }
 
 /// Moves a timeline kept in the earlier layout (one table keyed by person and offset) into
@@ -464,7 +531,9 @@ fn prepare(db: &Database, partition: u32, events: &[ProjectedEvent], through: u6
         }
         person.current = fold(person.current.take(), ev);
     }
-    let mut batch = Batch { partition, through, timeline: Vec::new(), index_rows: Vec::new(), persons: Vec::new() };
+    let erases = persons.values().any(|person| person.scrubs);
+    let mut batch =
+        Batch { partition, through, timeline: Vec::new(), index_rows: Vec::new(), persons: Vec::new(), erases };
     for (id, person) in &persons {
         let positions: Vec<Position> = person.entries.iter().map(|&i| entries[i].0).collect();
         if person.scrubs {
