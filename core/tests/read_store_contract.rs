@@ -158,6 +158,12 @@ async fn embedded_documents_become_durable_without_another_write_and_erasures_at
     let found = found.expect("the erased person's document remains, scrubbed");
     assert_eq!((found.status, checkpoint), (Status::Erased, 9), "the erasure is on disk as soon as it is applied");
     assert_ne!(found.given_name, "Ada");
+
+    // Compaction (erasure's `admin compact`) waits on no flush: commits not yet durable are
+    // made durable first.
+    let grace = uuid::Uuid::new_v4();
+    store.apply(3, &[contract::at(3, 10, contract::registered(grace, "Grace", &[]))], 10).await.unwrap();
+    store.compact().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -118,6 +118,9 @@ impl SharedDb {
         let db = self.0.clone();
         tokio::task::spawn_blocking(move || {
             let mut db = db.write().map_err(unavailable)?;
+            // redb compacts only once every commit is durable (commits that are not yet hold
+            // on to pages the way live readers do); an empty durable commit makes them so.
+            db.begin_write().map_err(unavailable)?.commit().map_err(unavailable)?;
             while db.compact().map_err(unavailable)? {}
             Ok(())
         })
