@@ -55,7 +55,7 @@ impl<R: Send + 'static, T: Send + 'static> GroupCommit<R, T> {
     pub fn start_with_flush<F>(
         name: &'static str,
         max_group: usize,
-        mut flush: Option<IdleFlush>,
+        flush: Option<IdleFlush>,
         mut commit: F,
     ) -> Result<Self, StoreError>
     where
@@ -64,14 +64,15 @@ impl<R: Send + 'static, T: Send + 'static> GroupCommit<R, T> {
         let max_group = max_group.max(1);
         let (queue, mut incoming) = mpsc::channel::<Pending<R, T>>(max_group);
         // Waiting for a request with a time limit needs a timer.
-        let clock = match &flush {
+        let mut idle = match flush {
             None => None,
-            Some(_) => Some(
-                tokio::runtime::Builder::new_current_thread()
+            Some(flush) => {
+                let clock = tokio::runtime::Builder::new_current_thread()
                     .enable_time()
                     .build()
-                    .map_err(|e| StoreError::Unavailable(e.to_string()))?,
-            ),
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                Some((flush, clock))
+            }
         };
         let writer = std::thread::Builder::new()
             .name(name.to_owned())
@@ -79,8 +80,8 @@ impl<R: Send + 'static, T: Send + 'static> GroupCommit<R, T> {
                 let mut group = Vec::with_capacity(max_group);
                 let mut unflushed = false;
                 loop {
-                    let first = match (&mut flush, &clock) {
-                        (Some(flush), Some(clock)) if unflushed => {
+                    let first = match &mut idle {
+                        Some((flush, clock)) if unflushed => {
                             let waited =
                                 clock.block_on(async { tokio::time::timeout(flush.after, incoming.recv()).await });
                             match waited {
@@ -109,7 +110,7 @@ impl<R: Send + 'static, T: Send + 'static> GroupCommit<R, T> {
                         .record(started.elapsed().as_secs_f64());
                     metrics::histogram!("callisto_store_group_commit_size", "writer" => name).record(size as f64);
                 }
-                if let Some(flush) = &mut flush
+                if let Some((flush, _)) = &mut idle
                     && unflushed
                 {
                     (flush.run)();

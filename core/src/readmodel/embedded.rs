@@ -204,7 +204,7 @@ impl EmbeddedReadStore {
         let checkpoints = read_checkpoints(&db)?;
         let (progress, _) = watch::channel(checkpoints);
         let db = SharedDb::new(db);
-        let synced = Arc::new(std::sync::Mutex::new(std::time::Instant::now()));
+        let synced = Arc::new(std::sync::Mutex::new(Synced::new()));
         let flush: DatabaseFlush = {
             let synced = synced.clone();
             Box::new(move |db: &Database| {
@@ -224,26 +224,46 @@ impl EmbeddedReadStore {
 }
 
 /// How often the documents store's commits are made durable. Those in between are visible to
-/// readers at once but reach the disk with the next durable one, the trade MongoDB's journal
-/// makes with its 100 ms commit interval. A read model can afford it where the log cannot: its
-/// checkpoints commit with its documents, so a crash loses at most this much projection, which
-/// the projector applies again from the log on restart; nothing acknowledged is lost. Live
-/// traffic had made an fsync of this file for every few events, on the disk whose fsyncs
-/// commands wait on.
+/// readers at once but reach the disk with the next durable one, or once the writer has been
+/// idle this long, the trade MongoDB's journal makes with its 100 ms commit interval. A read
+/// model can afford it where the log cannot: its checkpoints commit with its documents, so a
+/// crash loses at most about twice this much projection, which the projector applies again from
+/// the log on restart; nothing acknowledged is lost. Live traffic had made an fsync of this
+/// file for every few events, on the disk whose fsyncs commands wait on.
 const DURABLE_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// When the documents store last committed durably, and whether commits since are not yet.
+struct Synced {
+    at: std::time::Instant,
+    pending: bool,
+}
+
+impl Synced {
+    fn new() -> Self {
+        Self { at: std::time::Instant::now(), pending: false }
+    }
+
+    /// Whether the next commit is to be durable by time alone.
+    fn due(&self) -> bool {
+        self.at.elapsed() >= DURABLE_EVERY
+    }
+
+    fn committed(&mut self, durable: bool) {
+        if durable {
+            *self = Self { at: std::time::Instant::now(), pending: false };
+        } else {
+            self.pending = true;
+        }
+    }
+}
 
 /// Applies every batch of `group` with its checkpoint, in one transaction. Partitions never
 /// share a person, so batches of different partitions do not interact. The transaction is
-/// durable when the last durable one is [`DURABLE_EVERY`] old (`synced` says when that was), or
-/// when it erases.
-fn commit_batches(
-    db: &Database,
-    group: &[Batch],
-    synced: &std::sync::Mutex<std::time::Instant>,
-) -> Result<Vec<()>, StoreError> {
+/// durable when the last durable one is [`DURABLE_EVERY`] old, or when it erases.
+fn commit_batches(db: &Database, group: &[Batch], synced: &std::sync::Mutex<Synced>) -> Result<Vec<()>, StoreError> {
     let mut txn = db.begin_write().map_err(unavailable)?;
     let mut synced = synced.lock().map_err(unavailable)?;
-    let durable = synced.elapsed() >= DURABLE_EVERY || group.iter().any(|batch| batch.erases);
+    let durable = synced.due() || group.iter().any(|batch| batch.erases);
     if !durable {
         txn.set_durability(redb::Durability::None).map_err(unavailable)?;
     }
@@ -258,17 +278,19 @@ fn commit_batches(
         }
     }
     txn.commit().map_err(unavailable)?;
-    if durable {
-        *synced = std::time::Instant::now();
-    }
+    synced.committed(durable);
     Ok(vec![(); group.len()])
 }
 
-/// Makes every commit so far durable: an empty durable transaction persists the ones before it.
-fn make_durable(db: &Database, synced: &std::sync::Mutex<std::time::Instant>) -> Result<(), StoreError> {
+/// Makes every commit so far durable, when one is not yet: an empty durable transaction
+/// persists the ones before it. After a durable commit it does nothing, so light traffic, whose
+/// every commit is durable anyway, does not pay a second fsync for each.
+fn make_durable(db: &Database, synced: &std::sync::Mutex<Synced>) -> Result<(), StoreError> {
     let mut synced = synced.lock().map_err(unavailable)?;
-    db.begin_write().map_err(unavailable)?.commit().map_err(unavailable)?;
-    *synced = std::time::Instant::now();
+    if synced.pending {
+        db.begin_write().map_err(unavailable)?.commit().map_err(unavailable)?;
+        synced.committed(true);
+    }
     Ok(())
 }
 
@@ -721,7 +743,24 @@ impl ReadStore for EmbeddedReadStore {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use super::SharedDb;
+    use super::{SharedDb, Synced, make_durable};
+
+    /// An idle flush commits only when a commit since the last durable one is not durable yet.
+    #[test]
+    fn an_idle_flush_commits_only_what_is_not_durable_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = redb::Database::create(dir.path().join("flush.redb")).unwrap();
+        let synced = std::sync::Mutex::new(Synced::new());
+        let durable_at = synced.lock().unwrap().at;
+        make_durable(&db, &synced).unwrap();
+        assert_eq!(synced.lock().unwrap().at, durable_at, "nothing pending: no commit");
+
+        synced.lock().unwrap().committed(false);
+        std::thread::sleep(Duration::from_millis(2));
+        make_durable(&db, &synced).unwrap();
+        let after = synced.lock().unwrap();
+        assert!(after.at > durable_at && !after.pending, "the pending commit was made durable");
+    }
 
     /// Compaction holds the database to itself, possibly for seconds: a quick read meanwhile
     /// waits on a blocking thread, not on the async worker (here the runtime's only thread).
