@@ -20,24 +20,44 @@ async fn the_embedded_store_meets_the_contract() {
     .await;
 }
 
-/// A store whose timeline was written in the earlier layout (one `timeline` table keyed by
-/// person and offset) opens with every entry in place and in order, and goes on from there.
-#[tokio::test]
-async fn an_embedded_timeline_in_the_earlier_layout_is_migrated_on_open() {
-    use callisto_core::readmodel::{Page, Projection, TimelineEntry, timeline_entry};
-    use redb::{ReadableDatabase, TableHandle};
-    const EARLIER: redb::TableDefinition<(&str, u64), &[u8]> = redb::TableDefinition::new("timeline");
-
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("documents.redb");
+/// Two persons' events on partition 2, interleaved: Ada at 10, 12 and 14, Bob at 11 and 13.
+fn two_timelines() -> (uuid::Uuid, uuid::Uuid, [callisto_core::readmodel::ProjectedEvent; 5]) {
     let (ada, bob) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
-    let earlier = [
+    let events = [
         contract::at(2, 10, contract::registered(ada, "Ada", &[])),
         contract::at(2, 11, contract::registered(bob, "Bob", &[])),
         contract::at(2, 12, contract::note(ada, "first")),
         contract::at(2, 13, contract::note(bob, "hello")),
         contract::at(2, 14, contract::note(ada, "second")),
     ];
+    (ada, bob, events)
+}
+
+/// Opens the store at `path`, holding [`two_timelines`] in an earlier layout: each timeline is
+/// in place, in order, and goes on with the next event applied.
+async fn timelines_carry_on(path: &std::path::Path, ada: uuid::Uuid, bob: uuid::Uuid) {
+    use callisto_core::readmodel::{Page, Projection, TimelineEntry};
+    let store = EmbeddedReadStore::open(path).unwrap();
+    let offsets = |page: Page<TimelineEntry>| page.items.iter().map(|e| e.offset).collect::<Vec<_>>();
+    assert_eq!(offsets(store.timeline(ada, 10, None).await.unwrap()), vec![10, 12, 14]);
+    assert_eq!(offsets(store.timeline(bob, 10, None).await.unwrap()), vec![11, 13]);
+    assert_eq!(store.timeline(ada, 10, Some(10)).await.unwrap().items[0].data["text"], "first");
+    assert_eq!(store.timeline(ada, 10, Some(12)).await.unwrap().items[0].data["text"], "second");
+    store.apply(2, &[contract::at(2, 15, contract::note(ada, "third"))], 15).await.unwrap();
+    assert_eq!(offsets(store.timeline(ada, 10, None).await.unwrap()), vec![10, 12, 14, 15]);
+}
+
+/// A store whose timeline was written in the earlier layout (one `timeline` table keyed by
+/// person and offset) opens with every entry in place and in order, and goes on from there.
+#[tokio::test]
+async fn an_embedded_timeline_in_the_earlier_layout_is_migrated_on_open() {
+    use callisto_core::readmodel::timeline_entry;
+    use redb::{ReadableDatabase, TableHandle};
+    const EARLIER: redb::TableDefinition<(&str, u64), &[u8]> = redb::TableDefinition::new("timeline");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("documents.redb");
+    let (ada, bob, earlier) = two_timelines();
     {
         let db = redb::Database::create(&path).unwrap();
         let txn = db.begin_write().unwrap();
@@ -52,18 +72,53 @@ async fn an_embedded_timeline_in_the_earlier_layout_is_migrated_on_open() {
         txn.commit().unwrap();
     }
 
-    let store = EmbeddedReadStore::open(&path).unwrap();
-    let offsets = |page: Page<TimelineEntry>| page.items.iter().map(|e| e.offset).collect::<Vec<_>>();
-    assert_eq!(offsets(store.timeline(ada, 10, None).await.unwrap()), vec![10, 12, 14]);
-    assert_eq!(offsets(store.timeline(bob, 10, None).await.unwrap()), vec![11, 13]);
-    assert_eq!(store.timeline(ada, 10, Some(10)).await.unwrap().items[0].data["text"], "first");
-
     // New entries follow the migrated ones, and the earlier table is gone.
-    store.apply(2, &[contract::at(2, 15, contract::note(ada, "third"))], 15).await.unwrap();
-    assert_eq!(offsets(store.timeline(ada, 10, None).await.unwrap()), vec![10, 12, 14, 15]);
-    drop(store);
+    timelines_carry_on(&path, ada, bob).await;
     let db = redb::Database::open(&path).unwrap();
     assert!(db.begin_read().unwrap().list_tables().unwrap().all(|t| t.name() != EARLIER.name()));
+}
+
+/// A store whose timeline index holds fixed-width positions (12 bytes each, as earlier builds
+/// wrote them) opens with every person's timeline in place, the rows re-packed smaller, and goes
+/// on from there.
+#[tokio::test]
+async fn an_embedded_timeline_index_at_fixed_width_is_repacked_on_open() {
+    use callisto_core::readmodel::timeline_entry;
+    use redb::{ReadableDatabase, TableHandle};
+    const ENTRIES: redb::TableDefinition<(u32, u64), &[u8]> = redb::TableDefinition::new("timeline_entries");
+    const FIXED: redb::TableDefinition<(&str, u32), &[u8]> = redb::TableDefinition::new("timeline_index");
+    const REPACKED: redb::TableDefinition<(&str, u32), &[u8]> = redb::TableDefinition::new("timeline_positions");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("documents.redb");
+    let (ada, bob, events) = two_timelines();
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut entries = txn.open_table(ENTRIES).unwrap();
+            let mut index = txn.open_table(FIXED).unwrap();
+            for person in [ada, bob] {
+                let mut row = Vec::new();
+                for ev in events.iter().filter(|ev| ev.event.meta().person_id == person) {
+                    let entry = serde_json::to_vec(&timeline_entry(ev)).unwrap();
+                    entries.insert((ev.partition, ev.offset), entry.as_slice()).unwrap();
+                    row.extend_from_slice(&ev.partition.to_le_bytes());
+                    row.extend_from_slice(&ev.offset.to_le_bytes());
+                }
+                index.insert((person.to_string().as_str(), 0), row.as_slice()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+
+    timelines_carry_on(&path, ada, bob).await;
+    let db = redb::Database::open(&path).unwrap();
+    let txn = db.begin_read().unwrap();
+    assert!(txn.list_tables().unwrap().all(|t| t.name() != FIXED.name()), "the fixed-width index is gone");
+    let rows = txn.open_table(REPACKED).unwrap();
+    let row = rows.get((ada.to_string().as_str(), 0)).unwrap().unwrap();
+    assert!(row.value().len() < 2 * 12, "{} bytes for 4 positions, 48 at fixed width", row.value().len());
 }
 
 /// Person documents written as JSON by earlier builds are read as they are, and each is

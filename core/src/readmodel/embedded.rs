@@ -13,12 +13,14 @@
 //! - `timeline_entries`: (partition, offset) → JSON [`TimelineEntry`], in log order, so a
 //!   batch appends its entries at the end of its partition's range instead of inserting each
 //!   at a random place in a tree far larger than the page cache.
-//! - `timeline_index`: (person id, bucket number) → that person's timeline positions, packed
+//! - `timeline_positions`: (person id, bucket number) → that person's timeline positions,
 //!   [`BUCKET`] to a row, so a batch rewrites one row per person rather than one page per event.
+//!   Each position after a person's first is the step from the one before, as a varint (see
+//!   [`pack`]), a few bytes where fixed width took twelve.
 //! - `checkpoints`: partition → last applied offset.
 //!
-//! Stores written before the timeline was split into entries and index (one `timeline` table
-//! keyed by person and offset) are migrated when opened.
+//! Earlier layouts are migrated when the store is opened: a timeline kept in one `timeline`
+//! table keyed by person and offset, and positions packed at fixed width in `timeline_index`.
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
@@ -39,7 +41,9 @@ const PERSONS: TableDefinition<&str, &[u8]> = TableDefinition::new("persons");
 const BY_TAG: TableDefinition<(&str, &str), ()> = TableDefinition::new("persons_by_tag");
 const BY_STATUS: TableDefinition<(&str, &str), ()> = TableDefinition::new("persons_by_status");
 const TIMELINE: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("timeline_entries");
-const TIMELINE_INDEX: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("timeline_index");
+const TIMELINE_POSITIONS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("timeline_positions");
+/// The index as earlier builds kept it: 12 bytes per position (partition, offset).
+const TIMELINE_INDEX_FIXED: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("timeline_index");
 /// The timeline's earlier layout, (person id, offset) → entry, migrated on open.
 const TIMELINE_BY_PERSON: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("timeline");
 const CHECKPOINTS: TableDefinition<u32, u64> = TableDefinition::new("checkpoints");
@@ -197,8 +201,9 @@ impl EmbeddedReadStore {
         txn.open_table(BY_TAG).map_err(unavailable)?;
         txn.open_table(BY_STATUS).map_err(unavailable)?;
         txn.open_table(TIMELINE).map_err(unavailable)?;
-        txn.open_table(TIMELINE_INDEX).map_err(unavailable)?;
+        txn.open_table(TIMELINE_POSITIONS).map_err(unavailable)?;
         txn.open_table(CHECKPOINTS).map_err(unavailable)?;
+        migrate_fixed_index(&txn)?;
         migrate_timeline(&txn)?;
         txn.commit().map_err(unavailable)?;
         let checkpoints = read_checkpoints(&db)?;
@@ -294,6 +299,37 @@ fn make_durable(db: &Database, synced: &std::sync::Mutex<Synced>) -> Result<(), 
     Ok(())
 }
 
+/// Re-packs index rows kept at fixed width (see [`TIMELINE_INDEX_FIXED`]) into
+/// `timeline_positions`, in the transaction that opens the store.
+fn migrate_fixed_index(txn: &WriteTransaction) -> Result<(), StoreError> {
+    let earlier = txn.list_tables().map_err(unavailable)?.any(|t| t.name() == TIMELINE_INDEX_FIXED.name());
+    if !earlier {
+        return Ok(());
+    }
+    {
+        let old = txn.open_table(TIMELINE_INDEX_FIXED).map_err(unavailable)?;
+        let mut new = txn.open_table(TIMELINE_POSITIONS).map_err(unavailable)?;
+        for row in old.iter().map_err(unavailable)? {
+            let (key, value) = row.map_err(unavailable)?;
+            let positions: Vec<Position> = value
+                .value()
+                .chunks_exact(12)
+                .map(|chunk| {
+                    let (partition, offset) = chunk.split_at(4);
+                    (
+                        u32::from_le_bytes(partition.try_into().expect("4 bytes")),
+                        u64::from_le_bytes(offset.try_into().expect("8 bytes")),
+                    )
+                })
+                .collect();
+            new.insert(key.value(), pack(&positions).as_slice()).map_err(unavailable)?;
+        }
+    }
+    txn.delete_table(TIMELINE_INDEX_FIXED).map_err(unavailable)?;
+    tracing::info!("re-packed the documents store's timeline index");
+    Ok(())
+}
+
 /// Moves a timeline kept in the earlier layout (one table keyed by person and offset) into
 /// entries and index, in the transaction that opens the store.
 fn migrate_timeline(txn: &WriteTransaction) -> Result<(), StoreError> {
@@ -372,27 +408,46 @@ fn decode_person(bytes: &[u8]) -> Result<PersonDoc, StoreError> {
 /// Where a timeline entry sits in `timeline_entries`: (partition, offset).
 type Position = (u32, u64);
 
-/// Positions per `timeline_index` row: 256 of 12 bytes each, under one 4 KiB page.
+/// Positions per `timeline_positions` row: at most a few KiB even where each takes its widest.
 const BUCKET: usize = 256;
-const POSITION_BYTES: usize = 12;
 
+/// Packs a row of positions as postcard varints: each position is (0, offset step) after one
+/// of the same partition with a lower offset, and (partition + 1, offset) otherwise. A person's
+/// events sit in one partition in log order, so a row is mostly steps of a byte or two, and the
+/// index, which every batch reads and rewrites all over, takes a fraction of the pages.
 fn pack(positions: &[Position]) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(positions.len() * POSITION_BYTES);
-    for (partition, offset) in positions {
-        bytes.extend_from_slice(&partition.to_le_bytes());
-        bytes.extend_from_slice(&offset.to_le_bytes());
-    }
-    bytes
+    let mut previous: Option<Position> = None;
+    let steps: Vec<(u64, u64)> = positions
+        .iter()
+        .map(|&(partition, offset)| {
+            let step = match previous {
+                Some((p, o)) if p == partition && o < offset => (0, offset - o),
+                _ => (u64::from(partition) + 1, offset),
+            };
+            previous = Some((partition, offset));
+            step
+        })
+        .collect();
+    postcard::to_allocvec(&steps).expect("a vector of integers always serializes")
 }
 
-fn unpack(bytes: &[u8]) -> impl Iterator<Item = Position> + '_ {
-    bytes.chunks_exact(POSITION_BYTES).map(|chunk| {
-        let (partition, offset) = chunk.split_at(4);
-        (
-            u32::from_le_bytes(partition.try_into().expect("4 bytes")),
-            u64::from_le_bytes(offset.try_into().expect("8 bytes")),
-        )
-    })
+/// The positions of a row written by [`pack`].
+fn unpack(bytes: &[u8]) -> Result<Vec<Position>, StoreError> {
+    let steps: Vec<(u64, u64)> = postcard::from_bytes(bytes).map_err(corrupt)?;
+    let mut previous: Option<Position> = None;
+    steps
+        .into_iter()
+        .map(|(tag, offset)| {
+            let position = match (tag, previous) {
+                (0, Some((partition, before))) => (partition, before.checked_add(offset)),
+                (0, None) => return Err(corrupt("a timeline row starts with a step")),
+                (tag, _) => (u32::try_from(tag - 1).map_err(corrupt)?, Some(offset)),
+            };
+            let position = (position.0, position.1.ok_or_else(|| corrupt("a timeline offset overflows"))?);
+            previous = Some(position);
+            Ok(position)
+        })
+        .collect()
 }
 
 /// A person's timeline positions in the order they were applied, read row by row as the
@@ -406,7 +461,10 @@ where
 {
     let rows = index.range((id, 0)..=(id, u32::MAX)).map_err(unavailable)?;
     Ok(rows.flat_map(|row| match row {
-        Ok((_, value)) => unpack(value.value()).map(Ok).collect::<Vec<_>>(),
+        Ok((_, value)) => match unpack(value.value()) {
+            Ok(positions) => positions.into_iter().map(Ok).collect::<Vec<_>>(),
+            Err(e) => vec![Err(e)],
+        },
         Err(e) => vec![Err(unavailable(e))],
     }))
 }
@@ -417,7 +475,7 @@ struct Tables<'txn> {
     by_tag: redb::Table<'txn, (&'static str, &'static str), ()>,
     by_status: redb::Table<'txn, (&'static str, &'static str), ()>,
     timeline: redb::Table<'txn, (u32, u64), &'static [u8]>,
-    timeline_index: redb::Table<'txn, (&'static str, u32), &'static [u8]>,
+    timeline_positions: redb::Table<'txn, (&'static str, u32), &'static [u8]>,
     checkpoints: redb::Table<'txn, u32, u64>,
 }
 
@@ -428,7 +486,7 @@ impl<'txn> Tables<'txn> {
             by_tag: txn.open_table(BY_TAG).map_err(unavailable)?,
             by_status: txn.open_table(BY_STATUS).map_err(unavailable)?,
             timeline: txn.open_table(TIMELINE).map_err(unavailable)?,
-            timeline_index: txn.open_table(TIMELINE_INDEX).map_err(unavailable)?,
+            timeline_positions: txn.open_table(TIMELINE_POSITIONS).map_err(unavailable)?,
             checkpoints: txn.open_table(CHECKPOINTS).map_err(unavailable)?,
         })
     }
@@ -439,7 +497,7 @@ impl<'txn> Tables<'txn> {
             self.timeline.insert(*position, bytes.as_slice()).map_err(unavailable)?;
         }
         for (id, bucket, row) in &batch.index_rows {
-            self.timeline_index.insert((id.as_str(), *bucket), row.as_slice()).map_err(unavailable)?;
+            self.timeline_positions.insert((id.as_str(), *bucket), row.as_slice()).map_err(unavailable)?;
         }
         for person in &batch.persons {
             let id = person.id.as_str();
@@ -462,9 +520,9 @@ impl<'txn> Tables<'txn> {
 
     /// Appends `positions` to the person's index rows (see [`extend_rows`]).
     fn index_positions(&mut self, id: &str, positions: &[Position]) -> Result<(), StoreError> {
-        let last = last_row(&self.timeline_index, id)?;
+        let last = last_row(&self.timeline_positions, id)?;
         for (bucket, row) in extend_rows(last, positions) {
-            self.timeline_index.insert((id, bucket), row.as_slice()).map_err(unavailable)?;
+            self.timeline_positions.insert((id, bucket), row.as_slice()).map_err(unavailable)?;
         }
         Ok(())
     }
@@ -478,7 +536,7 @@ where
     match index.range((id, 0)..=(id, u32::MAX)).map_err(unavailable)?.next_back() {
         Some(found) => {
             let (key, value) = found.map_err(unavailable)?;
-            Ok(Some((key.value().1, unpack(value.value()).collect())))
+            Ok(Some((key.value().1, unpack(value.value())?)))
         }
         None => Ok(None),
     }
@@ -528,7 +586,7 @@ fn prepare(db: &Database, partition: u32, events: &[ProjectedEvent], through: u6
     let txn = db.begin_read().map_err(unavailable)?;
     let stored_persons = txn.open_table(PERSONS).map_err(unavailable)?;
     let stored_entries = txn.open_table(TIMELINE).map_err(unavailable)?;
-    let index = txn.open_table(TIMELINE_INDEX).map_err(unavailable)?;
+    let index = txn.open_table(TIMELINE_POSITIONS).map_err(unavailable)?;
     // Serialized at once: entries are the bulk of a batch, and a JSON tree per entry would be
     // held until the batch is written. Entry `i` is event `i`'s.
     let mut entries: Vec<(Position, Vec<u8>)> = Vec::with_capacity(events.len());
@@ -578,6 +636,11 @@ fn prepare(db: &Database, partition: u32, events: &[ProjectedEvent], through: u6
         }
     }
     batch.timeline.extend(entries);
+    // In key order, so the writer dirties each page in one run: a transaction that dirties more
+    // pages than the cache holds writes some out early, and an unordered batch came back to
+    // many of them, reading and writing them again.
+    batch.index_rows.sort_unstable_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    batch.persons.sort_unstable_by(|a, b| a.id.cmp(&b.id));
     Ok(batch)
 }
 
@@ -712,7 +775,7 @@ impl ReadStore for EmbeddedReadStore {
             .blocking(move |db| {
                 let txn = db.begin_read().map_err(unavailable)?;
                 let entries = txn.open_table(TIMELINE).map_err(unavailable)?;
-                let index = txn.open_table(TIMELINE_INDEX).map_err(unavailable)?;
+                let index = txn.open_table(TIMELINE_POSITIONS).map_err(unavailable)?;
                 let id = person_id.to_string();
                 let mut items: Vec<TimelineEntry> = Vec::with_capacity(limit + 1);
                 for position in positions_of(&index, &id)? {
@@ -743,7 +806,35 @@ impl ReadStore for EmbeddedReadStore {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use super::{SharedDb, Synced, make_durable};
+    use super::{Position, SharedDb, Synced, make_durable, pack, unpack};
+
+    /// Rows come back as they went in, whatever the partitions and offsets, and a person's
+    /// positions in one partition take a few bytes each.
+    #[test]
+    fn timeline_rows_round_trip_compactly() {
+        let rows: [Vec<Position>; 5] = [
+            vec![],
+            vec![(0, 0)],
+            // Moves between partitions, back to an earlier offset, the same one again.
+            vec![(3, 10), (3, 11), (5, 2), (3, 12), (3, 12), (3, 4), (0, 0)],
+            vec![(u32::MAX, u64::MAX), (u32::MAX, 0), (0, u64::MAX), (0, u64::MAX - 1)],
+            (0..256u64).map(|i| (7, 1_000_000 + i * 4_100)).collect(),
+        ];
+        for row in &rows {
+            assert_eq!(&unpack(&pack(row)).unwrap(), row);
+        }
+        let typical = pack(&rows[4]);
+        assert!(typical.len() <= 3 * 256 + 8, "{} bytes for 256 positions, 3072 at fixed width", typical.len());
+    }
+
+    #[test]
+    fn a_timeline_row_that_does_not_decode_is_an_error() {
+        // A step with no position before it, and a row cut short.
+        let starts_with_a_step = postcard::to_allocvec(&vec![(0u64, 5u64)]).unwrap();
+        assert!(unpack(&starts_with_a_step).is_err());
+        let full = pack(&[(1, 300), (1, 900)]);
+        assert!(unpack(&full[..full.len() - 1]).is_err());
+    }
 
     /// An idle flush commits only when a commit since the last durable one is not durable yet.
     #[test]
