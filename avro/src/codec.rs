@@ -7,12 +7,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use apache_avro::{Schema, from_avro_datum, from_value, to_avro_datum, to_value};
+use apache_avro::{Schema, from_value, to_avro_datum, to_value};
 use serde::de::DeserializeOwned;
 
 use crate::events::{PersonEvent, SealedPersonalData};
 use crate::registry::{RegistryError, SchemaRegistry};
-use crate::schemas::EventKind;
+use crate::schemas::{DatumReader, EventKind};
 
 /// The first byte of every Confluent-framed payload.
 pub const MAGIC_BYTE: u8 = 0;
@@ -54,8 +54,9 @@ pub fn schema_id(bytes: &[u8]) -> Result<u32, CodecError> {
 pub struct Codec {
     registry: Arc<dyn SchemaRegistry>,
     writer_ids: HashMap<EventKind, u32>,
-    /// Writer schemas seen so far, by id, with the event kind their record name maps to.
-    known: RwLock<HashMap<u32, (EventKind, Arc<Schema>)>>,
+    /// Readers of the writer schemas seen so far, by id, with the event kind their record name
+    /// maps to.
+    known: RwLock<HashMap<u32, (EventKind, Arc<DatumReader>)>>,
 }
 
 impl std::fmt::Debug for Codec {
@@ -74,7 +75,7 @@ impl Codec {
             let schema = kind.schema();
             let id = registry.register(&kind.subject(topic), schema)?;
             writer_ids.insert(kind, id);
-            known.insert(id, (kind, Arc::new(schema.clone())));
+            known.insert(id, (kind, Arc::new(DatumReader::new(schema.clone()).map_err(avro_err)?)));
         }
         Ok(Self { registry, writer_ids, known: RwLock::new(known) })
     }
@@ -136,7 +137,7 @@ impl Codec {
     }
 
     /// Which kind and writer schema `id` stands for, asking the registry for ids not seen yet.
-    fn writer_schema(&self, id: u32) -> Result<(EventKind, Arc<Schema>), CodecError> {
+    fn writer_schema(&self, id: u32) -> Result<(EventKind, Arc<DatumReader>), CodecError> {
         if let Some(found) = self.known.read().expect("codec cache poisoned").get(&id) {
             return Ok(found.clone());
         }
@@ -146,8 +147,9 @@ impl Codec {
             other => format!("{other:?}"),
         };
         let kind = EventKind::from_name(&name).ok_or(CodecError::UnknownRecord { id, name })?;
-        self.known.write().expect("codec cache poisoned").insert(id, (kind, schema.clone()));
-        Ok((kind, schema))
+        let reader = Arc::new(DatumReader::new(schema.as_ref().clone()).map_err(avro_err)?);
+        self.known.write().expect("codec cache poisoned").insert(id, (kind, reader.clone()));
+        Ok((kind, reader))
     }
 
     /// Decodes to a generic Avro value in this build's schema for its kind (for re-encoding, as
@@ -160,7 +162,11 @@ impl Codec {
         // build's own. Records of any other schema (an older producer's) are resolved.
         let reader = (self.writer_ids.get(&kind) != Some(&id)).then(|| kind.schema());
         let mut body = &bytes[HEADER_LEN..];
-        let value = from_avro_datum(&writer, &mut body, reader).map_err(avro_err)?;
+        let value = writer.read(&mut body).map_err(avro_err)?;
+        let value = match reader {
+            Some(schema) => value.resolve(schema).map_err(avro_err)?,
+            None => value,
+        };
         if !body.is_empty() {
             return Err(CodecError::TrailingBytes(body.len()));
         }

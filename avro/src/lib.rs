@@ -4,7 +4,8 @@
 //! Everything else in this crate follows from them.
 //!
 //! ## Layout
-//! - [`schemas`]: the schemas compiled into the binary, one [`EventKind`] per record.
+//! - [`schemas`]: the schemas compiled into the binary, one [`EventKind`] per record, and the
+//!   [`DatumReader`](schemas::DatumReader) that decodes with a schema resolved once.
 //! - [`events`]: the Rust event types, one struct per schema, and the [`PersonEvent`] sum.
 //! - [`codec`]: Confluent wire format (magic byte 0, 4-byte big-endian schema id, Avro binary).
 //! - [`registry`]: the [`SchemaRegistry`] port and the embedded, persistent registry used when

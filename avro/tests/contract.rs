@@ -351,3 +351,35 @@ fn decoded_values_are_in_todays_schema_whichever_schema_wrote_them() {
         assert_eq!(codec.decode(&record).unwrap(), PersonEvent::Registered(clear.clone()));
     }
 }
+
+/// A datum reader decodes what `apache-avro` writes, datum after datum from one buffer, the
+/// same as `from_avro_datum`, and a datum cut short is an error.
+#[test]
+fn a_datum_reader_decodes_as_apache_avro_does() {
+    use apache_avro::types::Value;
+    use callisto_avro::schemas::DatumReader;
+    let schema = EventKind::PersonRegistered.schema();
+    let reader = DatumReader::new(schema.clone()).unwrap();
+    let values: Vec<Value> = sample_events()
+        .iter()
+        .filter(|event| event.kind() == EventKind::PersonRegistered)
+        .map(|event| Codec::to_value(event, None).unwrap())
+        .collect();
+    assert!(!values.is_empty());
+    let mut buffer = Vec::new();
+    for value in &values {
+        buffer.extend(apache_avro::to_avro_datum(schema, value.clone()).unwrap());
+    }
+    let mut body = buffer.as_slice();
+    for value in &values {
+        let mut alone = body;
+        let expected = apache_avro::from_avro_datum(schema, &mut alone, None).unwrap();
+        assert_eq!(&reader.read(&mut body).unwrap(), value);
+        assert_eq!(&expected, value);
+    }
+    assert!(body.is_empty(), "{} bytes left", body.len());
+    let one = apache_avro::to_avro_datum(schema, values[0].clone()).unwrap();
+    let cut = &one[..one.len() / 2];
+    assert!(apache_avro::from_avro_datum(schema, &mut &cut[..], None).is_err());
+    assert!(reader.read(&mut &cut[..]).is_err());
+}

@@ -108,10 +108,10 @@ fn encode_personal(data: &PersonalData) -> Result<Vec<u8>, CipherError> {
 }
 
 fn decode_personal(bytes: &[u8]) -> Result<PersonalData, CipherError> {
-    let schema = callisto_avro::schemas::personal_data_schema();
     let mut body = bytes;
-    let value =
-        apache_avro::from_avro_datum(schema, &mut body, None).map_err(|e| CipherError::Malformed(e.to_string()))?;
+    let value = callisto_avro::schemas::personal_data_reader()
+        .read(&mut body)
+        .map_err(|e| CipherError::Malformed(e.to_string()))?;
     if !body.is_empty() {
         return Err(CipherError::Malformed(format!("{} trailing bytes after the personal data", body.len())));
     }
