@@ -14,7 +14,8 @@
 //!   batch appends its entries at the end of its partition's range instead of inserting each
 //!   at a random place in a tree far larger than the page cache.
 //! - `timeline_positions`: (person id, bucket number) → that person's timeline positions,
-//!   [`BUCKET`] to a row, so a batch rewrites one row per person rather than one page per event.
+//!   [`BUCKET`] to a row, so a batch rewrites one row per person rather than one page per event;
+//!   the last row, the one batches extend, sits under [`OPEN_ROW`] so a point look-up finds it.
 //!   Each position after a person's first is the step from the one before, as a varint (see
 //!   [`pack`]), a few bytes where fixed width took twelve.
 //! - `checkpoints`: partition → last applied offset.
@@ -308,7 +309,8 @@ fn migrate_fixed_index(txn: &WriteTransaction) -> Result<(), StoreError> {
     }
     {
         let old = txn.open_table(TIMELINE_INDEX_FIXED).map_err(unavailable)?;
-        let mut new = txn.open_table(TIMELINE_POSITIONS).map_err(unavailable)?;
+        let mut tables = Tables::open(txn)?;
+        // Rows come in order of person, then bucket, each appended after the one before.
         for row in old.iter().map_err(unavailable)? {
             let (key, value) = row.map_err(unavailable)?;
             let positions: Vec<Position> = value
@@ -322,7 +324,7 @@ fn migrate_fixed_index(txn: &WriteTransaction) -> Result<(), StoreError> {
                     )
                 })
                 .collect();
-            new.insert(key.value(), pack(&positions).as_slice()).map_err(unavailable)?;
+            tables.index_positions(key.value().0, &positions)?;
         }
     }
     txn.delete_table(TIMELINE_INDEX_FIXED).map_err(unavailable)?;
@@ -411,11 +413,16 @@ type Position = (u32, u64);
 /// Positions per `timeline_positions` row: at most a few KiB even where each takes its widest.
 const BUCKET: usize = 256;
 
-/// Packs a row of positions as postcard varints: each position is (0, offset step) after one
+/// The key of a person's last row, the one batches extend, which holds its own bucket number;
+/// full rows are keyed by theirs. A point look-up finds it, where a range scan from the back
+/// had cost more than every other read of a batch together.
+const OPEN_ROW: u32 = u32::MAX;
+
+/// Packs a row, its bucket number first, then its positions as postcard varints: each position is (0, offset step) after one
 /// of the same partition with a lower offset, and (partition + 1, offset) otherwise. A person's
 /// events sit in one partition in log order, so a row is mostly steps of a byte or two, and the
 /// index, which every batch reads and rewrites all over, takes a fraction of the pages.
-fn pack(positions: &[Position]) -> Vec<u8> {
+fn pack(bucket: u32, positions: &[Position]) -> Vec<u8> {
     let mut previous: Option<Position> = None;
     let steps: Vec<(u64, u64)> = positions
         .iter()
@@ -428,14 +435,14 @@ fn pack(positions: &[Position]) -> Vec<u8> {
             step
         })
         .collect();
-    postcard::to_allocvec(&steps).expect("a vector of integers always serializes")
+    postcard::to_allocvec(&(bucket, steps)).expect("integers always serialize")
 }
 
-/// The positions of a row written by [`pack`].
-fn unpack(bytes: &[u8]) -> Result<Vec<Position>, StoreError> {
-    let steps: Vec<(u64, u64)> = postcard::from_bytes(bytes).map_err(corrupt)?;
+/// The bucket number and positions of a row written by [`pack`].
+fn unpack(bytes: &[u8]) -> Result<(u32, Vec<Position>), StoreError> {
+    let (bucket, steps): (u32, Vec<(u64, u64)>) = postcard::from_bytes(bytes).map_err(corrupt)?;
     let mut previous: Option<Position> = None;
-    steps
+    let positions = steps
         .into_iter()
         .map(|(tag, offset)| {
             let position = match (tag, previous) {
@@ -447,7 +454,8 @@ fn unpack(bytes: &[u8]) -> Result<Vec<Position>, StoreError> {
             previous = Some(position);
             Ok(position)
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok((bucket, positions))
 }
 
 /// A person's timeline positions in the order they were applied, read row by row as the
@@ -462,7 +470,7 @@ where
     let rows = index.range((id, 0)..=(id, u32::MAX)).map_err(unavailable)?;
     Ok(rows.flat_map(|row| match row {
         Ok((_, value)) => match unpack(value.value()) {
-            Ok(positions) => positions.into_iter().map(Ok).collect::<Vec<_>>(),
+            Ok((_, positions)) => positions.into_iter().map(Ok).collect::<Vec<_>>(),
             Err(e) => vec![Err(e)],
         },
         Err(e) => vec![Err(unavailable(e))],
@@ -533,17 +541,15 @@ fn last_row<T>(index: &T, id: &str) -> Result<Option<(u32, Vec<Position>)>, Stor
 where
     T: ReadableTable<(&'static str, u32), &'static [u8]>,
 {
-    match index.range((id, 0)..=(id, u32::MAX)).map_err(unavailable)?.next_back() {
-        Some(found) => {
-            let (key, value) = found.map_err(unavailable)?;
-            Ok(Some((key.value().1, unpack(value.value())?)))
-        }
+    match index.get((id, OPEN_ROW)).map_err(unavailable)? {
+        Some(found) => Ok(Some(unpack(found.value())?)),
         None => Ok(None),
     }
 }
 
-/// The index rows that change when `positions` (ascending within each partition) are appended
-/// after the person's `last` row. Positions at or below the last one recorded for the same
+/// The index rows, by key, that change when `positions` (ascending within each partition) are
+/// appended after the person's `last` row: rows that fill up under their bucket number, the
+/// last one under [`OPEN_ROW`]. Positions at or below the last one recorded for the same
 /// partition were indexed already: a batch delivered again after a crash.
 fn extend_rows(last: Option<(u32, Vec<Position>)>, positions: &[Position]) -> Vec<(u32, Vec<u8>)> {
     let (mut bucket, mut row) = last.unwrap_or_default();
@@ -552,7 +558,7 @@ fn extend_rows(last: Option<(u32, Vec<Position>)>, positions: &[Position]) -> Ve
     let mut changed = false;
     for &position in positions.iter().filter(|(p, o)| recorded.is_none_or(|(rp, ro)| rp != *p || ro < *o)) {
         if row.len() == BUCKET {
-            rows.push((bucket, pack(&row)));
+            rows.push((bucket, pack(bucket, &row)));
             bucket += 1;
             row.clear();
         }
@@ -560,7 +566,7 @@ fn extend_rows(last: Option<(u32, Vec<Position>)>, positions: &[Position]) -> Ve
         changed = true;
     }
     if changed {
-        rows.push((bucket, pack(&row)));
+        rows.push((OPEN_ROW, pack(bucket, &row)));
     }
     rows
 }
@@ -820,19 +826,20 @@ mod tests {
             vec![(u32::MAX, u64::MAX), (u32::MAX, 0), (0, u64::MAX), (0, u64::MAX - 1)],
             (0..256u64).map(|i| (7, 1_000_000 + i * 4_100)).collect(),
         ];
-        for row in &rows {
-            assert_eq!(&unpack(&pack(row)).unwrap(), row);
+        for (bucket, row) in rows.iter().enumerate() {
+            let bucket = u32::try_from(bucket).unwrap() * 1000;
+            assert_eq!(unpack(&pack(bucket, row)).unwrap(), (bucket, row.clone()));
         }
-        let typical = pack(&rows[4]);
+        let typical = pack(7, &rows[4]);
         assert!(typical.len() <= 3 * 256 + 8, "{} bytes for 256 positions, 3072 at fixed width", typical.len());
     }
 
     #[test]
     fn a_timeline_row_that_does_not_decode_is_an_error() {
         // A step with no position before it, and a row cut short.
-        let starts_with_a_step = postcard::to_allocvec(&vec![(0u64, 5u64)]).unwrap();
+        let starts_with_a_step = postcard::to_allocvec(&(0u32, vec![(0u64, 5u64)])).unwrap();
         assert!(unpack(&starts_with_a_step).is_err());
-        let full = pack(&[(1, 300), (1, 900)]);
+        let full = pack(0, &[(1, 300), (1, 900)]);
         assert!(unpack(&full[..full.len() - 1]).is_err());
     }
 
