@@ -300,11 +300,15 @@ fn make_durable(db: &Database, synced: &std::sync::Mutex<Synced>) -> Result<(), 
     Ok(())
 }
 
+/// Whether the store holds `table`: an earlier layout's, which opening it would create.
+fn holds_table(txn: &WriteTransaction, table: impl TableHandle) -> Result<bool, StoreError> {
+    Ok(txn.list_tables().map_err(unavailable)?.any(|t| t.name() == table.name()))
+}
+
 /// Re-packs index rows kept at fixed width (see [`TIMELINE_INDEX_FIXED`]) into
 /// `timeline_positions`, in the transaction that opens the store.
 fn migrate_fixed_index(txn: &WriteTransaction) -> Result<(), StoreError> {
-    let earlier = txn.list_tables().map_err(unavailable)?.any(|t| t.name() == TIMELINE_INDEX_FIXED.name());
-    if !earlier {
+    if !holds_table(txn, TIMELINE_INDEX_FIXED)? {
         return Ok(());
     }
     {
@@ -335,8 +339,7 @@ fn migrate_fixed_index(txn: &WriteTransaction) -> Result<(), StoreError> {
 /// Moves a timeline kept in the earlier layout (one table keyed by person and offset) into
 /// entries and index, in the transaction that opens the store.
 fn migrate_timeline(txn: &WriteTransaction) -> Result<(), StoreError> {
-    let earlier = txn.list_tables().map_err(unavailable)?.any(|t| t.name() == TIMELINE_BY_PERSON.name());
-    if !earlier {
+    if !holds_table(txn, TIMELINE_BY_PERSON)? {
         return Ok(());
     }
     {
