@@ -136,8 +136,9 @@ impl Codec {
         value.resolve(kind.schema()).map_err(avro_err)
     }
 
-    /// Which kind and writer schema `id` stands for, asking the registry for ids not seen yet.
-    fn writer_schema(&self, id: u32) -> Result<(EventKind, Arc<DatumReader>), CodecError> {
+    /// Which kind `id` stands for, and a reader of its writer schema, asking the registry for
+    /// ids not seen yet.
+    fn writer(&self, id: u32) -> Result<(EventKind, Arc<DatumReader>), CodecError> {
         if let Some(found) = self.known.read().expect("codec cache poisoned").get(&id) {
             return Ok(found.clone());
         }
@@ -156,7 +157,7 @@ impl Codec {
     /// `export --format avro` does).
     pub fn decode_value(&self, bytes: &[u8]) -> Result<(EventKind, apache_avro::types::Value), CodecError> {
         let id = schema_id(bytes)?;
-        let (kind, writer) = self.writer_schema(id)?;
+        let (kind, writer) = self.writer(id)?;
         // Written with this build's schema for the kind, the record needs no resolution into
         // it: resolving rebuilds the value field by field, and most records read are this
         // build's own. Records of any other schema (an older producer's) are resolved.

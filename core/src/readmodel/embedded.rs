@@ -142,7 +142,8 @@ struct Batch {
     through: u64,
     /// New timeline entries, and the scrubbed rewrites of stored ones.
     timeline: Vec<(Position, Vec<u8>)>,
-    /// (person id, bucket number, packed positions): the index rows that changed.
+    /// (person id, row key, packed row): the index rows that changed, each under its bucket
+    /// number or, the last, under [`OPEN_ROW`].
     index_rows: Vec<(String, u32, Vec<u8>)>,
     persons: Vec<PersonWrite>,
     /// Whether it scrubs an erased person's data: such a batch commits durably at once, so an
@@ -421,10 +422,11 @@ const BUCKET: usize = 256;
 /// had cost more than every other read of a batch together.
 const OPEN_ROW: u32 = u32::MAX;
 
-/// Packs a row, its bucket number first, then its positions as postcard varints: each position is (0, offset step) after one
-/// of the same partition with a lower offset, and (partition + 1, offset) otherwise. A person's
-/// events sit in one partition in log order, so a row is mostly steps of a byte or two, and the
-/// index, which every batch reads and rewrites all over, takes a fraction of the pages.
+/// Packs a row as postcard varints, its bucket number first, then each position: (0, offset
+/// step) after one of the same partition with a lower offset, (partition + 1, offset) otherwise.
+/// A person's events sit in one partition in log order, so a row is mostly steps of a byte or
+/// two, and the index, which every batch reads and rewrites all over, takes a fraction of the
+/// pages.
 fn pack(bucket: u32, positions: &[Position]) -> Vec<u8> {
     let mut previous: Option<Position> = None;
     let steps: Vec<(u64, u64)> = positions
@@ -449,11 +451,12 @@ fn unpack(bytes: &[u8]) -> Result<(u32, Vec<Position>), StoreError> {
         .into_iter()
         .map(|(tag, offset)| {
             let position = match (tag, previous) {
-                (0, Some((partition, before))) => (partition, before.checked_add(offset)),
+                (0, Some((partition, before))) => {
+                    (partition, before.checked_add(offset).ok_or_else(|| corrupt("a timeline offset overflows"))?)
+                }
                 (0, None) => return Err(corrupt("a timeline row starts with a step")),
-                (tag, _) => (u32::try_from(tag - 1).map_err(corrupt)?, Some(offset)),
+                (tag, _) => (u32::try_from(tag - 1).map_err(corrupt)?, offset),
             };
-            let position = (position.0, position.1.ok_or_else(|| corrupt("a timeline offset overflows"))?);
             previous = Some(position);
             Ok(position)
         })
