@@ -56,6 +56,71 @@ async fn the_embedded_index_indexes_at_background_priority() {
     assert!(current_nice().is_some_and(|nice| nice < BACKGROUND_NICE), "the test's own thread is not lowered");
 }
 
+/// A partition that is behind brings full batches, which do not wait for their commit. Later
+/// batches fold onto what earlier ones added: a re-tag re-indexes notes not yet committed with
+/// the new tag (and does not delete them), batches delivered again (as to a worker restarted at
+/// the committed checkpoint) add nothing twice, and a batch that erases someone is committed
+/// when its apply returns.
+#[tokio::test]
+async fn full_batches_fold_onto_what_is_not_yet_committed() {
+    use callisto_core::readmodel::search::CATCH_UP_BATCH;
+    use callisto_core::readmodel::{Projection, SearchRequest};
+
+    let (ada, grace) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let others: Vec<uuid::Uuid> = (0..40).map(|_| uuid::Uuid::new_v4()).collect();
+    // Ada registers and gets 100 notes; others fill the batch.
+    let mut first = vec![contract::registered(ada, "Ada", &["vip"]), contract::registered(grace, "Grace", &["vip"])];
+    first.extend(others.iter().map(|id| contract::registered(*id, "Other", &[])));
+    first.extend((0..100).map(|i| contract::note(ada, &format!("engine draft {i}"))));
+    // Then Ada is tagged, and gets 50 more notes.
+    let mut second = vec![contract::tagged(ada, "math")];
+    second.extend((0..50).map(|i| contract::note(ada, &format!("engine proof {i}"))));
+    for batch in [&mut first, &mut second] {
+        let fill = CATCH_UP_BATCH - batch.len();
+        batch.extend((0..fill).map(|i| contract::note(others[i % others.len()], "filler")));
+    }
+    let number = |events: Vec<_>, from: u64| -> Vec<_> {
+        events.into_iter().enumerate().map(|(i, e)| contract::at(0, from + i as u64, e)).collect()
+    };
+    let first = number(first, 0);
+    let second = number(second, CATCH_UP_BATCH as u64);
+    let through = |batch: &[callisto_core::readmodel::ProjectedEvent]| batch.last().unwrap().offset;
+
+    let dir = tempfile::tempdir().unwrap();
+    let index = TantivySearchIndex::open(dir.path()).unwrap();
+    index.apply(0, &first, through(&first)).await.unwrap();
+    index.apply(0, &second, through(&second)).await.unwrap();
+    index.apply(0, &first, through(&first)).await.unwrap();
+    index.apply(0, &second, through(&second)).await.unwrap();
+    // A short batch waits for its commit, which covers the batches before it.
+    let last = through(&second) + 1;
+    index.apply(0, &[contract::at(0, last, contract::note(grace, "engine of Grace"))], last).await.unwrap();
+    assert_eq!(index.checkpoints().await.unwrap().get(&0), Some(&last));
+
+    let request = |query: &str, tag: Option<&str>| SearchRequest {
+        query: query.into(),
+        tag: tag.map(str::to_owned),
+        status: None,
+        limit: 10,
+        offset: 0,
+        search_after: None,
+    };
+    let engine = index.search(&request("engine", None)).await.unwrap();
+    assert_eq!(engine.total, 151, "Ada's 150 notes and Grace's, each once");
+    let math = index.search(&request("engine", Some("math"))).await.unwrap();
+    assert_eq!(math.total, 150, "all of Ada's notes carry her new tag");
+    assert_eq!(index.search(&request("Other", None)).await.unwrap().total, others.len());
+
+    // A full batch that erases Ada is on disk once applied.
+    let mut third = vec![contract::erased(ada)];
+    third.extend((1..CATCH_UP_BATCH).map(|i| contract::note(others[i % others.len()], "filler")));
+    let third = number(third, last + 1);
+    index.apply(0, &third, through(&third)).await.unwrap();
+    assert_eq!(index.checkpoints().await.unwrap().get(&0), Some(&through(&third)));
+    let engine = index.search(&request("engine", None)).await.unwrap();
+    assert_eq!(engine.total, 1, "only Grace's note is left: {:?}", engine.hits);
+}
+
 /// The Elasticsearch adapter's contract against the server at `url`.
 async fn elastic_contract(url: String, server: contract::Server) {
     let run = contract::unique("callisto-contract");

@@ -14,6 +14,16 @@
 //! commits everything added so far every [`COMMIT_INTERVAL`], with the merged checkpoints as the
 //! payload, and then wakes every waiter whose batch it covered. Twelve partitions cost one
 //! commit per interval instead of twelve.
+//!
+//! ## Catching up
+//! A full batch means its partition is behind (a rebuild, a backlog). Such a batch does not
+//! wait for its commit, and while no batch waits, commits come at most every
+//! [`CATCH_UP_COMMIT_INTERVAL`]: fewer, larger segments, which is most of what a rebuild's
+//! indexing costs (each segment builds its term dictionaries, and merges build them again).
+//! Later batches fold onto persons as added and not yet committed (`Pending::unsettled`),
+//! and a batch that needs a person's notes from the index while some of them are not yet
+//! committed commits first. A batch that erases someone still waits, so an erasure the index
+//! has applied is on disk, as in the documents store.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -47,6 +57,11 @@ const PERSON_CACHE: std::num::NonZeroUsize = std::num::NonZeroUsize::new(100_000
 const SNIPPET_CHARS: usize = 200;
 /// How often pending batches are committed together.
 pub const COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+/// How often batches are committed while none waits for its commit (see "Catching up").
+pub const CATCH_UP_COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Records in one partition's batch (see [`Projection::batch_max`]); a batch this full comes
+/// from a partition that is behind.
+pub const CATCH_UP_BATCH: usize = 2000;
 
 fn unavailable<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -147,6 +162,13 @@ struct Pending {
     checkpoints: Checkpoints,
     /// Bumped by every batch added; the committer commits up to it.
     added: u64,
+    /// The highest `added` count a caller waits to see committed.
+    awaited: u64,
+    /// When the last commit was made.
+    last_commit: std::time::Instant,
+    /// Persons as added since the last commit, which the index cannot show yet. A later batch
+    /// folds onto these before the cache or the index; a commit moves them into the cache.
+    unsettled: HashMap<Uuid, Option<PersonDoc>>,
 }
 
 impl Pending {
@@ -159,18 +181,19 @@ struct Inner {
     index: Index,
     reader: IndexReader,
     pending: Mutex<Pending>,
-    /// Recently indexed persons as last added, so folding an event onto a person rarely needs a
+    /// Recently committed persons, so folding an event onto a person rarely needs a
     /// stored-document fetch (a block decompression). Only read and written under `pending`'s
     /// lock; bounded, so memory stays flat.
     persons: Mutex<lru::LruCache<Uuid, Option<PersonDoc>>>,
     fields: Fields,
     /// The `added` count the last commit covered, and the checkpoints it made durable.
     committed: watch::Sender<(u64, Checkpoints)>,
+    /// The checkpoints of the last commit, as readers follow them.
+    progress: watch::Sender<Checkpoints>,
 }
 
 pub struct TantivySearchIndex {
     inner: Arc<Inner>,
-    progress: watch::Sender<Checkpoints>,
     stop_committer: Option<std::sync::mpsc::Sender<()>>,
     committer: Option<std::thread::JoinHandle<()>>,
 }
@@ -241,22 +264,28 @@ impl TantivySearchIndex {
         };
         let (progress, _) = watch::channel(checkpoints.clone());
         let (committed, _) = watch::channel((0, checkpoints.clone()));
-        let pending = Mutex::new(Pending { writer: Some(writer), checkpoints, added: 0 });
+        let pending = Mutex::new(Pending {
+            writer: Some(writer),
+            checkpoints,
+            added: 0,
+            awaited: 0,
+            last_commit: std::time::Instant::now(),
+            unsettled: HashMap::new(),
+        });
         let persons = Mutex::new(lru::LruCache::new(PERSON_CACHE));
-        let inner = Arc::new(Inner { index, reader, pending, persons, fields, committed });
+        let inner = Arc::new(Inner { index, reader, pending, persons, fields, committed, progress });
         let (stop_committer, stopped) = std::sync::mpsc::channel::<()>();
         let committer = {
             let inner = inner.clone();
-            let progress = progress.clone();
             std::thread::Builder::new()
                 .name("callisto-search-commit".into())
                 .spawn(move || {
                     crate::priority::enter_background();
-                    inner.commit_loop(&stopped, &progress);
+                    inner.commit_loop(&stopped);
                 })
                 .map_err(unavailable)?
         };
-        Ok(Self { inner, progress, stop_committer: Some(stop_committer), committer: Some(committer) })
+        Ok(Self { inner, stop_committer: Some(stop_committer), committer: Some(committer) })
     }
 }
 
@@ -369,12 +398,16 @@ impl Inner {
         doc
     }
 
-    /// Commits whatever was added, every [`COMMIT_INTERVAL`], until `stopped` disconnects.
-    fn commit_loop(&self, stopped: &std::sync::mpsc::Receiver<()>, progress: &watch::Sender<Checkpoints>) {
+    /// Commits what was added, every [`COMMIT_INTERVAL`] while a batch waits for its commit
+    /// and every [`CATCH_UP_COMMIT_INTERVAL`] otherwise, until `stopped` disconnects; then
+    /// commits what is left.
+    fn commit_loop(&self, stopped: &std::sync::mpsc::Receiver<()>) {
         loop {
             let stopping =
                 !matches!(stopped.recv_timeout(COMMIT_INTERVAL), Err(std::sync::mpsc::RecvTimeoutError::Timeout));
-            if let Err(e) = self.commit_pending(progress) {
+            let when = if stopping { Commit::Now } else { Commit::WhenDue };
+            let committed = self.pending.lock().map_err(unavailable).and_then(|mut p| self.commit(&mut p, when));
+            if let Err(e) = committed {
                 tracing::error!(error = %e, "search index commit failed; retrying");
             }
             if stopping {
@@ -383,9 +416,15 @@ impl Inner {
         }
     }
 
-    fn commit_pending(&self, progress: &watch::Sender<Checkpoints>) -> Result<(), StoreError> {
-        let mut pending = self.pending.lock().map_err(unavailable)?;
-        if pending.added == self.committed.borrow().0 {
+    /// Commits what was added since the last commit, if anything was and `when` says it is
+    /// time, with the checkpoints as the payload.
+    fn commit(&self, pending: &mut Pending, when: Commit) -> Result<(), StoreError> {
+        let committed = self.committed.borrow().0;
+        if pending.added == committed {
+            return Ok(());
+        }
+        let due = pending.awaited > committed || pending.last_commit.elapsed() >= CATCH_UP_COMMIT_INTERVAL;
+        if when == Commit::WhenDue && !due {
             return Ok(());
         }
         let payload =
@@ -396,17 +435,23 @@ impl Inner {
         commit.commit().map_err(unavailable)?;
         self.reader.reload().map_err(unavailable)?;
         metrics::histogram!("callisto_search_commit_seconds").record(started.elapsed().as_secs_f64());
+        pending.last_commit = std::time::Instant::now();
+        let mut cache = self.persons.lock().map_err(unavailable)?;
+        for (id, person) in pending.unsettled.drain() {
+            cache.put(id, person);
+        }
+        drop(cache);
         let checkpoints = pending.checkpoints.clone();
         self.committed.send_replace((pending.added, checkpoints.clone()));
-        progress.send_replace(checkpoints);
+        self.progress.send_replace(checkpoints);
         Ok(())
     }
 
     /// Commits, merges every segment (dropping deleted documents for good) and removes the
     /// files no commit uses any more.
-    fn compact(&self, progress: &watch::Sender<Checkpoints>) -> Result<(), StoreError> {
-        self.commit_pending(progress)?;
+    fn compact(&self) -> Result<(), StoreError> {
         let mut pending = self.pending.lock().map_err(unavailable)?;
+        self.commit(&mut pending, Commit::Now)?;
         let segments = self.index.searchable_segment_ids().map_err(unavailable)?;
         if !segments.is_empty() {
             pending.writer()?.merge(&segments).wait().map_err(unavailable)?;
@@ -416,18 +461,27 @@ impl Inner {
         Ok(())
     }
 
-    /// Adds one partition's batch to the writer and returns the `added` count a commit must
-    /// reach for the batch to be durable.
+    /// Adds one partition's batch to the writer. Returns the `added` count a commit must reach
+    /// before the caller returns, or `None` for a batch that need not wait for its commit: one
+    /// `catching_up` that erases no one (see "Catching up").
     ///
     /// The version guard refuses events at or below the person's position (see
     /// [`Inner::load_person`]). Since a note that passes it cannot be in the index yet, new
     /// notes and new persons are added without a delete in front of them: deletes are what a
     /// commit pays for in every segment's term dictionary, and a rebuild would otherwise issue
     /// one per event.
-    fn add(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<u64, StoreError> {
-        let mut pending = self.pending.lock().map_err(unavailable)?;
-        let searcher = self.reader.searcher();
-        // person → (as committed, as after this batch), and the notes this batch adds.
+    fn add(
+        &self,
+        partition: u32,
+        events: &[ProjectedEvent],
+        through: u64,
+        catching_up: bool,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut guard = self.pending.lock().map_err(unavailable)?;
+        let pending = &mut *guard;
+        let mut searcher = self.reader.searcher();
+        // person → (as the index holds them, with batches not yet committed; as after this
+        // batch), and the notes this batch adds.
         let mut persons: HashMap<Uuid, (Option<PersonDoc>, Option<PersonDoc>)> = HashMap::new();
         let mut new_notes: HashMap<Uuid, Vec<NoteDoc>> = HashMap::new();
         for ev in events {
@@ -435,12 +489,15 @@ impl Inner {
             let (_, current) = match persons.entry(id) {
                 std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
                 std::collections::hash_map::Entry::Vacant(entry) => {
-                    let cached = self.persons.lock().map_err(unavailable)?.get(&id).cloned();
-                    let committed = match cached {
+                    let known = match pending.unsettled.get(&id) {
+                        Some(added) => Some(added.clone()),
+                        None => self.persons.lock().map_err(unavailable)?.get(&id).cloned(),
+                    };
+                    let before = match known {
                         Some(doc) => doc,
                         None => self.load_person(&searcher, id)?,
                     };
-                    entry.insert((committed.clone(), committed))
+                    entry.insert((before.clone(), before))
                 }
             };
             if current.as_ref().is_some_and(|d| d.has_applied(ev)) {
@@ -455,6 +512,7 @@ impl Inner {
         // Every read (a person's notes) happens while planning, so a failing read leaves the
         // writer untouched and the retried batch starts from the same state.
         let mut operations = Vec::new();
+        let mut erases = false;
         for (id, (before, after)) in &persons {
             let Some(after) = after else { continue };
             let owner = || self.notes_term(*id);
@@ -472,6 +530,7 @@ impl Inner {
             if after.status == Status::Erased {
                 // Erased: every document of the person goes; nothing is added back.
                 operations.push(Operation::Delete(owner()));
+                erases = true;
                 continue;
             }
             operations.push(Operation::Add(self.person_document(after)?));
@@ -479,6 +538,13 @@ impl Inner {
                 b.tags != after.tags || b.status != after.status || display_name(b) != display_name(after)
             });
             if facets_changed {
+                // The notes are read back from the index, which shows only committed ones.
+                // None of this batch's operations are in the writer yet, so a commit here
+                // covers exactly the batches before it.
+                if pending.unsettled.contains_key(id) {
+                    self.commit(pending, Commit::Now)?;
+                    searcher = self.reader.searcher();
+                }
                 let notes = self.load_notes(&searcher, *id)?;
                 operations.push(Operation::Delete(owner()));
                 operations.extend(notes.iter().map(|note| Operation::Add(self.note_document(after, note))));
@@ -498,15 +564,17 @@ impl Inner {
                 }
             }
         }
-        let mut cache = self.persons.lock().map_err(unavailable)?;
         for (id, (_, after)) in persons {
-            cache.put(id, after);
+            pending.unsettled.insert(id, after);
         }
-        drop(cache);
         let entry = pending.checkpoints.entry(partition).or_insert(through);
         *entry = (*entry).max(through);
         pending.added += 1;
-        Ok(pending.added)
+        if catching_up && !erases {
+            return Ok(None);
+        }
+        pending.awaited = pending.added;
+        Ok(Some(pending.added))
     }
 
     /// Index terms starting with `stem` (analysed like indexed text) in `field`, or in every
@@ -716,6 +784,13 @@ fn prefix_form(token: &str, expand: &dyn Fn(Option<&str>, &str) -> Vec<String>) 
     format!("{sign}({})", alternatives.join(" OR "))
 }
 
+/// Whether a commit is made whatever the time, or only once one is due.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Commit {
+    Now,
+    WhenDue,
+}
+
 /// One change to the index, in the order the writer must see it (a delete removes only what
 /// was added before it).
 enum Operation {
@@ -751,16 +826,24 @@ impl Projection for TantivySearchIndex {
         "tantivy"
     }
 
+    fn batch_max(&self) -> Option<usize> {
+        Some(CATCH_UP_BATCH)
+    }
+
     /// Returns once the committer has made the batch durable (within about one
-    /// [`COMMIT_INTERVAL`]).
+    /// [`COMMIT_INTERVAL`]), except for a full batch, which a partition that is behind
+    /// brings: that returns once added, and is committed with the batches after it.
     async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {
         let inner = self.inner.clone();
         let events = events.to_vec();
-        let added = tokio::task::spawn_blocking(move || inner.add(partition, &events, through))
+        let catching_up = events.len() >= CATCH_UP_BATCH;
+        let added = tokio::task::spawn_blocking(move || inner.add(partition, &events, through, catching_up))
             .await
             .map_err(unavailable)??;
-        let mut committed = self.inner.committed.subscribe();
-        committed.wait_for(|(done, _)| *done >= added).await.map_err(unavailable)?;
+        if let Some(added) = added {
+            let mut committed = self.inner.committed.subscribe();
+            committed.wait_for(|(done, _)| *done >= added).await.map_err(unavailable)?;
+        }
         Ok(())
     }
 
@@ -770,13 +853,12 @@ impl Projection for TantivySearchIndex {
     }
 
     fn progress(&self) -> watch::Receiver<Checkpoints> {
-        self.progress.subscribe()
+        self.inner.progress.subscribe()
     }
 
     async fn compact(&self) -> Result<(), StoreError> {
         let inner = self.inner.clone();
-        let progress = self.progress.clone();
-        tokio::task::spawn_blocking(move || inner.compact(&progress)).await.map_err(unavailable)?
+        tokio::task::spawn_blocking(move || inner.compact()).await.map_err(unavailable)?
     }
 }
 
