@@ -283,16 +283,40 @@ impl PersonEvent {
 /// other Avro implementations write. (apache-avro's serializer is not human-readable, so
 /// `Uuid`'s own impl would write 16 raw bytes.)
 pub mod uuid_string {
-    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+    use serde::{Deserializer, Serializer, de::Error};
     use uuid::Uuid;
 
     pub fn serialize<S: Serializer>(id: &Uuid, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(id.hyphenated().encode_lower(&mut Uuid::encode_buffer()))
     }
 
+    /// apache-avro (not human-readable) is asked for bytes: it hands a decoded `uuid` over as
+    /// its 16 bytes that way, where asking for a string would have it format the id as text for
+    /// us to parse again, with an allocation for each id of each event. Text formats (JSON) are
+    /// asked for the text, so 16 characters there are never taken for raw bytes.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Uuid, D::Error> {
-        let text = String::deserialize(d)?;
-        Uuid::parse_str(&text).map_err(D::Error::custom)
+        if d.is_human_readable() { d.deserialize_str(UuidVisitor) } else { d.deserialize_bytes(UuidVisitor) }
+    }
+
+    struct UuidVisitor;
+
+    impl serde::de::Visitor<'_> for UuidVisitor {
+        type Value = Uuid;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a UUID, as text or as 16 bytes")
+        }
+
+        fn visit_str<E: Error>(self, text: &str) -> Result<Uuid, E> {
+            Uuid::parse_str(text).map_err(E::custom)
+        }
+
+        fn visit_bytes<E: Error>(self, bytes: &[u8]) -> Result<Uuid, E> {
+            match <[u8; 16]>::try_from(bytes) {
+                Ok(raw) => Ok(Uuid::from_bytes(raw)),
+                Err(_) => Uuid::try_parse_ascii(bytes).map_err(E::custom),
+            }
+        }
     }
 }
 

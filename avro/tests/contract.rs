@@ -383,3 +383,42 @@ fn a_datum_reader_decodes_as_apache_avro_does() {
     assert!(apache_avro::from_avro_datum(schema, &mut &cut[..], None).is_err());
     assert!(reader.read(&mut &cut[..]).is_err());
 }
+
+/// Ids decode from every form they arrive in: a `uuid` string as today's schemas write it, a
+/// plain string from a writer schema without the logical type, and text in JSON; text that is
+/// not a UUID is an error, never a made-up id.
+#[test]
+fn ids_decode_from_each_form_they_arrive_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(EmbeddedRegistry::open(&dir.path().join("schemas.redb")).unwrap());
+    let codec = Codec::new(registry.clone(), "persons").unwrap();
+    let kind = EventKind::NoteAdded;
+    let note = sample_events().into_iter().find(|e| e.kind() == kind).unwrap();
+    let PersonEvent::NoteAdded(added) = &note else { panic!("a note") };
+
+    // The canonical form drops logical types: the ids are plain strings there.
+    let plain = Schema::parse_str(&kind.schema().canonical_form()).unwrap();
+    let plain_id = registry.register(&kind.subject("persons"), &plain).unwrap();
+    let record = |value: apache_avro::types::Value| {
+        let mut record = vec![callisto_avro::codec::MAGIC_BYTE];
+        record.extend_from_slice(&plain_id.to_be_bytes());
+        record.extend_from_slice(&apache_avro::to_avro_datum(&plain, value.resolve(&plain).unwrap()).unwrap());
+        record
+    };
+    use apache_avro::types::Value;
+    let Value::Record(mut fields) = apache_avro::to_value(added).unwrap() else { panic!("a record") };
+    // The codec writes the sealed personal data beside the event's own fields; clear here.
+    fields.push(("sealed".into(), Value::Union(0, Box::new(Value::Null))));
+    assert_eq!(codec.decode(&record(Value::Record(fields.clone()))).unwrap(), note);
+    assert_eq!(codec.decode(&codec.encode(&note).unwrap()).unwrap(), note);
+
+    let person_id = fields.iter_mut().find(|(name, _)| name == "person_id").unwrap();
+    person_id.1 = Value::String("0123456789abcdef".into());
+    assert!(codec.decode(&record(Value::Record(fields))).is_err());
+
+    let json = serde_json::to_string(added).unwrap();
+    assert!(json.contains(&added.person_id.to_string()), "{json}");
+    assert_eq!(&serde_json::from_str::<NoteAdded>(&json).unwrap(), added);
+    let sixteen = json.replace(&added.person_id.to_string(), "0123456789abcdef");
+    assert!(serde_json::from_str::<NoteAdded>(&sixteen).is_err());
+}
