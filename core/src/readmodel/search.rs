@@ -60,8 +60,10 @@ pub const COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_milli
 /// How often batches are committed while none waits for its commit (see "Catching up").
 pub const CATCH_UP_COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// Records in one partition's batch (see [`Projection::batch_max`]); a batch this full comes
-/// from a partition that is behind.
-pub const CATCH_UP_BATCH: usize = 2000;
+/// from a partition that is behind. As large as the documents store's: workers take the
+/// projector's catch-up budget in turns, so batches of a quarter the size left search a
+/// quarter of the records and the rebuild waiting for it long after the documents were done.
+pub const CATCH_UP_BATCH: usize = 8000;
 
 fn unavailable<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Unavailable(e.to_string())
