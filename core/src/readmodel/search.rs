@@ -171,6 +171,9 @@ struct Pending {
     /// Persons as added since the last commit, which the index cannot show yet. A later batch
     /// folds onto these before the cache or the index; a commit moves them into the cache.
     unsettled: HashMap<Uuid, Option<PersonDoc>>,
+    /// Recently committed persons, so folding an event onto a person rarely needs a
+    /// stored-document fetch (a block decompression); bounded, so memory stays flat.
+    committed_persons: lru::LruCache<Uuid, Option<PersonDoc>>,
 }
 
 impl Pending {
@@ -183,10 +186,6 @@ struct Inner {
     index: Index,
     reader: IndexReader,
     pending: Mutex<Pending>,
-    /// Recently committed persons, so folding an event onto a person rarely needs a
-    /// stored-document fetch (a block decompression). Only read and written under `pending`'s
-    /// lock; bounded, so memory stays flat.
-    persons: Mutex<lru::LruCache<Uuid, Option<PersonDoc>>>,
     fields: Fields,
     /// The `added` count the last commit covered, and the checkpoints it made durable.
     committed: watch::Sender<(u64, Checkpoints)>,
@@ -273,9 +272,9 @@ impl TantivySearchIndex {
             awaited: 0,
             last_commit: std::time::Instant::now(),
             unsettled: HashMap::new(),
+            committed_persons: lru::LruCache::new(PERSON_CACHE),
         });
-        let persons = Mutex::new(lru::LruCache::new(PERSON_CACHE));
-        let inner = Arc::new(Inner { index, reader, pending, persons, fields, committed, progress });
+        let inner = Arc::new(Inner { index, reader, pending, fields, committed, progress });
         let (stop_committer, stopped) = std::sync::mpsc::channel::<()>();
         let committer = {
             let inner = inner.clone();
@@ -438,11 +437,9 @@ impl Inner {
         self.reader.reload().map_err(unavailable)?;
         metrics::histogram!("callisto_search_commit_seconds").record(started.elapsed().as_secs_f64());
         pending.last_commit = std::time::Instant::now();
-        let mut cache = self.persons.lock().map_err(unavailable)?;
         for (id, person) in pending.unsettled.drain() {
-            cache.put(id, person);
+            pending.committed_persons.put(id, person);
         }
-        drop(cache);
         let checkpoints = pending.checkpoints.clone();
         self.committed.send_replace((pending.added, checkpoints.clone()));
         self.progress.send_replace(checkpoints);
@@ -493,7 +490,7 @@ impl Inner {
                 std::collections::hash_map::Entry::Vacant(entry) => {
                     let known = match pending.unsettled.get(&id) {
                         Some(added) => Some(added.clone()),
-                        None => self.persons.lock().map_err(unavailable)?.get(&id).cloned(),
+                        None => pending.committed_persons.get(&id).cloned(),
                     };
                     let before = match known {
                         Some(doc) => doc,
