@@ -405,9 +405,25 @@ fn encode_person(doc: &PersonDoc) -> Result<Vec<u8>, StoreError> {
 }
 
 fn decode_person(bytes: &[u8]) -> Result<PersonDoc, StoreError> {
-    match bytes.first() {
-        Some(&PERSON_LAYOUT) => postcard::from_bytes(&bytes[1..]).map_err(corrupt),
-        Some(b'{') => decode(bytes),
+    match stored_as(PERSON_LAYOUT, bytes)? {
+        Stored::Postcard(body) => postcard::from_bytes(body).map_err(corrupt),
+        Stored::Json(json) => decode(json),
+    }
+}
+
+/// A stored value's bytes, by the layout its first byte names.
+enum Stored<'a> {
+    /// Postcard, after the layout byte.
+    Postcard(&'a [u8]),
+    /// JSON as earlier builds wrote it: `{` and on.
+    Json(&'a [u8]),
+}
+
+/// Tells a value stored as postcard behind the `layout` byte from JSON of earlier builds.
+fn stored_as(layout: u8, bytes: &[u8]) -> Result<Stored<'_>, StoreError> {
+    match bytes.split_first() {
+        Some((&first, body)) if first == layout => Ok(Stored::Postcard(body)),
+        Some((b'{', _)) => Ok(Stored::Json(bytes)),
         _ => Err(corrupt(format!("unknown layout {:?}", bytes.first()))),
     }
 }
@@ -449,10 +465,9 @@ fn encode_entry(entry: TimelineEntry) -> Result<Vec<u8>, StoreError> {
 }
 
 fn decode_entry((partition, offset): Position, bytes: &[u8]) -> Result<TimelineEntry, StoreError> {
-    let stored: StoredEntry = match bytes.first() {
-        Some(&ENTRY_LAYOUT) => postcard::from_bytes(&bytes[1..]).map_err(corrupt)?,
-        Some(b'{') => return decode(bytes),
-        _ => return Err(corrupt(format!("unknown layout {:?}", bytes.first()))),
+    let stored: StoredEntry = match stored_as(ENTRY_LAYOUT, bytes)? {
+        Stored::Postcard(body) => postcard::from_bytes(body).map_err(corrupt)?,
+        Stored::Json(json) => return decode(json),
     };
     let (seconds, nanos) = stored.occurred_at;
     Ok(TimelineEntry {
