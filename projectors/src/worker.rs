@@ -88,10 +88,12 @@ impl Worker {
                     None => return,
                 }
             }
+            // Shared with the store, which may apply it on a thread of its own.
+            let events = Arc::new(events);
             if let Outcome::Stopped = self.apply(&sources, &events, through, &stop).instrument(process).await {
                 return;
             }
-            callisto_core::readmodel::record_erasures(&events);
+            callisto_core::readmodel::record_erasures(events.iter());
             metrics::counter!("callisto_projected_events_total", "projection" => name).increment(records.len() as u64);
             metrics::histogram!("callisto_projection_batch_seconds", "projection" => name)
                 .record(started.elapsed().as_secs_f64());
@@ -167,7 +169,7 @@ impl Worker {
     async fn apply(
         &self,
         sources: &[&Record],
-        events: &[ProjectedEvent],
+        events: &Arc<Vec<ProjectedEvent>>,
         through: u64,
         shutdown: &CancellationToken,
     ) -> Outcome {
@@ -177,8 +179,8 @@ impl Worker {
             Some(Err(rejection)) => {
                 tracing::warn!(projection = self.projection.name(), partition = self.partition, error = %rejection,
                     "batch rejected; isolating the failing events");
-                for (record, event) in sources.iter().zip(events) {
-                    match self.apply_retrying(std::slice::from_ref(event), event.offset, shutdown).await {
+                for (record, event) in sources.iter().zip(events.iter()) {
+                    match self.apply_retrying(&Arc::new(vec![event.clone()]), event.offset, shutdown).await {
                         None => return Outcome::Stopped,
                         Some(Ok(())) => {}
                         Some(Err(error)) => {
@@ -189,7 +191,7 @@ impl Worker {
                     }
                 }
                 // Trailing records may all have been dead-lettered: still move the checkpoint.
-                match self.apply_retrying(&[], through, shutdown).await {
+                match self.apply_retrying(&Arc::default(), through, shutdown).await {
                     None => Outcome::Stopped,
                     Some(_) => Outcome::Applied,
                 }
@@ -200,7 +202,7 @@ impl Worker {
     /// `Some(Err)` is a rejection (after `event_attempts` tries); outages are retried forever.
     async fn apply_retrying(
         &self,
-        events: &[ProjectedEvent],
+        events: &Arc<Vec<ProjectedEvent>>,
         through: u64,
         shutdown: &CancellationToken,
     ) -> Option<Result<(), String>> {
@@ -209,7 +211,8 @@ impl Worker {
         let mut outages = 0u32;
         loop {
             let write = trace::write_span(self.projection.system(), self.projection.name(), events.len());
-            let applied = self.projection.apply(self.partition, events, through).instrument(write.clone()).await;
+            let applied =
+                self.projection.apply_shared(self.partition, events.clone(), through).instrument(write.clone()).await;
             if let Err(e) = &applied {
                 // A fixed reason: store messages may quote the documents.
                 let reason = if matches!(e, StoreError::Unavailable(_)) { "store unavailable" } else { "rejected" };

@@ -751,7 +751,15 @@ impl Projection for EmbeddedReadStore {
     }
 
     async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {
-        let events = events.to_vec();
+        self.apply_shared(partition, Arc::new(events.to_vec()), through).await
+    }
+
+    async fn apply_shared(
+        &self,
+        partition: u32,
+        events: Arc<Vec<ProjectedEvent>>,
+        through: u64,
+    ) -> Result<(), StoreError> {
         let batch = self.db.blocking(move |db| prepare(db, partition, &events, through)).await?;
         self.batches.submit(batch).await?;
         // The same never-backwards rule as the table above, without reading it back.

@@ -26,6 +26,7 @@ mod search_directory;
 pub mod switch;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use callisto_avro::PersonEvent;
@@ -445,6 +446,19 @@ pub trait Projection: Send + Sync + 'static {
     /// partition's checkpoint, atomically or, where the store cannot, checkpoint after data.
     /// `through` may be past the last event when trailing events were dead-lettered.
     async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError>;
+
+    /// [`Projection::apply`] for a batch its caller shares. A store that applies batches on a
+    /// thread of its own takes the events as they are, where `apply` has to copy them first:
+    /// during a rebuild that copy was a deep clone of every event, twice. The projector runtime
+    /// calls this one.
+    async fn apply_shared(
+        &self,
+        partition: u32,
+        events: Arc<Vec<ProjectedEvent>>,
+        through: u64,
+    ) -> Result<(), StoreError> {
+        self.apply(partition, &events, through).await
+    }
 
     /// The stored checkpoints: partition → last applied offset.
     async fn checkpoints(&self) -> Result<Checkpoints, StoreError>;

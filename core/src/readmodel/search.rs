@@ -833,8 +833,16 @@ impl Projection for TantivySearchIndex {
     /// [`COMMIT_INTERVAL`]), except for a full batch, which a partition that is behind
     /// brings: that returns once added, and is committed with the batches after it.
     async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {
+        self.apply_shared(partition, Arc::new(events.to_vec()), through).await
+    }
+
+    async fn apply_shared(
+        &self,
+        partition: u32,
+        events: Arc<Vec<ProjectedEvent>>,
+        through: u64,
+    ) -> Result<(), StoreError> {
         let inner = self.inner.clone();
-        let events = events.to_vec();
         let catching_up = events.len() >= CATCH_UP_BATCH;
         let added = tokio::task::spawn_blocking(move || inner.add(partition, &events, through, catching_up))
             .await
