@@ -7,11 +7,11 @@ use anyhow::Context;
 use callisto_core::config::Settings;
 use clap::{Args, Parser, Subcommand};
 
-/// mimalloc returns freed memory to the OS and does not grow per-thread arenas the way glibc's
-/// allocator does under tokio's blocking pool, which keeps RSS flat under long backlogs; `main`
-/// applies its settings first (see `callisto_core::allocator`).
+/// jemalloc, with Callisto's settings (`callisto_core::allocator`, applied first in `main`):
+/// freed memory goes back to the OS from a background thread within about a second, which keeps
+/// RSS flat under long backlogs without costing the threads that do the work.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Debug, Parser)]
 #[command(name = "callisto", version, about = "Kafka-style streaming and CQRS backbone for person data")]
@@ -258,7 +258,7 @@ impl ServeArgs {
 
 fn main() -> anyhow::Result<()> {
     if let Err(e) = callisto_core::allocator::apply_settings() {
-        eprintln!("callisto: running with mimalloc's default settings, as restarting with Callisto's failed: {e}");
+        eprintln!("callisto: running with jemalloc's default settings, as restarting with Callisto's failed: {e}");
     }
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

@@ -287,16 +287,19 @@ async fn logs_are_quiet_by_default_and_json_off_a_terminal() {
 }
 
 /// The process runs with Callisto's allocator settings whether or not it was started with them,
-/// and keeps a value the operator set.
+/// and an option the operator set comes after them, so it wins.
 #[test]
 fn the_process_runs_with_the_allocator_settings_and_keeps_the_operators() {
     let dir = tempfile::tempdir().unwrap();
     let dev = Service::start_with("dev", &dir.path().join("data"), &[], |command| {
-        command.env_remove("MIMALLOC_ARENA_EAGER_COMMIT").env("MIMALLOC_PURGE_DELAY", "250");
+        command.env("_RJEM_MALLOC_CONF", "dirty_decay_ms:250");
     });
     let environ = std::fs::read(format!("/proc/{}/environ", dev.child.id())).unwrap();
     let variables: Vec<String> = environ.split(|b| *b == 0).map(|v| String::from_utf8_lossy(v).into_owned()).collect();
-    assert!(variables.iter().any(|v| v == "MIMALLOC_ARENA_EAGER_COMMIT=0"), "{variables:?}");
-    assert!(variables.iter().any(|v| v == "MIMALLOC_PURGE_DELAY=250"), "{variables:?}");
+    let conf = variables.iter().find_map(|v| v.strip_prefix("_RJEM_MALLOC_CONF=")).expect("the allocator's options");
+    let options: Vec<&str> = conf.split(',').collect();
+    assert!(options.contains(&"background_thread:true"), "{conf}");
+    assert!(options.iter().any(|o| o.starts_with("narenas:")), "{conf}");
+    assert_eq!(options.last(), Some(&"dirty_decay_ms:250"), "the operator's option comes last: {conf}");
     dev.terminate();
 }

@@ -20,7 +20,7 @@
 //! - [`telemetry`]: JSON logs and the Prometheus recorder, set up in one place.
 //! - [`http`]: `application/problem+json` errors and the JSON/query extractors that produce them.
 //! - [`replay`]: a stream of decoded events from a position (offset or time), for batch jobs.
-//! - [`allocator`]: mimalloc's settings, applied by the binaries before they do any work.
+//! - [`allocator`]: jemalloc's settings, applied by the binaries before they do any work.
 //! - [`priority`]: where the API shares the process, a lower scheduling priority for the
 //!   search index's threads, so commands, reads and the documents projection get the cores first.
 //! - [`token`]: consistency tokens, `partition:offset`, handed to clients for read-your-writes.

@@ -105,7 +105,7 @@ struct RebuildArgs {
 /// The same allocator as the `callisto` binary, so in-process figures match the server's.
 #[cfg(not(feature = "dhat-heap"))]
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// With the `dhat-heap` feature, every allocation is tracked so the rebuild child can write a
 /// heap profile (what is live at the peak, and by which call stack).
