@@ -68,12 +68,14 @@ pub struct ProjectorSettings {
 }
 
 /// The default catch-up budget on a machine with `cores` cores: 8,000 records (one full
-/// documents batch) per core, and never under 16,000, so one batch can be prepared while
-/// another is written. Shared by the documents and search projections of a 1M-event rebuild on
-/// 2 cores, it held peak RSS under 300 MiB at the rate of a budget per projection
-/// (`BENCHMARKS.md`); on more cores more batches are folded in parallel, with memory to match.
+/// batch) per core plus one batch, and never under 16,000, so a batch is being prepared on
+/// every core while another is written. One budget serves all projections, so a 1M-event
+/// rebuild of documents and search on 2 cores holds three batches at a time: it peaked at
+/// 276–281 MiB, where two batches at a time held it to 240–261 MiB and left the cores idle
+/// while a batch was written (`BENCHMARKS.md`, tenth pass). On more cores more batches are
+/// folded in parallel, with memory to match.
 pub fn catch_up_records_for(cores: usize) -> usize {
-    (8_000 * cores).max(16_000)
+    (8_000 * (cores + 1)).max(16_000)
 }
 
 impl ProjectorSettings {
