@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use callisto_core::log::{AppendRequest, EventLog, LogError, PartitionFeed, Record};
 use callisto_core::privacy::EventReader;
-use callisto_core::readmodel::{ProjectedEvent, Projection, StoreError};
+use callisto_core::readmodel::{EventBatch, ProjectedEvent, Projection, StoreError};
 use callisto_core::telemetry::trace;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -169,7 +169,7 @@ impl Worker {
     async fn apply(
         &self,
         sources: &[&Record],
-        events: &Arc<Vec<ProjectedEvent>>,
+        events: &EventBatch,
         through: u64,
         shutdown: &CancellationToken,
     ) -> Outcome {
@@ -202,7 +202,7 @@ impl Worker {
     /// `Some(Err)` is a rejection (after `event_attempts` tries); outages are retried forever.
     async fn apply_retrying(
         &self,
-        events: &Arc<Vec<ProjectedEvent>>,
+        events: &EventBatch,
         through: u64,
         shutdown: &CancellationToken,
     ) -> Option<Result<(), String>> {

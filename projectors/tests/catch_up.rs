@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use callisto_avro::{Codec, EmbeddedRegistry};
 use callisto_core::log::{AppendRequest, EmbeddedLog, EmbeddedLogOptions, EventLog};
 use callisto_core::privacy::EventReader;
-use callisto_core::readmodel::{Checkpoints, ProjectedEvent, Projection, StoreError};
+use callisto_core::readmodel::{Checkpoints, EventBatch, Projection, StoreError};
 use callisto_projectors::{Projector, ProjectorSettings};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -45,7 +45,8 @@ impl Projection for Counting {
         "test"
     }
 
-    async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {
+    async fn apply_shared(&self, partition: u32, events: EventBatch, through: u64) -> Result<(), StoreError> {
+        let events = events.as_slice();
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.most_in_flight.fetch_max(now, Ordering::SeqCst);
         // Long enough for every worker of both projections to be waiting to apply at once.

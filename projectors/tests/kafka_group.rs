@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use callisto_avro::{Codec, EmbeddedRegistry};
 use callisto_core::log::{AppendRequest, EventLog, KafkaLog, KafkaLogOptions};
 use callisto_core::privacy::EventReader;
-use callisto_core::readmodel::{Checkpoints, ProjectedEvent, Projection, StoreError};
+use callisto_core::readmodel::{Checkpoints, EventBatch, Projection, StoreError};
 use callisto_projectors::{Projector, ProjectorSettings, dlq};
 use rdkafka::mocking::MockCluster;
 use tokio::sync::watch;
@@ -43,7 +43,8 @@ impl Projection for Recording {
         "test"
     }
 
-    async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {
+    async fn apply_shared(&self, partition: u32, events: EventBatch, through: u64) -> Result<(), StoreError> {
+        let events = events.as_slice();
         // Long enough that revokes regularly find a batch in flight.
         tokio::time::sleep(Duration::from_millis(15)).await;
         let mut applied = self.applied.lock().unwrap();

@@ -43,8 +43,8 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::{
-    Checkpoints, Facets, HitKind, PersonDoc, ProjectedEvent, Projection, SearchHit, SearchIndex, SearchRequest,
-    SearchResults, Status, StoreError, fold,
+    Checkpoints, EventBatch, Facets, HitKind, PersonDoc, ProjectedEvent, Projection, SearchHit, SearchIndex,
+    SearchRequest, SearchResults, Status, StoreError, fold,
 };
 use crate::resilience::{Guard, READ_TIMEOUT};
 
@@ -739,7 +739,8 @@ impl Projection for ElasticSearchIndex {
         "elasticsearch"
     }
 
-    async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {
+    async fn apply_shared(&self, partition: u32, events: EventBatch, through: u64) -> Result<(), StoreError> {
+        let events = events.as_slice();
         let actions = self.actions(events).await?;
         for chunk in body::chunks(actions, self.options.bulk_max_actions, self.options.bulk_max_bytes) {
             self.bulk(chunk).await?;

@@ -35,8 +35,8 @@ use uuid::Uuid;
 use crate::group_commit::{GroupCommit, IdleFlush};
 
 use super::{
-    Checkpoints, ListFilter, Page, PersonDoc, ProjectedEvent, Projection, ReadStore, Status, StoreError, TimelineEntry,
-    fold, timeline_entry,
+    Checkpoints, EventBatch, ListFilter, Page, PersonDoc, ProjectedEvent, Projection, ReadStore, Status, StoreError,
+    TimelineEntry, fold, timeline_entry,
 };
 
 const PERSONS: TableDefinition<&str, &[u8]> = TableDefinition::new("persons");
@@ -750,16 +750,7 @@ impl Projection for EmbeddedReadStore {
         Some(CATCH_UP_BATCH)
     }
 
-    async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {
-        self.apply_shared(partition, Arc::new(events.to_vec()), through).await
-    }
-
-    async fn apply_shared(
-        &self,
-        partition: u32,
-        events: Arc<Vec<ProjectedEvent>>,
-        through: u64,
-    ) -> Result<(), StoreError> {
+    async fn apply_shared(&self, partition: u32, events: EventBatch, through: u64) -> Result<(), StoreError> {
         let batch = self.db.blocking(move |db| prepare(db, partition, &events, through)).await?;
         self.batches.submit(batch).await?;
         // The same never-backwards rule as the table above, without reading it back.

@@ -36,6 +36,9 @@ use tokio::sync::watch;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+/// A batch of decoded events, shared by the projector that read it and the store applying it.
+pub type EventBatch = Arc<Vec<ProjectedEvent>>;
+
 /// A decoded event and where it sits in the log.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProjectedEvent {
@@ -445,19 +448,15 @@ pub trait Projection: Send + Sync + 'static {
     /// Applies `events` (all of `partition`, in offset order) and records `through` as the
     /// partition's checkpoint, atomically or, where the store cannot, checkpoint after data.
     /// `through` may be past the last event when trailing events were dead-lettered.
-    async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError>;
+    ///
+    /// The batch is shared with the caller, so a store that applies it on a thread of its own
+    /// takes it as it is: copying it there was a deep clone of every event, once for each
+    /// projection of a rebuild.
+    async fn apply_shared(&self, partition: u32, events: EventBatch, through: u64) -> Result<(), StoreError>;
 
-    /// [`Projection::apply`] for a batch its caller shares. A store that applies batches on a
-    /// thread of its own takes the events as they are, where `apply` has to copy them first:
-    /// during a rebuild that copy was a deep clone of every event, twice. The projector runtime
-    /// calls this one.
-    async fn apply_shared(
-        &self,
-        partition: u32,
-        events: Arc<Vec<ProjectedEvent>>,
-        through: u64,
-    ) -> Result<(), StoreError> {
-        self.apply(partition, &events, through).await
+    /// [`Projection::apply_shared`] for a batch the caller keeps: applies a copy.
+    async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {
+        self.apply_shared(partition, Arc::new(events.to_vec()), through).await
     }
 
     /// The stored checkpoints: partition → last applied offset.

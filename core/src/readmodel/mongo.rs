@@ -37,7 +37,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::{
-    Checkpoints, ListFilter, Page, PersonDoc, ProjectedEvent, Projection, ReadStore, Status, StoreError, TimelineEntry,
+    Checkpoints, EventBatch, ListFilter, Page, PersonDoc, Projection, ReadStore, Status, StoreError, TimelineEntry,
     fold, timeline_entry,
 };
 use crate::resilience::{Guard, READ_TIMEOUT};
@@ -442,7 +442,8 @@ impl Projection for MongoReadStore {
         "mongodb"
     }
 
-    async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {
+    async fn apply_shared(&self, partition: u32, events: EventBatch, through: u64) -> Result<(), StoreError> {
+        let events = events.as_slice();
         if !events.is_empty() {
             let ids: Vec<String> = {
                 let mut ids: Vec<String> = events.iter().map(|e| e.event.meta().person_id.to_string()).collect();

@@ -45,8 +45,8 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::{
-    AddressDoc, Checkpoints, Facets, HitKind, PersonDoc, ProjectedEvent, Projection, SearchHit, SearchIndex,
-    SearchRequest, SearchResults, Status, StoreError, fold,
+    AddressDoc, Checkpoints, EventBatch, Facets, HitKind, PersonDoc, ProjectedEvent, Projection, SearchHit,
+    SearchIndex, SearchRequest, SearchResults, Status, StoreError, fold,
 };
 
 /// Lower-cases and folds accents (`Zoë` finds `zoe`), as analysts expect of names.
@@ -832,16 +832,7 @@ impl Projection for TantivySearchIndex {
     /// Returns once the committer has made the batch durable (within about one
     /// [`COMMIT_INTERVAL`]), except for a full batch, which a partition that is behind
     /// brings: that returns once added, and is committed with the batches after it.
-    async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {
-        self.apply_shared(partition, Arc::new(events.to_vec()), through).await
-    }
-
-    async fn apply_shared(
-        &self,
-        partition: u32,
-        events: Arc<Vec<ProjectedEvent>>,
-        through: u64,
-    ) -> Result<(), StoreError> {
+    async fn apply_shared(&self, partition: u32, events: EventBatch, through: u64) -> Result<(), StoreError> {
         let inner = self.inner.clone();
         let catching_up = events.len() >= CATCH_UP_BATCH;
         let added = tokio::task::spawn_blocking(move || inner.add(partition, &events, through, catching_up))

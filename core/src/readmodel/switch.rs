@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::{
-    Checkpoints, ListFilter, Page, PersonDoc, ProjectedEvent, Projection, ReadStore, SearchIndex, SearchRequest,
+    Checkpoints, EventBatch, ListFilter, Page, PersonDoc, Projection, ReadStore, SearchIndex, SearchRequest,
     SearchResults, StoreError, TimelineEntry,
 };
 
@@ -68,16 +68,7 @@ macro_rules! delegate_projection {
                 self.current().batch_max()
             }
 
-            async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {
-                self.current().apply(partition, events, through).await
-            }
-
-            async fn apply_shared(
-                &self,
-                partition: u32,
-                events: std::sync::Arc<Vec<ProjectedEvent>>,
-                through: u64,
-            ) -> Result<(), StoreError> {
+            async fn apply_shared(&self, partition: u32, events: EventBatch, through: u64) -> Result<(), StoreError> {
                 self.current().apply_shared(partition, events, through).await
             }
 
