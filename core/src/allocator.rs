@@ -21,19 +21,37 @@ use std::ffi::{OsStr, OsString};
 /// The environment variable `tikv-jemallocator`'s jemalloc reads its options from.
 pub const CONF_VARIABLE: &str = "_RJEM_MALLOC_CONF";
 
+/// Callisto's options, around the number of arenas.
+const BEFORE_ARENAS: &str = "background_thread:true,narenas:";
+const AFTER_ARENAS: &str = ",dirty_decay_ms:1000,muzzy_decay_ms:0";
+
 /// Callisto's jemalloc options on a machine with `cores` cores.
 pub fn settings(cores: usize) -> String {
-    format!("background_thread:true,narenas:{},dirty_decay_ms:1000,muzzy_decay_ms:0", cores.max(1))
+    format!("{BEFORE_ARENAS}{}{AFTER_ARENAS}", cores.max(1))
 }
 
-/// The value the variable needs when it holds `current`, or `None` when it has Callisto's
-/// options in front already.
+/// What the operator set: `current` without Callisto's options in front of it, whatever core
+/// count those were for. A process inherits them from the Callisto process that started it,
+/// which may have had more cores than it has (a rebuild pinned to one core, say).
+fn operators(current: &str) -> &str {
+    let Some(rest) = current.strip_prefix(BEFORE_ARENAS) else { return current };
+    let rest = rest.trim_start_matches(|c: char| c.is_ascii_digit());
+    match rest.strip_prefix(AFTER_ARENAS) {
+        Some("") => "",
+        Some(after) => after.strip_prefix(',').unwrap_or(current),
+        None => current,
+    }
+}
+
+/// The value the variable needs when it holds `current`: Callisto's `settings`, then the
+/// operator's options. `None` when it holds that already.
 fn wanted(settings: &str, current: Option<&OsStr>) -> Option<OsString> {
     let current = current.map(|value| value.to_string_lossy().into_owned()).unwrap_or_default();
-    if current.starts_with(settings) {
-        return None;
-    }
-    Some(if current.is_empty() { settings.into() } else { format!("{settings},{current}").into() })
+    let value = match operators(&current) {
+        "" => settings.to_owned(),
+        operators => format!("{settings},{operators}"),
+    };
+    (value != current).then(|| value.into())
 }
 
 /// Replaces the process with itself with Callisto's options in front of the operator's. Returns
@@ -66,5 +84,12 @@ mod tests {
         assert_eq!(wanted(&ours, Some(&operator)), None);
         assert_eq!(wanted(&ours, Some(OsStr::new(&ours))), None);
         assert!(settings(0).contains("narenas:1"), "at least one arena");
+        // Options inherited from a process with more cores give way, and the operator's stay.
+        let inherited = format!("{},dirty_decay_ms:10000", settings(16));
+        assert_eq!(wanted(&ours, Some(OsStr::new(&inherited))), Some(operator.clone()));
+        assert_eq!(wanted(&ours, Some(OsStr::new(&settings(16)))), Some(OsString::from(&ours)));
+        // Options that only look like Callisto's are the operator's.
+        let lookalike = format!("{}5", settings(2));
+        assert_eq!(wanted(&ours, Some(OsStr::new(&lookalike))), Some(OsString::from(format!("{ours},{lookalike}"))));
     }
 }
