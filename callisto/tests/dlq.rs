@@ -89,10 +89,14 @@ async fn a_fixed_dead_letter_is_redriven_on_a_stopped_data_dir_exactly_once() {
         let dev = start_dev(dir.path()).await;
         let base = format!("http://{}", dev.addr);
         let body = json!({"given_name": "Fix", "family_name": "Later"});
-        let person = post_json(&common::client(dir.path()), format!("{base}/v1/persons"), body).await;
+        let client = common::client(dir.path());
+        let person = post_json(&client, format!("{base}/v1/persons"), body).await;
         person_id = uuid::Uuid::parse_str(person["person_id"].as_str().unwrap()).unwrap();
         let token = person["consistency_token"].as_str().unwrap();
-        reqwest::get(format!("{base}/v1/persons/{person_id}?after={token}")).await.unwrap();
+        // Waits until the documents projection has applied the registration.
+        let read = client.get(format!("{base}/v1/persons/{person_id}?after={token}")).send().await.unwrap();
+        assert_eq!(read.status(), 200, "the registration is readable");
+        assert!(read.headers().get("callisto-stale").is_none(), "read after the registration was applied");
         // A valid note the documents projection once failed on (a bug since fixed): its
         // source position is past everything applied, as a skipped event's would be.
         let note = PersonEvent::NoteAdded(NoteAdded {
