@@ -143,7 +143,10 @@ async fn a_projector_killed_mid_batch_resumes_without_loss_or_repeats() {
         if documents >= remaining && search > 0.0 {
             break;
         }
-        assert!(Instant::now() < deadline, "after the restart only {documents} of {remaining} events were projected");
+        assert!(
+            Instant::now() < deadline,
+            "after the restart only {documents} of {remaining} events were projected into documents, {search} into search"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The search index group-commits; give it a moment before stopping gracefully.

@@ -7,8 +7,10 @@
 //! - [`member`]: a projection as a consumer-group member: starts a worker for each partition
 //!   the log assigns (at the projection's checkpoint + 1), drains it on revoke.
 //! - [`worker`]: the per-(projection, partition) loop: take a batch from the partition's feed,
-//!   decode and open (personal data, through the keyring), apply with the checkpoint, record
-//!   the group position, repeat.
+//!   decode and open (personal data, through the keyring), or take the batch another
+//!   projection's worker decoded, apply with the checkpoint, record the group position, repeat.
+//! - [`shared`]: decoded batches one projection's worker hands to the others' on the same
+//!   partition while they catch up, so a rebuild of several read models decodes each record once.
 //! - [`dlq`]: dead-lettering events that cannot be decoded or applied, with their original bytes.
 //! - [`retry`]: back-off with jitter for dependency calls.
 //!
@@ -32,6 +34,7 @@
 pub mod dlq;
 pub mod member;
 pub mod retry;
+pub mod shared;
 pub mod worker;
 
 use std::sync::Arc;
@@ -68,14 +71,14 @@ pub struct ProjectorSettings {
 }
 
 /// The default catch-up budget on a machine with `cores` cores: 8,000 records (one full
-/// batch) per core plus one batch, and never under 16,000, so a batch is being prepared on
-/// every core while another is written. One budget serves all projections, so a 1M-event
-/// rebuild of documents and search on 2 cores holds three batches at a time: it peaked at
-/// 276–281 MiB, where two batches at a time held it to 240–261 MiB and left the cores idle
-/// while a batch was written (`BENCHMARKS.md`, tenth pass). On more cores more batches are
-/// folded in parallel, with memory to match.
+/// batch) per core, and never under 16,000. One budget serves all projections, and a batch
+/// that several projections catch up on is decoded once and applied by each of them at the
+/// same time under one share ([`shared`]), so a 1M-event rebuild of documents and search on 2
+/// cores holds two batches and applies them four times at once: it peaked at 285–291 MiB,
+/// where three batches peaked at 300–309 MiB (`BENCHMARKS.md`, eleventh pass). On more cores
+/// more batches are folded in parallel, with memory to match.
 pub fn catch_up_records_for(cores: usize) -> usize {
-    (8_000 * (cores + 1)).max(16_000)
+    (8_000 * cores).max(16_000)
 }
 
 impl ProjectorSettings {
@@ -124,6 +127,7 @@ impl Projector {
         let mut tasks = tokio::task::JoinSet::new();
         let mut members = Vec::new();
         let catch_up = Arc::new(tokio::sync::Semaphore::new(self.settings.catch_up_records.max(1)));
+        let shared = Arc::new(shared::SharedBatches::default());
         for projection in &self.projections {
             let member = Arc::new(member::Member::new(
                 self.log.clone(),
@@ -132,6 +136,7 @@ impl Projector {
                 self.settings.clone(),
                 shutdown.clone(),
                 catch_up.clone(),
+                shared.clone(),
             ));
             members.push(member.clone());
             let group = member.group();

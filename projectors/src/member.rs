@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ProjectorSettings;
 use crate::retry::until_ok;
+use crate::shared::SharedBatches;
 use crate::worker::Worker;
 
 pub struct Member {
@@ -27,6 +28,8 @@ pub struct Member {
     /// The projector's catch-up budget, shared by the workers of all its projections (see
     /// [`ProjectorSettings::catch_up_records`]).
     catch_up: Arc<tokio::sync::Semaphore>,
+    /// Decoded batches handed between the workers of the projector's projections.
+    shared: Arc<SharedBatches>,
     workers: Mutex<HashMap<u32, (CancellationToken, JoinHandle<()>)>>,
 }
 
@@ -38,8 +41,9 @@ impl Member {
         settings: ProjectorSettings,
         shutdown: CancellationToken,
         catch_up: Arc<tokio::sync::Semaphore>,
+        shared: Arc<SharedBatches>,
     ) -> Self {
-        Self { log, reader, projection, settings, shutdown, catch_up, workers: Mutex::new(HashMap::new()) }
+        Self { log, reader, projection, settings, shutdown, catch_up, shared, workers: Mutex::new(HashMap::new()) }
     }
 
     /// The consumer group this projection's members share.
@@ -87,6 +91,7 @@ impl GroupHandler for Member {
                 projection: self.projection.clone(),
                 settings: self.settings.clone(),
                 catch_up: self.catch_up.clone(),
+                shared: self.shared.clone(),
                 partition,
                 feed,
             };

@@ -7,11 +7,13 @@ use callisto_core::log::{AppendRequest, EventLog, LogError, PartitionFeed, Recor
 use callisto_core::privacy::EventReader;
 use callisto_core::readmodel::{EventBatch, ProjectedEvent, Projection, StoreError};
 use callisto_core::telemetry::trace;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::member::Member;
 use crate::retry::{backoff, until_ok};
+use crate::shared::{Claim, Decoded, Reading, SharedBatches};
 use crate::{ProjectorSettings, dlq};
 
 pub struct Worker {
@@ -24,6 +26,9 @@ pub struct Worker {
     /// The projector's catch-up budget, shared with the workers of its other projections (see
     /// [`ProjectorSettings::catch_up_records`]).
     pub catch_up: Arc<tokio::sync::Semaphore>,
+    /// Batches decoded by the workers of the projector's other projections on the same
+    /// partition, handed over while catching up.
+    pub shared: Arc<SharedBatches>,
     pub partition: u32,
     /// The partition's records, starting after the projection's checkpoint.
     pub feed: Box<dyn PartitionFeed>,
@@ -49,16 +54,29 @@ impl Worker {
         let mut behind = true;
         let share = u32::try_from(batch_max.min(self.settings.catch_up_records).max(1)).unwrap_or(u32::MAX);
         while !stop.is_cancelled() {
-            let _permit = if behind {
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    permit = self.catch_up.clone().acquire_many_owned(share) => permit.ok(),
-                }
+            // While catching up: the budget this batch holds, and the batch decoded from the same
+            // records by another projection's worker, if one was handed over with its budget.
+            let Budget { permit: budget, handed, reading } = if behind {
+                let Some(budget) = self.wait_for_budget(share, batch_max, &stop).await else { return };
+                budget
             } else {
-                None
+                Budget::default()
             };
-            let wait = if behind { Duration::ZERO } else { self.settings.poll_wait };
-            let Some(records) = self.next_batch(batch_max, wait, &stop).await else { return };
+            // A batch handed over brings its records: the feed moves past them unread.
+            let (records, handed) = match handed {
+                Some(batch) => {
+                    if let Some(last) = batch.records.last() {
+                        self.feed.skip_to(last.offset + 1);
+                    }
+                    metrics::counter!("callisto_projection_shared_batches_total", "projection" => name).increment(1);
+                    (batch.records, Some(batch.events))
+                }
+                None => {
+                    let wait = if behind { Duration::ZERO } else { self.settings.poll_wait };
+                    let Some(records) = self.next_batch(batch_max, wait, &stop).await else { return };
+                    (Arc::new(records), None)
+                }
+            };
             behind = records.len() >= batch_max;
             let Some(last) = records.last() else { continue };
             let through = last.offset;
@@ -71,25 +89,40 @@ impl Worker {
                 partition,
                 records.iter().map(|r| trace::remote_context(r.header("traceparent"), r.header("tracestate"))),
             );
-            // The decoded events, and the record each came from (for dead letters).
-            let mut events = Vec::with_capacity(records.len());
-            let mut sources = Vec::with_capacity(records.len());
-            for record in &records {
-                match self.decode(record, &stop).instrument(process.clone()).await {
-                    Some(Ok(event)) => {
-                        events.push(event);
-                        sources.push(record);
-                    }
-                    Some(Err(error)) => {
-                        if !self.dead_letter(record, &error, &stop).await {
-                            return;
+            // The decoded events, shared with the store, which may apply them on a thread of its
+            // own, and the record each came from (for dead letters).
+            let (events, sources) = match handed {
+                Some(events) => (events, records.iter().collect::<Vec<_>>()),
+                None => {
+                    let mut events = Vec::with_capacity(records.len());
+                    let mut sources = Vec::with_capacity(records.len());
+                    for record in records.iter() {
+                        match self.decode(record, &stop).instrument(process.clone()).await {
+                            Some(Ok(event)) => {
+                                events.push(event);
+                                sources.push(record);
+                            }
+                            Some(Err(error)) => {
+                                if !self.dead_letter(record, &error, &stop).await {
+                                    return;
+                                }
+                            }
+                            None => return,
                         }
                     }
-                    None => return,
+                    let events = Arc::new(events);
+                    // Another projection's worker may be waiting to read these very records. A
+                    // batch with dead letters is not handed over: each projection records its own.
+                    if let (Some(budget), Some(reading)) = (&budget, reading)
+                        && events.len() == records.len()
+                    {
+                        let batch =
+                            Decoded { records: records.clone(), events: events.clone(), budget: budget.clone() };
+                        reading.offer(batch_max, &batch);
+                    }
+                    (events, sources)
                 }
-            }
-            // Shared with the store, which may apply it on a thread of its own.
-            let events = Arc::new(events);
+            };
             if let Outcome::Stopped = self.apply(&sources, &events, through, &stop).instrument(process).await {
                 return;
             }
@@ -101,6 +134,46 @@ impl Worker {
             // checkpoint would start. Resuming always uses the projection's own checkpoint.
             if let Err(e) = self.feed.processed(through + 1).await {
                 tracing::debug!(error = %e, "recording the group position failed");
+            }
+        }
+    }
+
+    /// Waits for the catch-up budget, or for a batch another projection's worker decodes from the
+    /// records this one reads next, which brings the budget it holds. `None` on stop.
+    async fn wait_for_budget(&self, share: u32, batch_max: usize, stop: &CancellationToken) -> Option<Budget> {
+        let acquire = self.catch_up.clone().acquire_many_owned(share);
+        let Some(next) = self.feed.next_offset() else {
+            return tokio::select! {
+                () = stop.cancelled() => None,
+                permit = acquire => Some(Budget { permit: permit.ok().map(Arc::new), ..Budget::default() }),
+            };
+        };
+        let waiting = self.shared.wait(self.partition, self.projection.name(), next, batch_max);
+        tokio::pin!(acquire);
+        let mut held = None;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return None,
+                permit = &mut acquire, if held.is_none() => match permit {
+                    Ok(permit) => held = Some(permit),
+                    // Closed: there is no budget to keep to.
+                    Err(_) => return Some(Budget::default()),
+                },
+                () = waiting.woken() => {
+                    if let Some(batch) = waiting.take() {
+                        return Some(Budget::handed(batch));
+                    }
+                    if held.is_none() {
+                        continue;
+                    }
+                }
+            }
+            match waiting.claim() {
+                Claim::Handed(batch) => return Some(Budget::handed(batch)),
+                Claim::Follow => {}
+                Claim::Read(reading) => {
+                    return Some(Budget { permit: held.map(Arc::new), handed: None, reading: Some(reading) });
+                }
             }
         }
     }
@@ -274,6 +347,23 @@ impl Worker {
             metrics::counter!("callisto_dead_letters_total", "projection" => name).increment(1);
         }
         appended.is_some()
+    }
+}
+
+/// What a batch read while catching up holds.
+#[derive(Default)]
+struct Budget {
+    /// Its share of the catch-up budget.
+    permit: Option<Arc<OwnedSemaphorePermit>>,
+    /// The batch, when another projection's worker decoded it.
+    handed: Option<Decoded>,
+    /// Where the worker reads the batch itself, how it hands it over.
+    reading: Option<Reading>,
+}
+
+impl Budget {
+    fn handed(batch: Decoded) -> Self {
+        Self { permit: Some(batch.budget.clone()), handed: Some(batch), reading: None }
     }
 }
 

@@ -287,6 +287,18 @@ pub trait PartitionFeed: Send + Sync {
     /// Cancelling the call loses nothing.
     async fn next_batch(&mut self, max_records: usize, max_wait: Duration) -> Result<Vec<Record>, LogError>;
 
+    /// The offset the next batch starts at, for a feed that reads by position; `None` for one
+    /// that takes what a consumer prefetched.
+    fn next_offset(&self) -> Option<u64> {
+        None
+    }
+
+    /// Moves a feed that reads by position (its `next_offset` is `Some`) on to `next`, as if it
+    /// had returned the records before it: the caller has them from elsewhere.
+    fn skip_to(&mut self, next: u64) {
+        let _ = next;
+    }
+
     /// Everything before `next` is durable downstream: record it as the group's position.
     async fn processed(&mut self, next: u64) -> Result<(), LogError>;
 }
@@ -349,6 +361,14 @@ impl PositionFeed {
 impl PartitionFeed for PositionFeed {
     fn partition(&self) -> u32 {
         self.partition
+    }
+
+    fn next_offset(&self) -> Option<u64> {
+        Some(self.next)
+    }
+
+    fn skip_to(&mut self, next: u64) {
+        self.next = next;
     }
 
     async fn next_batch(&mut self, max_records: usize, max_wait: Duration) -> Result<Vec<Record>, LogError> {

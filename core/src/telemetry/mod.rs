@@ -187,6 +187,11 @@ pub const METRICS: &[(&str, MetricKind, &str)] = &[
         "Time to decode, open and apply one batch, by projection.",
     ),
     (
+        "callisto_projection_shared_batches_total",
+        MetricKind::Counter,
+        "Batches a projection applied as another projection's worker decoded them while both caught up on the same records, by projection.",
+    ),
+    (
         "callisto_projection_lag",
         MetricKind::Gauge,
         "Records in the log a projection has not applied yet, by partition.",
