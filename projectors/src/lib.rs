@@ -71,14 +71,15 @@ pub struct ProjectorSettings {
 }
 
 /// The default catch-up budget on a machine with `cores` cores: 8,000 records (one full
-/// batch) per core, and never under 16,000. One budget serves all projections, and a batch
-/// that several projections catch up on is decoded once and applied by each of them at the
-/// same time under one share ([`shared`]), so a 1M-event rebuild of documents and search on 2
-/// cores holds two batches and applies them four times at once: it peaked at 285–291 MiB,
-/// where three batches peaked at 300–309 MiB (`BENCHMARKS.md`, eleventh pass). On more cores
-/// more batches are folded in parallel, with memory to match.
+/// batch) per core plus one batch, and never under 16,000. One budget serves all projections,
+/// and a batch that several projections catch up on is decoded once and applied by each of
+/// them at the same time under one share ([`shared`]), so a 1M-event rebuild of documents and
+/// search on 2 cores holds three batches and applies each twice at once. Two batches left the
+/// second core idle at the end of a rebuild (the 200k-event rebuild on 2 cores ran at 1.46–1.59
+/// times the 1-core rate, against 1.56–1.78 with three; `BENCHMARKS.md`, eleventh pass). On
+/// more cores more batches are folded in parallel, with memory to match.
 pub fn catch_up_records_for(cores: usize) -> usize {
-    (8_000 * cores).max(16_000)
+    (8_000 * (cores + 1)).max(16_000)
 }
 
 impl ProjectorSettings {

@@ -51,7 +51,11 @@ use super::{
 
 /// Lower-cases and folds accents (`Zoë` finds `zoe`), as analysts expect of names.
 const FOLDED: &str = "callisto_folded";
-const WRITER_HEAP_BYTES: usize = 30_000_000;
+/// tantivy's indexing arena: a segment is written out when it fills. Live traffic commits long
+/// before that; a rebuild fills it between commits, so it is part of a rebuild's peak memory. At
+/// 20 MB instead of 30 MB a 1M-event rebuild peaked 15–30 MiB lower and ran as fast
+/// (`BENCHMARKS.md`, eleventh pass).
+const WRITER_HEAP_BYTES: usize = 20_000_000;
 /// Persons kept in the fold cache (a few hundred bytes each).
 const PERSON_CACHE: std::num::NonZeroUsize = std::num::NonZeroUsize::new(100_000).expect("non-zero");
 const SNIPPET_CHARS: usize = 200;
