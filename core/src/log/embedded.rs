@@ -99,6 +99,10 @@ pub struct EmbeddedLog {
     arrivals: Arc<Arrivals>,
 }
 
+/// A read that finds at most this many records committed since the log was opened runs on the
+/// calling task, and takes at most this many.
+const INLINE_READ_RECORDS: usize = 32;
+
 /// Per topic and partition, the offset after its last committed record. Readers wait on their
 /// partition's alone: a commit wakes only the readers it has records for, where waking every
 /// reader on every commit had each of them (two projections × every partition) read its
@@ -460,9 +464,16 @@ impl EventLog for EmbeddedLog {
         let deadline = tokio::time::Instant::now() + max_wait;
         let mut arrivals = self.arrivals.watch(topic, partition);
         loop {
-            arrivals.mark_unchanged();
+            // A few records just committed (a live reader's usual read) take less time to read
+            // than the hand-off to a blocking thread and back; a catch-up read of thousands does
+            // not, nor does one whose partition's end this process has not seen committed.
+            let end = *arrivals.borrow_and_update();
             let topic_name = topic.to_owned();
-            let records = self.blocking(move |db| read_records(db, &topic_name, partition, from, max_records)).await?;
+            let records = if end > from && end - from <= INLINE_READ_RECORDS as u64 {
+                read_records(&self.db, &topic_name, partition, from, max_records.min(INLINE_READ_RECORDS))?
+            } else {
+                self.blocking(move |db| read_records(db, &topic_name, partition, from, max_records)).await?
+            };
             if !records.is_empty() {
                 return Ok(records);
             }

@@ -52,6 +52,9 @@ const CHECKPOINTS: TableDefinition<u32, u64> = TableDefinition::new("checkpoints
 
 /// redb's page cache for the read models: bounded, so memory stays flat as they grow.
 const CACHE_BYTES: usize = 16 << 20;
+/// Batches of at most this many events are prepared on the calling task (see
+/// [`SharedDb::quick_read`]).
+const INLINE_BATCH_EVENTS: usize = 32;
 
 fn unavailable<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -751,7 +754,11 @@ impl Projection for EmbeddedReadStore {
     }
 
     async fn apply_shared(&self, partition: u32, events: EventBatch, through: u64) -> Result<(), StoreError> {
-        let batch = self.db.blocking(move |db| prepare(db, partition, &events, through)).await?;
+        // A live batch of a few events is prepared in less time than the hand-off to a blocking
+        // thread and back takes; a catch-up batch of thousands is not.
+        let small = events.len() <= INLINE_BATCH_EVENTS;
+        let prepare = move |db: &Database| prepare(db, partition, &events, through);
+        let batch = if small { self.db.quick_read(prepare).await? } else { self.db.blocking(prepare).await? };
         self.batches.submit(batch).await?;
         // The same never-backwards rule as the table above, without reading it back.
         super::advance(&self.progress, partition, through);
