@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -92,8 +93,8 @@ pub struct EmbeddedLog {
     db: Arc<Database>,
     queue: Option<mpsc::Sender<PendingAppend>>,
     writer: Option<JoinHandle<()>>,
-    /// Bumped after every commit.
-    commits: watch::Sender<u64>,
+    /// Write transactions committed since open.
+    commits: Arc<AtomicU64>,
     /// Where each partition ends, published after every commit that appends to it, so a
     /// long-polling reader wakes on new records of its own partition instead of polling.
     arrivals: Arc<Arrivals>,
@@ -174,7 +175,7 @@ impl EmbeddedLog {
         }
         let db = Arc::new(db);
         let (queue, rx) = mpsc::channel(options.queue_capacity.max(1));
-        let (commits, _) = watch::channel(0);
+        let commits = Arc::new(AtomicU64::new(0));
         let arrivals = Arc::new(Arrivals::default());
         let writer = {
             let db = db.clone();
@@ -192,7 +193,7 @@ impl EmbeddedLog {
 
     /// How many write transactions the group-commit writer has committed since open.
     pub fn commit_count(&self) -> u64 {
-        *self.commits.borrow()
+        self.commits.load(Ordering::Relaxed)
     }
 
     async fn blocking<T: Send + 'static>(
@@ -220,7 +221,7 @@ fn writer_loop(
     mut rx: mpsc::Receiver<PendingAppend>,
     max_batch: usize,
     retention: Duration,
-    commits: &watch::Sender<u64>,
+    commits: &AtomicU64,
     arrivals: &Arrivals,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
@@ -246,7 +247,7 @@ fn writer_loop(
         metrics::histogram!("callisto_log_group_commit_size").record(batch.len() as f64);
         match outcome {
             Ok(results) => {
-                commits.send_modify(|n| *n += 1);
+                commits.fetch_add(1, Ordering::Relaxed);
                 arrivals.committed(batch.iter().zip(&results).filter_map(|(pending, result)| {
                     let appended = result.as_ref().ok().filter(|a| !a.replayed)?;
                     Some((pending.request.topic.as_str(), appended.partition, appended.offset))
@@ -464,12 +465,15 @@ impl EventLog for EmbeddedLog {
         let deadline = tokio::time::Instant::now() + max_wait;
         let mut arrivals = self.arrivals.watch(topic, partition);
         loop {
-            // A few records just committed (a live reader's usual read) take less time to read
-            // than the hand-off to a blocking thread and back; a catch-up read of thousands does
-            // not, nor does one whose partition's end this process has not seen committed.
+            // Once a commit has published where the partition ends (0: none since open), a reader
+            // at that end has nothing to read and waits at once. A few records just committed (a
+            // live reader's usual read) take less time to read than the hand-off to a blocking
+            // thread and back; a catch-up read of thousands does not.
             let end = *arrivals.borrow_and_update();
             let topic_name = topic.to_owned();
-            let records = if end > from && end - from <= INLINE_READ_RECORDS as u64 {
+            let records = if end > 0 && end <= from {
+                Vec::new()
+            } else if end > from && end - from <= INLINE_READ_RECORDS as u64 {
                 read_records(&self.db, &topic_name, partition, from, max_records.min(INLINE_READ_RECORDS))?
             } else {
                 self.blocking(move |db| read_records(db, &topic_name, partition, from, max_records)).await?
