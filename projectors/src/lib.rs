@@ -70,16 +70,18 @@ pub struct ProjectorSettings {
     pub start_offsets: Option<Vec<u64>>,
 }
 
-/// The default catch-up budget on a machine with `cores` cores: 8,000 records (one full
-/// batch) per core plus one batch, and never under 16,000. One budget serves all projections,
-/// and a batch that several projections catch up on is decoded once and applied by each of
-/// them at the same time under one share ([`shared`]), so a 1M-event rebuild of documents and
-/// search on 2 cores holds three batches and applies each twice at once. Two batches left the
-/// second core idle at the end of a rebuild (the 200k-event rebuild on 2 cores ran at 1.46–1.59
-/// times the 1-core rate, against 1.56–1.78 with three; `BENCHMARKS.md`, eleventh pass). On
-/// more cores more batches are folded in parallel, with memory to match.
+/// The default catch-up budget on a machine with `cores` cores: 12,000 records (one full batch
+/// of the embedded stores) per core, and never under two batches. One budget serves all
+/// projections, and a batch that several projections catch up on is decoded once and applied by
+/// each of them at the same time under one share ([`shared`]), so a 1M-event rebuild of
+/// documents and search on 2 cores holds two batches and applies each twice at once. Three
+/// batches of 8,000 held the same records; two of 12,000 rebuild faster, since the documents
+/// store rewrites its tables once per transaction, not once per event, and three of 12,000
+/// took the rebuild's peak RSS past 300 MiB (`BENCHMARKS.md`, twelfth pass). On more cores
+/// more batches are folded in parallel, with memory to match.
 pub fn catch_up_records_for(cores: usize) -> usize {
-    (8_000 * (cores + 1)).max(16_000)
+    const BATCH: usize = 12_000;
+    (BATCH * cores).max(2 * BATCH)
 }
 
 impl ProjectorSettings {

@@ -867,7 +867,7 @@ mod rebuild {
     /// Writes `total` documents in batches of 2,000 (the projector's default batch) straight into
     /// redb and tantivy: one redb transaction and one tantivy commit per batch. The batch size is
     /// kept so the baseline compares across runs, although the documents store now reads
-    /// batches of up to 8,000 and shares transactions between partitions.
+    /// batches of up to 12,000 and shares transactions between partitions.
     fn raw_bulk_writes(dir: &std::path::Path, total: u64) -> anyhow::Result<f64> {
         use tantivy::schema::{STORED, STRING, Schema, TEXT};
         const DOCS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("docs");

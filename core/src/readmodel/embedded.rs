@@ -179,9 +179,13 @@ impl PersonWrite {
     }
 }
 
-/// Most records in one partition's batch (see [`Projection::batch_max`]): four times the
-/// projector's default, which took the 1M-event rebuild from about 25k to 44k events/s here.
-const CATCH_UP_BATCH: usize = 8000;
+/// Most records in one partition's batch (see [`Projection::batch_max`]). While catching up, a
+/// transaction's batches touch most pages of the persons and index tables, whatever their size,
+/// and rewrite each one (redb's write buffer is a tenth of its cache, so most go out to the file
+/// and are read back); larger batches make for fewer such rewrites per event. 8,000 had taken
+/// the 1M-event rebuild from about 25k to 44k events/s; 12,000 took it from about 56k to 66k,
+/// with a fifth less CPU (`BENCHMARKS.md`, twelfth pass).
+const CATCH_UP_BATCH: usize = 12_000;
 
 /// Most partition batches one transaction takes.
 const MAX_GROUP: usize = 64;

@@ -67,7 +67,7 @@ pub const CATCH_UP_COMMIT_INTERVAL: std::time::Duration = std::time::Duration::f
 /// from a partition that is behind. As large as the documents store's: workers take the
 /// projector's catch-up budget in turns, so batches of a quarter the size left search a
 /// quarter of the records and the rebuild waiting for it long after the documents were done.
-pub const CATCH_UP_BATCH: usize = 8000;
+pub const CATCH_UP_BATCH: usize = 12_000;
 
 fn unavailable<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Unavailable(e.to_string())
