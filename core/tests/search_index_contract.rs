@@ -29,7 +29,7 @@ async fn the_embedded_index_meets_the_contract() {
 /// when its apply returns.
 #[tokio::test]
 async fn full_batches_fold_onto_what_is_not_yet_committed() {
-    use callisto_core::readmodel::search::CATCH_UP_BATCH;
+    use callisto_core::readmodel::CATCH_UP_BATCH;
     use callisto_core::readmodel::{Projection, SearchRequest};
 
     let (ada, grace) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());

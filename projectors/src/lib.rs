@@ -80,8 +80,8 @@ pub struct ProjectorSettings {
 /// took the rebuild's peak RSS past 300 MiB (`BENCHMARKS.md`, twelfth pass). On more cores
 /// more batches are folded in parallel, with memory to match.
 pub fn catch_up_records_for(cores: usize) -> usize {
-    const BATCH: usize = 12_000;
-    (BATCH * cores).max(2 * BATCH)
+    use callisto_core::readmodel::CATCH_UP_BATCH;
+    (CATCH_UP_BATCH * cores).max(2 * CATCH_UP_BATCH)
 }
 
 impl ProjectorSettings {

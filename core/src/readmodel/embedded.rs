@@ -179,14 +179,6 @@ impl PersonWrite {
     }
 }
 
-/// Most records in one partition's batch (see [`Projection::batch_max`]). While catching up, a
-/// transaction's batches touch most pages of the persons and index tables, whatever their size,
-/// and rewrite each one (redb's write buffer is a tenth of its cache, so most go out to the file
-/// and are read back); larger batches make for fewer such rewrites per event. 8,000 had taken
-/// the 1M-event rebuild from about 25k to 44k events/s; 12,000 took it from about 56k to 66k,
-/// with a fifth less CPU (`BENCHMARKS.md`, twelfth pass).
-const CATCH_UP_BATCH: usize = 12_000;
-
 /// Most partition batches one transaction takes.
 const MAX_GROUP: usize = 64;
 
@@ -754,7 +746,7 @@ impl Projection for EmbeddedReadStore {
     /// touches pages all over the persons and index tables, so larger batches make for fewer
     /// rewrites of the same pages. Live traffic comes in far smaller batches anyway.
     fn batch_max(&self) -> Option<usize> {
-        Some(CATCH_UP_BATCH)
+        Some(super::CATCH_UP_BATCH)
     }
 
     async fn apply_shared(&self, partition: u32, events: EventBatch, through: u64) -> Result<(), StoreError> {

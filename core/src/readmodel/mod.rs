@@ -16,6 +16,16 @@
 //!
 //! Every document stores the (partition, offset) that last changed it, and adapters refuse
 //! events at or below it, so redeliveries and replays are harmless.
+/// Most records in one partition's catch-up batch for the embedded documents store and search
+/// index (their [`Projection::batch_max`]); a batch this full comes from a partition that is
+/// behind. Both stores ask for the same size, so projections catching up on a partition take
+/// the same share of the projector's budget and can share the batches they decode. While
+/// catching up, a documents transaction touches most pages of the persons and index tables
+/// whatever its size, and rewrites each one (redb's write buffer is a tenth of its cache, so
+/// most go out to the file and are read back): larger batches mean fewer rewrites per event.
+/// 12,000 instead of 8,000 took the 1M-event rebuild from about 61k to 70k events/s with a sixth
+/// less CPU (`BENCHMARKS.md`, twelfth pass).
+pub const CATCH_UP_BATCH: usize = 12_000;
 
 pub mod elastic;
 pub mod embedded;

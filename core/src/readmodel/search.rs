@@ -63,12 +63,6 @@ const SNIPPET_CHARS: usize = 200;
 pub const COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 /// How often batches are committed while none waits for its commit (see "Catching up").
 pub const CATCH_UP_COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
-/// Records in one partition's batch (see [`Projection::batch_max`]); a batch this full comes
-/// from a partition that is behind. As large as the documents store's: workers take the
-/// projector's catch-up budget in turns, so batches of a quarter the size left search a
-/// quarter of the records and the rebuild waiting for it long after the documents were done.
-pub const CATCH_UP_BATCH: usize = 12_000;
-
 fn unavailable<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
@@ -830,7 +824,7 @@ impl Projection for TantivySearchIndex {
     }
 
     fn batch_max(&self) -> Option<usize> {
-        Some(CATCH_UP_BATCH)
+        Some(super::CATCH_UP_BATCH)
     }
 
     /// Returns once the committer has made the batch durable (within about one
@@ -838,7 +832,7 @@ impl Projection for TantivySearchIndex {
     /// brings: that returns once added, and is committed with the batches after it.
     async fn apply_shared(&self, partition: u32, events: EventBatch, through: u64) -> Result<(), StoreError> {
         let inner = self.inner.clone();
-        let catching_up = events.len() >= CATCH_UP_BATCH;
+        let catching_up = events.len() >= super::CATCH_UP_BATCH;
         let added = tokio::task::spawn_blocking(move || inner.add(partition, &events, through, catching_up))
             .await
             .map_err(unavailable)??;
