@@ -4,6 +4,7 @@
 //! `ELASTICSEARCH_PASSWORD` when security is on), which stays the reference.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use callisto_core::readmodel::SearchIndex;
 use callisto_core::readmodel::elastic::{ElasticOptions, ElasticSearchIndex};
@@ -85,6 +86,36 @@ async fn full_batches_fold_onto_what_is_not_yet_committed() {
     assert_eq!(index.checkpoints().await.unwrap().get(&0), Some(&through(&third)));
     let engine = index.search(&request("engine", None)).await.unwrap();
     assert_eq!(engine.total, 1, "only Grace's note is left: {:?}", engine.hits);
+}
+
+/// The last batch of a partition that was behind returns once added, so the catch-up budget it
+/// holds is not kept waiting for the commit timer, and is committed at the next tick with no
+/// batch after it. One that erases someone returns only once committed.
+#[tokio::test]
+async fn a_caught_up_partitions_last_batch_is_committed_at_the_next_tick_without_waiting_for_it() {
+    use callisto_core::readmodel::{Projection, SearchRequest};
+
+    let ada = uuid::Uuid::new_v4();
+    let events: Vec<_> = [contract::registered(ada, "Ada", &["vip"]), contract::note(ada, "engine draft")]
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| contract::at(0, i as u64, e))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let index = TantivySearchIndex::open(dir.path()).unwrap();
+    let mut progress = index.progress();
+    index.apply_catching_up(0, Arc::new(events), 1).await.unwrap();
+    assert_eq!(index.checkpoints().await.unwrap().get(&0), None, "returned before its commit");
+
+    let committed = progress.wait_for(|checkpoints| checkpoints.get(&0) == Some(&1));
+    tokio::time::timeout(Duration::from_secs(10), committed).await.expect("committed with no batch after it").unwrap();
+    let request =
+        SearchRequest { query: "engine".into(), tag: None, status: None, limit: 10, offset: 0, search_after: None };
+    assert_eq!(index.search(&request).await.unwrap().total, 1);
+
+    index.apply_catching_up(0, Arc::new(vec![contract::at(0, 2, contract::erased(ada))]), 2).await.unwrap();
+    assert_eq!(index.checkpoints().await.unwrap().get(&0), Some(&2), "an erasure is on disk once applied");
+    assert_eq!(index.search(&request).await.unwrap().total, 0);
 }
 
 /// The Elasticsearch adapter's contract against the server at `url`.

@@ -77,6 +77,8 @@ impl Worker {
                     (Arc::new(records), None)
                 }
             };
+            // A batch read under the catch-up budget, the last of a backlog included.
+            let catching_up = budget.is_some();
             behind = records.len() >= batch_max;
             let Some(last) = records.last() else { continue };
             let through = last.offset;
@@ -123,7 +125,9 @@ impl Worker {
                     (events, sources)
                 }
             };
-            if let Outcome::Stopped = self.apply(&sources, &events, through, &stop).instrument(process).await {
+            if let Outcome::Stopped =
+                self.apply(&sources, &events, through, catching_up, &stop).instrument(process).await
+            {
                 return;
             }
             callisto_core::readmodel::record_erasures(events.iter());
@@ -237,23 +241,25 @@ impl Worker {
         }
     }
 
-    /// Applies the batch with its checkpoint. A store that is down is retried until it is back;
-    /// a batch the store rejects is applied event by event to dead-letter only the culprit.
+    /// Applies the batch with its checkpoint, `catching_up` when it was read under the catch-up
+    /// budget ([`Projection::apply_catching_up`]). A store that is down is retried until it is
+    /// back; a batch the store rejects is applied event by event to dead-letter only the culprit.
     async fn apply(
         &self,
         sources: &[&Record],
         events: &EventBatch,
         through: u64,
+        catching_up: bool,
         shutdown: &CancellationToken,
     ) -> Outcome {
-        match self.apply_retrying(events, through, shutdown).await {
+        match self.apply_retrying(events, through, catching_up, shutdown).await {
             None => Outcome::Stopped,
             Some(Ok(())) => Outcome::Applied,
             Some(Err(rejection)) => {
                 tracing::warn!(projection = self.projection.name(), partition = self.partition, error = %rejection,
                     "batch rejected; isolating the failing events");
                 for (record, event) in sources.iter().zip(events.iter()) {
-                    match self.apply_retrying(&Arc::new(vec![event.clone()]), event.offset, shutdown).await {
+                    match self.apply_retrying(&Arc::new(vec![event.clone()]), event.offset, false, shutdown).await {
                         None => return Outcome::Stopped,
                         Some(Ok(())) => {}
                         Some(Err(error)) => {
@@ -264,7 +270,7 @@ impl Worker {
                     }
                 }
                 // Trailing records may all have been dead-lettered: still move the checkpoint.
-                match self.apply_retrying(&Arc::default(), through, shutdown).await {
+                match self.apply_retrying(&Arc::default(), through, false, shutdown).await {
                     None => Outcome::Stopped,
                     Some(_) => Outcome::Applied,
                 }
@@ -277,6 +283,7 @@ impl Worker {
         &self,
         events: &EventBatch,
         through: u64,
+        catching_up: bool,
         shutdown: &CancellationToken,
     ) -> Option<Result<(), String>> {
         let mut delays = backoff();
@@ -284,8 +291,12 @@ impl Worker {
         let mut outages = 0u32;
         loop {
             let write = trace::write_span(self.projection.system(), self.projection.name(), events.len());
-            let applied =
-                self.projection.apply_shared(self.partition, events.clone(), through).instrument(write.clone()).await;
+            let (partition, events) = (self.partition, events.clone());
+            let applied = if catching_up {
+                self.projection.apply_catching_up(partition, events, through).instrument(write.clone()).await
+            } else {
+                self.projection.apply_shared(partition, events, through).instrument(write.clone()).await
+            };
             if let Err(e) = &applied {
                 // A fixed reason: store messages may quote the documents.
                 let reason = if matches!(e, StoreError::Unavailable(_)) { "store unavailable" } else { "rejected" };

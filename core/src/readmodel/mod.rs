@@ -464,6 +464,16 @@ pub trait Projection: Send + Sync + 'static {
     /// projection of a rebuild.
     async fn apply_shared(&self, partition: u32, events: EventBatch, through: u64) -> Result<(), StoreError>;
 
+    /// [`Projection::apply_shared`] for a batch of a partition that is behind (a rebuild, a
+    /// backlog), read under the projector's catch-up budget. A store that commits on a timer
+    /// may return once the batch is taken, before the commit that makes it durable, so the
+    /// budget the batch holds goes to the next one instead of waiting on the timer; its
+    /// checkpoints still move only with the data, so a crash before that commit applies the
+    /// batch again on restart. By default the same as [`Projection::apply_shared`].
+    async fn apply_catching_up(&self, partition: u32, events: EventBatch, through: u64) -> Result<(), StoreError> {
+        self.apply_shared(partition, events, through).await
+    }
+
     /// [`Projection::apply_shared`] for a batch the caller keeps: applies a copy.
     async fn apply(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<(), StoreError> {
         self.apply_shared(partition, Arc::new(events.to_vec()), through).await

@@ -20,10 +20,13 @@
 //! wait for its commit, and while no batch waits, commits come at most every
 //! [`CATCH_UP_COMMIT_INTERVAL`]: fewer, larger segments, which is most of what a rebuild's
 //! indexing costs (each segment builds its term dictionaries, and merges build them again).
-//! Later batches fold onto persons as added and not yet committed (`Pending::unsettled`),
-//! and a batch that needs a person's notes from the index while some of them are not yet
-//! committed commits first. A batch that erases someone still waits, so an erasure the index
-//! has applied is on disk, as in the documents store.
+//! The last batch of a partition that was behind, read under the projector's catch-up budget
+//! ([`Projection::apply_catching_up`]), is committed at the next tick, as live batches are, but
+//! does not wait for it either: the budget it holds goes to the next partition's batch instead
+//! of sleeping on the timer. Later batches fold onto persons as added and not yet committed
+//! (`Pending::unsettled`), and a batch that needs a person's notes from the index while some of
+//! them are not yet committed commits first. A batch that erases someone still waits, so an
+//! erasure the index has applied is on disk, as in the documents store.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -288,6 +291,39 @@ impl TantivySearchIndex {
     }
 }
 
+/// When a batch added to the writer is to be committed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Due {
+    /// At the next tick ([`COMMIT_INTERVAL`]): live traffic, or a partition that has caught up.
+    NextTick,
+    /// With the batches after it ([`CATCH_UP_COMMIT_INTERVAL`]): a full batch, more follows.
+    WithLater,
+}
+
+/// A batch as added to the writer.
+struct Added {
+    /// The `added` count a commit that covers the batch reaches.
+    count: u64,
+    /// Whether it erases someone: such a batch returns only once committed.
+    erases: bool,
+}
+
+impl TantivySearchIndex {
+    /// Adds the batch on a blocking thread, due at the next tick unless it is full.
+    async fn add(&self, partition: u32, events: EventBatch, through: u64) -> Result<Added, StoreError> {
+        let inner = self.inner.clone();
+        let due = if events.len() >= super::CATCH_UP_BATCH { Due::WithLater } else { Due::NextTick };
+        tokio::task::spawn_blocking(move || inner.add(partition, &events, through, due)).await.map_err(unavailable)?
+    }
+
+    /// Waits until a commit covers the `added` count `count`.
+    async fn committed(&self, count: u64) -> Result<(), StoreError> {
+        let mut committed = self.inner.committed.subscribe();
+        committed.wait_for(|(done, _)| *done >= count).await.map_err(unavailable)?;
+        Ok(())
+    }
+}
+
 impl Inner {
     fn person_term(&self, id: Uuid) -> Term {
         Term::from_field_bytes(self.fields.doc_id, id.as_bytes())
@@ -458,22 +494,16 @@ impl Inner {
         Ok(())
     }
 
-    /// Adds one partition's batch to the writer. Returns the `added` count a commit must reach
-    /// before the caller returns, or `None` for a batch that need not wait for its commit: one
-    /// `catching_up` that erases no one (see "Catching up").
+    /// Adds one partition's batch to the writer, to be committed when `due` says or, when it
+    /// erases someone, at the next tick. Returns the `added` count that commit reaches, and
+    /// whether the batch erases (see "Catching up").
     ///
     /// The version guard refuses events at or below the person's position (see
     /// [`Inner::load_person`]). Since a note that passes it cannot be in the index yet, new
     /// notes and new persons are added without a delete in front of them: deletes are what a
     /// commit pays for in every segment's term dictionary, and a rebuild would otherwise issue
     /// one per event.
-    fn add(
-        &self,
-        partition: u32,
-        events: &[ProjectedEvent],
-        through: u64,
-        catching_up: bool,
-    ) -> Result<Option<u64>, StoreError> {
+    fn add(&self, partition: u32, events: &[ProjectedEvent], through: u64, due: Due) -> Result<Added, StoreError> {
         let mut guard = self.pending.lock().map_err(unavailable)?;
         let pending = &mut *guard;
         let mut searcher = self.reader.searcher();
@@ -567,11 +597,10 @@ impl Inner {
         let entry = pending.checkpoints.entry(partition).or_insert(through);
         *entry = (*entry).max(through);
         pending.added += 1;
-        if catching_up && !erases {
-            return Ok(None);
+        if due == Due::NextTick || erases {
+            pending.awaited = pending.added;
         }
-        pending.awaited = pending.added;
-        Ok(Some(pending.added))
+        Ok(Added { count: pending.added, erases })
     }
 
     /// Index terms starting with `stem` (analysed like indexed text) in `field`, or in every
@@ -831,14 +860,21 @@ impl Projection for TantivySearchIndex {
     /// [`COMMIT_INTERVAL`]), except for a full batch, which a partition that is behind
     /// brings: that returns once added, and is committed with the batches after it.
     async fn apply_shared(&self, partition: u32, events: EventBatch, through: u64) -> Result<(), StoreError> {
-        let inner = self.inner.clone();
-        let catching_up = events.len() >= super::CATCH_UP_BATCH;
-        let added = tokio::task::spawn_blocking(move || inner.add(partition, &events, through, catching_up))
-            .await
-            .map_err(unavailable)??;
-        if let Some(added) = added {
-            let mut committed = self.inner.committed.subscribe();
-            committed.wait_for(|(done, _)| *done >= added).await.map_err(unavailable)?;
+        let full = events.len() >= super::CATCH_UP_BATCH;
+        let added = self.add(partition, events, through).await?;
+        if !full || added.erases {
+            self.committed(added.count).await?;
+        }
+        Ok(())
+    }
+
+    /// Returns once the batch is added; it is committed with the batches after it when full,
+    /// at the next tick otherwise (the partition has caught up). A batch that erases someone
+    /// returns once committed, as in [`Projection::apply_shared`].
+    async fn apply_catching_up(&self, partition: u32, events: EventBatch, through: u64) -> Result<(), StoreError> {
+        let added = self.add(partition, events, through).await?;
+        if added.erases {
+            self.committed(added.count).await?;
         }
         Ok(())
     }

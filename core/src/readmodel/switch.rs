@@ -72,6 +72,15 @@ macro_rules! delegate_projection {
                 self.current().apply_shared(partition, events, through).await
             }
 
+            async fn apply_catching_up(
+                &self,
+                partition: u32,
+                events: EventBatch,
+                through: u64,
+            ) -> Result<(), StoreError> {
+                self.current().apply_catching_up(partition, events, through).await
+            }
+
             async fn compact(&self) -> Result<(), StoreError> {
                 self.current().compact().await
             }
