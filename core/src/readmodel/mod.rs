@@ -16,6 +16,7 @@
 //!
 //! Every document stores the (partition, offset) that last changed it, and adapters refuse
 //! events at or below it, so redeliveries and replays are harmless.
+
 /// Most records in one partition's catch-up batch for the embedded documents store and search
 /// index (their [`Projection::batch_max`]); a batch this full comes from a partition that is
 /// behind. Both stores ask for the same size, so projections catching up on a partition take

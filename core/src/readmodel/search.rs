@@ -291,29 +291,22 @@ impl TantivySearchIndex {
     }
 }
 
-/// When a batch added to the writer is to be committed.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Due {
-    /// At the next tick ([`COMMIT_INTERVAL`]): live traffic, or a partition that has caught up.
-    NextTick,
-    /// With the batches after it ([`CATCH_UP_COMMIT_INTERVAL`]): a full batch, more follows.
-    WithLater,
-}
-
 /// A batch as added to the writer.
 struct Added {
     /// The `added` count a commit that covers the batch reaches.
     count: u64,
+    /// Whether that commit comes at the next tick ([`COMMIT_INTERVAL`]): for any batch but a
+    /// full one that erases no one, which is committed with the batches after it.
+    next_tick: bool,
     /// Whether it erases someone: such a batch returns only once committed.
     erases: bool,
 }
 
 impl TantivySearchIndex {
-    /// Adds the batch on a blocking thread, due at the next tick unless it is full.
+    /// Adds the batch on a blocking thread.
     async fn add(&self, partition: u32, events: EventBatch, through: u64) -> Result<Added, StoreError> {
         let inner = self.inner.clone();
-        let due = if events.len() >= super::CATCH_UP_BATCH { Due::WithLater } else { Due::NextTick };
-        tokio::task::spawn_blocking(move || inner.add(partition, &events, through, due)).await.map_err(unavailable)?
+        tokio::task::spawn_blocking(move || inner.add(partition, &events, through)).await.map_err(unavailable)?
     }
 
     /// Waits until a commit covers the `added` count `count`.
@@ -494,16 +487,15 @@ impl Inner {
         Ok(())
     }
 
-    /// Adds one partition's batch to the writer, to be committed when `due` says or, when it
-    /// erases someone, at the next tick. Returns the `added` count that commit reaches, and
-    /// whether the batch erases (see "Catching up").
+    /// Adds one partition's batch to the writer, to be committed at the next tick unless it is
+    /// full (see "Catching up") or, when it erases someone, at the next tick in any case.
     ///
     /// The version guard refuses events at or below the person's position (see
     /// [`Inner::load_person`]). Since a note that passes it cannot be in the index yet, new
     /// notes and new persons are added without a delete in front of them: deletes are what a
     /// commit pays for in every segment's term dictionary, and a rebuild would otherwise issue
     /// one per event.
-    fn add(&self, partition: u32, events: &[ProjectedEvent], through: u64, due: Due) -> Result<Added, StoreError> {
+    fn add(&self, partition: u32, events: &[ProjectedEvent], through: u64) -> Result<Added, StoreError> {
         let mut guard = self.pending.lock().map_err(unavailable)?;
         let pending = &mut *guard;
         let mut searcher = self.reader.searcher();
@@ -597,10 +589,11 @@ impl Inner {
         let entry = pending.checkpoints.entry(partition).or_insert(through);
         *entry = (*entry).max(through);
         pending.added += 1;
-        if due == Due::NextTick || erases {
+        let next_tick = events.len() < super::CATCH_UP_BATCH || erases;
+        if next_tick {
             pending.awaited = pending.added;
         }
-        Ok(Added { count: pending.added, erases })
+        Ok(Added { count: pending.added, next_tick, erases })
     }
 
     /// Index terms starting with `stem` (analysed like indexed text) in `field`, or in every
@@ -860,9 +853,8 @@ impl Projection for TantivySearchIndex {
     /// [`COMMIT_INTERVAL`]), except for a full batch, which a partition that is behind
     /// brings: that returns once added, and is committed with the batches after it.
     async fn apply_shared(&self, partition: u32, events: EventBatch, through: u64) -> Result<(), StoreError> {
-        let full = events.len() >= super::CATCH_UP_BATCH;
         let added = self.add(partition, events, through).await?;
-        if !full || added.erases {
+        if added.next_tick {
             self.committed(added.count).await?;
         }
         Ok(())
