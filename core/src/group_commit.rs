@@ -12,6 +12,13 @@
 //! A store whose commits are not all durable (see the documents store) gives its writer an
 //! [`IdleFlush`]: once no request has come for a while after a commit, the writer runs it, so
 //! what was committed last becomes durable without waiting for the next request.
+//!
+//! A store whose callers do not wait on the commit for an answer to someone else (the documents
+//! store, fed by projectors) may give its writer a [`WriterOptions::linger`]: while requests come
+//! from several callers at once, commits start at most once per linger, so each takes more of
+//! them. A commit's cost is mostly per transaction (copying the touched pages of every table,
+//! writing them out), so under a steady stream of small batches fewer, larger commits do the same
+//! work for less CPU, at the price of that much freshness. A lone request still commits at once.
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -27,6 +34,16 @@ struct Pending<R, T> {
 pub struct IdleFlush {
     pub after: std::time::Duration,
     pub run: Box<dyn FnMut() + Send>,
+}
+
+/// What a writer does beyond committing what is queued.
+#[derive(Default)]
+pub struct WriterOptions {
+    /// Run once the writer has been idle after a commit.
+    pub flush: Option<IdleFlush>,
+    /// After a commit of more than one request, the least time from its start to the next
+    /// commit's: requests arriving meanwhile join the next group.
+    pub linger: Option<std::time::Duration>,
 }
 
 /// A writer thread committing requests of type `R` in groups, answering each with a `T`.
@@ -48,14 +65,14 @@ impl<R: Send + 'static, T: Send + 'static> GroupCommit<R, T> {
     where
         F: FnMut(&[R]) -> Result<Vec<T>, StoreError> + Send + 'static,
     {
-        Self::start_with_flush(name, max_group, None, commit)
+        Self::start_with(name, max_group, WriterOptions::default(), commit)
     }
 
-    /// [`GroupCommit::start`], with `flush` run when the writer has been idle after a commit.
-    pub fn start_with_flush<F>(
+    /// [`GroupCommit::start`], with the writer's `options`.
+    pub fn start_with<F>(
         name: &'static str,
         max_group: usize,
-        flush: Option<IdleFlush>,
+        options: WriterOptions,
         mut commit: F,
     ) -> Result<Self, StoreError>
     where
@@ -63,6 +80,7 @@ impl<R: Send + 'static, T: Send + 'static> GroupCommit<R, T> {
     {
         let max_group = max_group.max(1);
         let (queue, mut incoming) = mpsc::channel::<Pending<R, T>>(max_group);
+        let WriterOptions { flush, linger } = options;
         // Waiting for a request with a time limit needs a timer.
         let mut idle = match flush {
             None => None,
@@ -79,6 +97,8 @@ impl<R: Send + 'static, T: Send + 'static> GroupCommit<R, T> {
             .spawn(move || {
                 let mut group = Vec::with_capacity(max_group);
                 let mut unflushed = false;
+                // When the last commit started, and whether it took more than one request.
+                let mut last: Option<(std::time::Instant, bool)> = None;
                 loop {
                     let first = match &mut idle {
                         Some((flush, clock)) if unflushed => {
@@ -98,6 +118,12 @@ impl<R: Send + 'static, T: Send + 'static> GroupCommit<R, T> {
                     let Some(first) = first else { break };
                     unflushed = true;
                     group.push(first);
+                    if let (Some(linger), Some((started, shared))) = (linger, last)
+                        && shared
+                        && let Some(rest) = linger.checked_sub(started.elapsed())
+                    {
+                        std::thread::sleep(rest);
+                    }
                     while group.len() < max_group {
                         match incoming.try_recv() {
                             Ok(next) => group.push(next),
@@ -105,6 +131,7 @@ impl<R: Send + 'static, T: Send + 'static> GroupCommit<R, T> {
                         }
                     }
                     let (started, size) = (std::time::Instant::now(), group.len());
+                    last = Some((started, size > 1));
                     answer(&mut commit, &mut group);
                     metrics::histogram!("callisto_store_group_commit_seconds", "writer" => name)
                         .record(started.elapsed().as_secs_f64());
@@ -188,7 +215,17 @@ mod tests {
     /// A store that records each group it commits, refuses any group holding a negative
     /// number, and first waits until `open`, so requests pile up behind a commit in progress.
     fn store(groups: Groups, open: Arc<AtomicBool>, started: Arc<AtomicUsize>) -> Arc<GroupCommit<i64, i64>> {
-        let writer = GroupCommit::start("test-writer", 64, move |group: &[i64]| {
+        store_with(groups, open, started, super::WriterOptions::default())
+    }
+
+    /// [`store`], with the writer's `options`.
+    fn store_with(
+        groups: Groups,
+        open: Arc<AtomicBool>,
+        started: Arc<AtomicUsize>,
+        options: super::WriterOptions,
+    ) -> Arc<GroupCommit<i64, i64>> {
+        let writer = GroupCommit::start_with("test-writer", 64, options, move |group: &[i64]| {
             started.fetch_add(1, Ordering::SeqCst);
             while !open.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(1));
@@ -238,6 +275,53 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_shared_commit_a_lingering_writer_gathers_what_arrives_within_the_linger() {
+        let (groups, open, started) =
+            (Groups::default(), Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+        let linger = Duration::from_secs(2);
+        let options = super::WriterOptions { linger: Some(linger), ..Default::default() };
+        let writer = store_with(groups.clone(), open.clone(), started.clone(), options);
+        let submit = |n: i64| {
+            let writer = writer.clone();
+            tokio::spawn(async move { writer.submit(n).await.map_err(|e| e.to_string()) })
+        };
+        // Two requests queue behind a commit held back, so they share the next one.
+        let first = submit(1);
+        while started.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let queued = [submit(2), submit(3)];
+        while writer.queued() < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        open.store(true, Ordering::SeqCst);
+        assert_eq!(first.await.unwrap(), Ok(10));
+        for answer in queued {
+            answer.await.unwrap().unwrap();
+        }
+        // Requests arriving apart within the linger after that shared commit share one too.
+        let fourth = submit(4);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let fifth = submit(5);
+        assert_eq!((fourth.await.unwrap(), fifth.await.unwrap()), (Ok(40), Ok(50)));
+        let groups = groups.lock().unwrap().clone();
+        assert_eq!(groups, vec![vec![1], vec![2, 3], vec![4, 5]]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lingering_writer_commits_a_lone_request_at_once() {
+        let groups = Groups::default();
+        // Far longer than the wait below: a request that lingered would miss it.
+        let options = super::WriterOptions { linger: Some(Duration::from_secs(30)), ..Default::default() };
+        let writer = store_with(groups.clone(), Arc::new(AtomicBool::new(true)), Arc::default(), options);
+        for n in 1..=3 {
+            let answer = tokio::time::timeout(Duration::from_secs(10), writer.submit(n)).await;
+            assert!(matches!(answer, Ok(Ok(_))), "request {n} was answered at once: {answer:?}");
+        }
+        assert_eq!(groups.lock().unwrap().clone(), vec![vec![1], vec![2], vec![3]]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_request_the_store_refuses_fails_alone() {
         let (answers, groups) = submit_behind_a_commit(0, &[3, -1, 4]).await;
         assert_eq!(answers[0], Ok(0));
@@ -257,9 +341,13 @@ mod tests {
                 counted.fetch_add(1, Ordering::SeqCst);
             }),
         };
-        let writer =
-            GroupCommit::start_with_flush("test-flushing-writer", 64, Some(flush), |group: &[i64]| Ok(group.to_vec()))
-                .unwrap();
+        let writer = GroupCommit::start_with(
+            "test-flushing-writer",
+            64,
+            super::WriterOptions { flush: Some(flush), linger: None },
+            |group: &[i64]| Ok(group.to_vec()),
+        )
+        .unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(flushes.load(Ordering::SeqCst), 0, "nothing committed, nothing to flush");
         writer.submit(1).await.unwrap();

@@ -86,7 +86,7 @@ impl EmbeddedKeyStore {
         txn.open_table(KEYS).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
         let db = SharedDb::new(db);
-        let writes = db.group_commit("callisto-key-writer", MAX_GROUP, None, write_group)?;
+        let writes = db.group_commit("callisto-key-writer", MAX_GROUP, None, None, write_group)?;
         Ok(Self { db, writes })
     }
 

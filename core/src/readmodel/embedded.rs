@@ -2,8 +2,9 @@
 //! redb file, each batch and its checkpoint in one write transaction. What a batch writes is
 //! worked out on its partition's thread (fold, serialization, index rows), so partitions do
 //! that in parallel; batches arriving together then share one transaction on the store's
-//! single writer thread (a group commit). Those transactions are made durable at most every
-//! [`DURABLE_EVERY`], and at once when they erase.
+//! single writer thread (a group commit), started at most every [`LIVE_LINGER`] while batches
+//! keep coming. Those transactions are made durable at most every [`DURABLE_EVERY`], and at
+//! once when they erase.
 //!
 //! ## Tables
 //! - `persons`: person id → [`PersonDoc`] (postcard behind a layout byte; JSON in stores
@@ -32,7 +33,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHand
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::group_commit::{GroupCommit, IdleFlush};
+use crate::group_commit::{GroupCommit, IdleFlush, WriterOptions};
 
 use super::{
     Checkpoints, EventBatch, ListFilter, Page, PersonDoc, ProjectedEvent, Projection, ReadStore, Status, StoreError,
@@ -76,12 +77,14 @@ impl SharedDb {
 
     /// A [`GroupCommit`] writer thread `name` whose groups `commit` applies to this database;
     /// with `flush`, the writer also runs that on the database once it has been idle for its
-    /// duration after a commit (see [`crate::group_commit::IdleFlush`]).
+    /// duration after a commit (see [`crate::group_commit::IdleFlush`]); with `linger`, commits
+    /// of concurrent requests start at most that often (see [`WriterOptions::linger`]).
     pub fn group_commit<R: Send + 'static, T: Send + 'static>(
         &self,
         name: &'static str,
         max_group: usize,
         flush: Option<(std::time::Duration, DatabaseFlush)>,
+        linger: Option<std::time::Duration>,
         mut commit: impl FnMut(&Database, &[R]) -> Result<Vec<T>, StoreError> + Send + 'static,
     ) -> Result<GroupCommit<R, T>, StoreError> {
         let flush = flush.map(|(after, mut run)| {
@@ -93,7 +96,7 @@ impl SharedDb {
             IdleFlush { after, run: Box::new(run) }
         });
         let db = self.0.clone();
-        GroupCommit::start_with_flush(name, max_group, flush, move |group: &[R]| {
+        GroupCommit::start_with(name, max_group, WriterOptions { flush, linger }, move |group: &[R]| {
             commit(&*db.read().map_err(unavailable)?, group)
         })
     }
@@ -224,6 +227,7 @@ impl EmbeddedReadStore {
             "callisto-documents-writer",
             MAX_GROUP,
             Some((DURABLE_EVERY, flush)),
+            Some(LIVE_LINGER),
             move |db: &Database, group: &[Batch]| commit_batches(db, group, &synced),
         )?;
         Ok(Self { db, progress, batches })
@@ -238,6 +242,15 @@ impl EmbeddedReadStore {
 /// the log on restart; nothing acknowledged is lost. Live traffic had made an fsync of this
 /// file for every few events, on the disk whose fsyncs commands wait on.
 const DURABLE_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// While batches come from several partitions at once, the documents writer starts a commit at
+/// most this often (see [`WriterOptions::linger`]). Live traffic otherwise commits a few events
+/// at a time, and each commit copies and writes out the touched pages of every table: under a
+/// saturating command load this cut the writer's CPU per command by about a third, CPU the
+/// request path on the same cores gets instead. It adds at most this much to a document's
+/// freshness; a lone batch, and a catch-up batch whose commit takes longer than this, do not
+/// wait.
+const LIVE_LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// When the documents store last committed durably, and whether commits since are not yet.
 struct Synced {
