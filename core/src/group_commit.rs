@@ -59,17 +59,10 @@ impl<R, T> std::fmt::Debug for GroupCommit<R, T> {
 }
 
 impl<R: Send + 'static, T: Send + 'static> GroupCommit<R, T> {
-    /// Starts the writer thread `name`. `commit` applies a group in one transaction and returns
-    /// one answer per request, in order; it runs on the writer thread, which may block.
-    pub fn start<F>(name: &'static str, max_group: usize, commit: F) -> Result<Self, StoreError>
-    where
-        F: FnMut(&[R]) -> Result<Vec<T>, StoreError> + Send + 'static,
-    {
-        Self::start_with(name, max_group, WriterOptions::default(), commit)
-    }
-
-    /// [`GroupCommit::start`], with the writer's `options`.
-    pub fn start_with<F>(
+    /// Starts the writer thread `name` with `options`. `commit` applies a group in one
+    /// transaction and returns one answer per request, in order; it runs on the writer thread,
+    /// which may block.
+    pub fn start<F>(
         name: &'static str,
         max_group: usize,
         options: WriterOptions,
@@ -225,7 +218,7 @@ mod tests {
         started: Arc<AtomicUsize>,
         options: super::WriterOptions,
     ) -> Arc<GroupCommit<i64, i64>> {
-        let writer = GroupCommit::start_with("test-writer", 64, options, move |group: &[i64]| {
+        let writer = GroupCommit::start("test-writer", 64, options, move |group: &[i64]| {
             started.fetch_add(1, Ordering::SeqCst);
             while !open.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(1));
@@ -341,7 +334,7 @@ mod tests {
                 counted.fetch_add(1, Ordering::SeqCst);
             }),
         };
-        let writer = GroupCommit::start_with(
+        let writer = GroupCommit::start(
             "test-flushing-writer",
             64,
             super::WriterOptions { flush: Some(flush), linger: None },

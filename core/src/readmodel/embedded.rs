@@ -96,7 +96,7 @@ impl SharedDb {
             IdleFlush { after, run: Box::new(run) }
         });
         let db = self.0.clone();
-        GroupCommit::start_with(name, max_group, WriterOptions { flush, linger }, move |group: &[R]| {
+        GroupCommit::start(name, max_group, WriterOptions { flush, linger }, move |group: &[R]| {
             commit(&*db.read().map_err(unavailable)?, group)
         })
     }
