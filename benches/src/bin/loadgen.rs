@@ -224,6 +224,74 @@ fn rss_mib(pid: u32, field: &str) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// CPU time the server has used, in clock ticks: the whole process (threads that have exited
+/// included), and its threads by the group their name puts them in (see
+/// [`ServerCpu::THREAD_GROUPS`]).
+struct ServerCpu {
+    process: u64,
+    groups: Vec<u64>,
+}
+
+impl ServerCpu {
+    /// Thread names (as the kernel keeps them, cut to 15 bytes) and what they do; the rest of
+    /// the process's time goes to "other threads".
+    const THREAD_GROUPS: [(&'static str, &'static str); 4] = [
+        ("tokio-rt-worker", "async runtime (HTTP, handlers, projectors)"),
+        ("callisto-log-wr", "log writer"),
+        ("callisto-docume", "documents writer"),
+        ("callisto-key-wr", "data-key writer"),
+    ];
+
+    fn read(pid: u32) -> Option<Self> {
+        let process = cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?.1;
+        let mut groups = vec![0; Self::THREAD_GROUPS.len()];
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+            // A thread may exit between listing and reading: its time counts under the process.
+            let Some((name, ticks)) =
+                std::fs::read_to_string(task.path().join("stat")).ok().as_deref().and_then(cpu_ticks)
+            else {
+                continue;
+            };
+            if let Some(group) = Self::THREAD_GROUPS.iter().position(|(prefix, _)| name == *prefix) {
+                groups[group] += ticks;
+            }
+        }
+        Some(Self { process, groups })
+    }
+
+    fn since(&self, before: &Self) -> Self {
+        let groups = self.groups.iter().zip(&before.groups).map(|(now, then)| now.saturating_sub(*then)).collect();
+        Self { process: self.process.saturating_sub(before.process), groups }
+    }
+
+    /// The server's CPU per command over a phase that ran `commands`, in µs: in all, then by
+    /// thread group.
+    fn per_command_rows(&self, commands: f64) -> Vec<Row> {
+        let tick_us = 1e6 / rustix::param::clock_ticks_per_second() as f64;
+        let per_command = |ticks: u64| ticks as f64 * tick_us / commands.max(1.0);
+        let figure = "server CPU per command at saturation";
+        let mut rows = vec![Row::new(figure, per_command(self.process), "µs")];
+        for ((_, group), ticks) in Self::THREAD_GROUPS.iter().zip(&self.groups) {
+            rows.push(Row::new(format!("{figure}: {group}"), per_command(*ticks), "µs"));
+        }
+        let other = self.process.saturating_sub(self.groups.iter().sum());
+        rows.push(Row::new(format!("{figure}: other threads (search index, exited ones)"), per_command(other), "µs"));
+        rows
+    }
+}
+
+/// A thread's or process's name and its user + system CPU time in clock ticks, from its
+/// `/proc/…/stat` line.
+fn cpu_ticks(stat: &str) -> Option<(String, u64)> {
+    // The name sits in parentheses and may hold spaces; the fields after it are counted from
+    // the state, the first: utime is the 12th, stime the 13th.
+    let (head, tail) = stat.rsplit_once(')')?;
+    let name = head.split_once('(')?.1.to_owned();
+    let fields: Vec<&str> = tail.split_whitespace().collect();
+    let (utime, stime): (u64, u64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
+    Some((name, utime + stime))
+}
+
 /// Result of one phase: requests per second and latency histogram (µs).
 struct Phase {
     throughput: f64,
@@ -367,7 +435,9 @@ async fn http(args: HttpArgs) -> anyhow::Result<Vec<Row>> {
         }
     };
     eprintln!("phase: commands at saturation");
+    let cpu_before = pid.and_then(ServerCpu::read);
     let commands = closed_loop(c, s, registrations(client.clone(), base.clone())).await;
+    let cpu_spent = cpu_before.zip(pid.and_then(ServerCpu::read)).map(|(before, after)| after.since(&before));
     let wide_c = args.wide_connections;
     eprintln!("phase: commands at saturation, {wide_c} connections");
     let wide = closed_loop(wide_c, s, registrations(client.clone(), base.clone())).await;
@@ -381,6 +451,10 @@ async fn http(args: HttpArgs) -> anyhow::Result<Vec<Row>> {
         Row::new("command p99 at saturation", ms(&commands.latency, 0.99), "ms")
             .against("no-op p99 ms", ms(&noop.latency, 0.99)),
     );
+    if let Some(spent) = cpu_spent {
+        let commands_run = commands.throughput * s as f64;
+        rows.extend(spent.per_command_rows(commands_run));
+    }
     rows.push(
         Row::new(format!("command throughput at saturation, {wide_c} connections"), wide.throughput, "req/s")
             .against(format!("{c} connections req/s"), commands.throughput),
@@ -900,5 +974,14 @@ mod rebuild {
             written += batch;
         }
         Ok(total as f64 / started.elapsed().as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cpu_ticks_are_user_plus_system_time_read_past_a_name_with_spaces_and_parentheses() {
+        let stat = "4242 (tokio (rt) 1) S 1 4242 4242 0 -1 4194368 120 0 0 0 37 5 0 0 20 0 9 0 100 0 0";
+        assert_eq!(super::cpu_ticks(stat), Some(("tokio (rt) 1".to_owned(), 42)));
     }
 }
