@@ -283,9 +283,13 @@ mod tests {
         while started.load(Ordering::SeqCst) == 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let queued = [submit(2), submit(3)];
-        while writer.queued() < 2 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        // One at a time, so the group's order is the order they were sent in.
+        let mut queued = Vec::new();
+        for n in [2, 3] {
+            queued.push(submit(n));
+            while writer.queued() < queued.len() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
         open.store(true, Ordering::SeqCst);
         assert_eq!(first.await.unwrap(), Ok(10));
