@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use apache_avro::{Schema, from_value, to_avro_datum, to_value};
+use apache_avro::{Schema, from_value, to_value, write_avro_datum_ref};
 use serde::de::DeserializeOwned;
 
 use crate::events::{PersonEvent, SealedPersonalData};
@@ -99,11 +99,32 @@ impl Codec {
         sealed: Option<&SealedPersonalData>,
     ) -> Result<Vec<u8>, CodecError> {
         let kind = event.kind();
-        let body = to_avro_datum(kind.schema(), Self::to_value(event, sealed)?).map_err(avro_err)?;
-        let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+        if sealed.is_some() && !kind.carries_personal_data() {
+            return Err(CodecError::Avro(format!("{} has no personal fields to seal", kind.name())));
+        }
+        let mut out = Vec::with_capacity(256);
         out.push(MAGIC_BYTE);
         out.extend_from_slice(&self.writer_id(kind).to_be_bytes());
-        out.extend_from_slice(&body);
+        // Serialized straight from the event's fields with the schema: building an Avro `Value`
+        // and resolving it into the schema first cost several times the encoding itself, on
+        // every command. An Avro record is its fields' encodings one after the other, in the
+        // schema's order (which the event structs keep), so the `sealed` field, the schema's
+        // last, follows the event's own.
+        let schema = kind.schema();
+        let written = match event {
+            PersonEvent::Registered(e) => write_avro_datum_ref(schema, e, &mut out),
+            PersonEvent::Renamed(e) => write_avro_datum_ref(schema, e, &mut out),
+            PersonEvent::ContactChanged(e) => write_avro_datum_ref(schema, e, &mut out),
+            PersonEvent::AddressChanged(e) => write_avro_datum_ref(schema, e, &mut out),
+            PersonEvent::NoteAdded(e) => write_avro_datum_ref(schema, e, &mut out),
+            PersonEvent::Tagged(e) | PersonEvent::Untagged(e) => write_avro_datum_ref(schema, e, &mut out),
+            PersonEvent::Archived(e) => write_avro_datum_ref(schema, e, &mut out),
+            PersonEvent::Erased(e) => write_avro_datum_ref(schema, e, &mut out),
+        };
+        written.map_err(avro_err)?;
+        if let Some(field) = sealed_field(schema) {
+            write_avro_datum_ref(&field.schema, &sealed, &mut out).map_err(avro_err)?;
+        }
         Ok(out)
     }
 
@@ -207,6 +228,12 @@ impl Codec {
 
 /// The field of v2 records that holds the sealed personal data.
 pub const SEALED_FIELD: &str = "sealed";
+
+/// The schema's `sealed` field, which kinds that carry personal data have last.
+fn sealed_field(schema: &Schema) -> Option<&apache_avro::schema::RecordField> {
+    let Schema::Record(record) = schema else { return None };
+    record.fields.last().filter(|field| field.name == SEALED_FIELD)
+}
 
 /// The `sealed` field of a decoded record, if set.
 fn sealed_of(value: &apache_avro::types::Value) -> Result<Option<SealedPersonalData>, CodecError> {
