@@ -238,8 +238,10 @@ fn writer_loop(
         }
         let started = std::time::Instant::now();
         let outcome = db.begin_write().map_err(unavailable).and_then(|txn| {
-            let results =
-                batch.iter().map(|p| append_in(&txn, &p.request, retention)).collect::<Result<Vec<_>, _>>()?;
+            let results = {
+                let mut tables = GroupTables::open(&txn)?;
+                batch.iter().map(|p| tables.append(&p.request, retention)).collect::<Result<Vec<_>, _>>()?
+            };
             txn.commit().map_err(unavailable)?;
             Ok(results)
         });
@@ -277,26 +279,43 @@ fn writer_loop(
     }
 }
 
-/// Appends one request inside the group's transaction. The outer `Result` is a storage failure
-/// that aborts the whole group; the inner one belongs to this request alone.
-#[allow(clippy::type_complexity)]
-fn append_in(
-    txn: &WriteTransaction,
-    req: &AppendRequest,
-    retention: Duration,
-) -> Result<Result<Appended, LogError>, LogError> {
-    let topic = req.topic.as_str();
-    let Some(partitions) =
-        txn.open_table(TOPICS).map_err(unavailable)?.get(topic).map_err(unavailable)?.map(|g| g.value())
-    else {
-        return Ok(Err(LogError::UnknownTopic(req.topic.clone())));
-    };
-    if let Some(idem) = &req.idempotency {
-        let table = txn.open_table(IDEMPOTENCY).map_err(unavailable)?;
-        if let Some(seen) = table.get((topic, idem.key.as_str())).map_err(unavailable)? {
+/// The tables a group commit writes, opened once for the whole group: opening a table and
+/// closing it again for every append rewrote the table tree's root bookkeeping each time.
+struct GroupTables<'txn> {
+    topics: redb::Table<'txn, &'static str, u32>,
+    records: redb::Table<'txn, (&'static str, u32, u64), &'static [u8]>,
+    ends: redb::Table<'txn, (&'static str, u32), (u64, i64)>,
+    time_index: redb::Table<'txn, (&'static str, u32, i64), u64>,
+    idempotency: redb::Table<'txn, (&'static str, &'static str), (u32, u64, [u8; 32])>,
+    idempotency_expiry: redb::Table<'txn, (i64, &'static str, &'static str), (u32, u64)>,
+}
+
+impl<'txn> GroupTables<'txn> {
+    fn open(txn: &'txn WriteTransaction) -> Result<Self, LogError> {
+        Ok(Self {
+            topics: txn.open_table(TOPICS).map_err(unavailable)?,
+            records: txn.open_table(RECORDS).map_err(unavailable)?,
+            ends: txn.open_table(ENDS).map_err(unavailable)?,
+            time_index: txn.open_table(TIME_INDEX).map_err(unavailable)?,
+            idempotency: txn.open_table(IDEMPOTENCY).map_err(unavailable)?,
+            idempotency_expiry: txn.open_table(IDEMPOTENCY_EXPIRY).map_err(unavailable)?,
+        })
+    }
+
+    /// Appends one request inside the group's transaction. The outer `Result` is a storage
+    /// failure that aborts the whole group; the inner one belongs to this request alone.
+    #[allow(clippy::type_complexity)]
+    fn append(&mut self, req: &AppendRequest, retention: Duration) -> Result<Result<Appended, LogError>, LogError> {
+        let topic = req.topic.as_str();
+        let Some(partitions) = self.topics.get(topic).map_err(unavailable)?.map(|g| g.value()) else {
+            return Ok(Err(LogError::UnknownTopic(req.topic.clone())));
+        };
+        if let Some(idem) = &req.idempotency
+            && let Some(seen) = self.idempotency.get((topic, idem.key.as_str())).map_err(unavailable)?
+        {
             let (partition, offset, fingerprint) = seen.value();
-            let records = txn.open_table(RECORDS).map_err(unavailable)?;
-            let timestamp_ms = records
+            let timestamp_ms = self
+                .records
                 .get((topic, partition, offset))
                 .map_err(unavailable)?
                 .and_then(|g| postcard::from_bytes::<StoredRecord>(g.value()).ok())
@@ -310,40 +329,32 @@ fn append_in(
                 return Ok(Ok(Appended { partition, offset, timestamp_ms, replayed: true }));
             }
         }
+        let partition = partition_for(&req.key, partitions);
+        let (offset, last_ts) =
+            self.ends.get((topic, partition)).map_err(unavailable)?.map_or((0, i64::MIN), |g| g.value());
+        let timestamp_ms = now_ms().max(last_ts);
+        let stored = StoredRecord {
+            timestamp_ms,
+            key: req.key.clone(),
+            headers: req.headers.iter().map(|(k, v)| (k.clone(), serde_bytes::ByteBuf::from(v.clone()))).collect(),
+            payload: req.payload.clone(),
+        };
+        let bytes = postcard::to_allocvec(&stored).map_err(unavailable)?;
+        self.records.insert((topic, partition, offset), bytes.as_slice()).map_err(unavailable)?;
+        self.ends.insert((topic, partition), (offset + 1, timestamp_ms)).map_err(unavailable)?;
+        if offset % TIME_INDEX_INTERVAL == 0 {
+            self.time_index.insert((topic, partition, timestamp_ms), offset).map_err(unavailable)?;
+        }
+        if let Some(idem) = &req.idempotency {
+            self.idempotency
+                .insert((topic, idem.key.as_str()), (partition, offset, idem.fingerprint))
+                .map_err(unavailable)?;
+            self.idempotency_expiry
+                .insert((timestamp_ms, topic, idem.key.as_str()), (partition, offset))
+                .map_err(unavailable)?;
+        }
+        Ok(Ok(Appended { partition, offset, timestamp_ms, replayed: false }))
     }
-    let partition = partition_for(&req.key, partitions);
-    let mut ends = txn.open_table(ENDS).map_err(unavailable)?;
-    let (offset, last_ts) = ends.get((topic, partition)).map_err(unavailable)?.map_or((0, i64::MIN), |g| g.value());
-    let timestamp_ms = now_ms().max(last_ts);
-    let stored = StoredRecord {
-        timestamp_ms,
-        key: req.key.clone(),
-        headers: req.headers.iter().map(|(k, v)| (k.clone(), serde_bytes::ByteBuf::from(v.clone()))).collect(),
-        payload: req.payload.clone(),
-    };
-    let bytes = postcard::to_allocvec(&stored).map_err(unavailable)?;
-    txn.open_table(RECORDS)
-        .map_err(unavailable)?
-        .insert((topic, partition, offset), bytes.as_slice())
-        .map_err(unavailable)?;
-    ends.insert((topic, partition), (offset + 1, timestamp_ms)).map_err(unavailable)?;
-    if offset % TIME_INDEX_INTERVAL == 0 {
-        txn.open_table(TIME_INDEX)
-            .map_err(unavailable)?
-            .insert((topic, partition, timestamp_ms), offset)
-            .map_err(unavailable)?;
-    }
-    if let Some(idem) = &req.idempotency {
-        txn.open_table(IDEMPOTENCY)
-            .map_err(unavailable)?
-            .insert((topic, idem.key.as_str()), (partition, offset, idem.fingerprint))
-            .map_err(unavailable)?;
-        txn.open_table(IDEMPOTENCY_EXPIRY)
-            .map_err(unavailable)?
-            .insert((timestamp_ms, topic, idem.key.as_str()), (partition, offset))
-            .map_err(unavailable)?;
-    }
-    Ok(Ok(Appended { partition, offset, timestamp_ms, replayed: false }))
 }
 
 /// Forgets up to [`PURGE_BATCH`] idempotency keys appended before `now - retention`; `true`
