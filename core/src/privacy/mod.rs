@@ -196,7 +196,7 @@ impl Default for KeyringOptions {
             cache_ttl: Duration::from_secs(30),
             cache_entries: 100_000,
             timeout: Duration::from_secs(3),
-            reserved_persons: 256,
+            reserved_persons: 1024,
         }
     }
 }
@@ -209,8 +209,11 @@ struct Reserve {
     refilling: std::sync::atomic::AtomicBool,
 }
 
-/// Keys a refill creates at once: the store's writer groups them into a few commits.
-const REFILL_CONCURRENCY: usize = 64;
+/// Keys a refill creates at once: the store's writer commits what is queued together, so a
+/// refill of the default reserve's half is a lone commit, then one of the rest. With 64 at once
+/// and a reserve of 256, each refill took about five commits (about 28 keys each), and the
+/// data-key writer cost twice the CPU per registration (`BENCHMARKS.md`, fifteenth pass).
+const REFILL_CONCURRENCY: usize = 512;
 
 #[derive(Clone)]
 enum Cached {
@@ -274,8 +277,8 @@ impl Keyring {
     /// starts with a timestamp: the stores keep people in B-trees ordered by id, and random ids
     /// put each new person on a page of their own, so a refill's commit rewrote one page per key
     /// and the documents store one per registration. Time-ordered ids land together at the
-    /// tree's right edge. The id tells whoever sees it when the person was registered, to the
-    /// millisecond, which the log's record of the registration says already.
+    /// tree's right edge. The id tells whoever sees it when it was reserved, at or shortly before
+    /// the registration, which the log's record of the registration tells anyway.
     pub fn new_person(self: &Arc<Self>) -> Uuid {
         let (taken, left) = {
             let mut ready = self.reserve.ready.lock().expect("key reserve poisoned");
