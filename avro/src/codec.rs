@@ -129,7 +129,8 @@ impl Codec {
     }
 
     /// `event` with `sealed` as an Avro value in this build's schema for its kind: the record an
-    /// Avro export writes, and the body [`encode_sealed`](Self::encode_sealed) frames.
+    /// Avro export writes. [`encode_sealed`](Self::encode_sealed) writes the same bytes without
+    /// building it.
     pub fn to_value(
         event: &PersonEvent,
         sealed: Option<&SealedPersonalData>,
