@@ -52,6 +52,12 @@ pub struct ProjectorSettings {
     pub batch_max: usize,
     /// How long a read waits for the first new record before returning empty.
     pub poll_wait: Duration,
+    /// Once live, a worker reads its partition at most this often while records keep coming:
+    /// those that arrive meanwhile join the next batch. Under load a commit of the log holds a
+    /// record or two per partition, and reading, decoding and applying them one commit at a time
+    /// cost each projection a read transaction, a wake-up and an apply per command. A read after
+    /// a quiet spell (the last batch longer ago than this) is not held back.
+    pub live_read_interval: Duration,
     /// Records the projector's projections hold in full batches at a time, across all their
     /// partitions, while they catch up (a rebuild, a backlog): a worker reads a full batch only
     /// with that many records of the budget. This bounds a rebuild's memory, as otherwise every
@@ -90,6 +96,7 @@ impl ProjectorSettings {
             topic: topic.to_owned(),
             batch_max: 2000,
             poll_wait: Duration::from_millis(250),
+            live_read_interval: Duration::from_millis(3),
             catch_up_records: catch_up_records_for(std::thread::available_parallelism().map_or(1, usize::from)),
             event_attempts: 3,
             group: "callisto-projectors".into(),

@@ -53,7 +53,15 @@ impl Worker {
         // comes back short). Every worker starts out behind, which bounds a rebuild's start.
         let mut behind = true;
         let share = u32::try_from(batch_max.min(self.settings.catch_up_records).max(1)).unwrap_or(u32::MAX);
+        // When the last live batch was read: the next live read waits for the interval after it.
+        let mut live_read_at: Option<Instant> = None;
         while !stop.is_cancelled() {
+            if !behind && let Some(due) = live_read_at.map(|at| at + self.settings.live_read_interval) {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep_until(due.into()) => {}
+                }
+            }
             // While catching up: the budget this batch holds, and the batch decoded from the same
             // records by another projection's worker, if one was handed over with its budget.
             let Budget { permit: budget, handed, reading } = if behind {
@@ -73,7 +81,12 @@ impl Worker {
                 }
                 None => {
                     let wait = if behind { Duration::ZERO } else { self.settings.poll_wait };
+                    let read_at = Instant::now();
                     let Some(records) = self.next_batch(batch_max, wait, &stop).await else { return };
+                    // A read that found records at once follows traffic; one that waited for
+                    // them, or found none, came after a quiet spell and holds nothing back.
+                    live_read_at = (!records.is_empty() && read_at.elapsed() < self.settings.live_read_interval)
+                        .then_some(read_at);
                     (Arc::new(records), None)
                 }
             };
