@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use callisto_avro::{Codec, EmbeddedRegistry};
-use callisto_core::log::{AppendRequest, EmbeddedLog, EmbeddedLogOptions, EventLog};
+use callisto_core::log::{EmbeddedLog, EmbeddedLogOptions, EventLog};
 use callisto_core::privacy::EventReader;
 use callisto_core::readmodel::{Checkpoints, EventBatch, Projection, StoreError};
 use callisto_projectors::{Projector, ProjectorSettings};
@@ -114,15 +114,7 @@ async fn a_backlog_is_worked_off_by_two_projections_within_one_catch_up_budget_a
     log.ensure_topic(TOPIC, PARTITIONS).await.unwrap();
     let mut expected = Vec::with_capacity(EVENTS);
     for _ in 0..EVENTS {
-        let event = common::note("backlog");
-        let request = AppendRequest {
-            topic: TOPIC.into(),
-            key: event.meta().person_id.to_string().into_bytes(),
-            payload: codec.encode(&event).unwrap(),
-            headers: Vec::new(),
-            idempotency: None,
-        };
-        let appended = log.append(request).await.unwrap();
+        let appended = log.append(common::note_append(&codec, TOPIC, "backlog")).await.unwrap();
         expected.push((appended.partition, appended.offset));
     }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use callisto_avro::{Codec, EmbeddedRegistry};
-use callisto_core::log::{AppendRequest, EventLog, KafkaLog, KafkaLogOptions};
+use callisto_core::log::{EventLog, KafkaLog, KafkaLogOptions};
 use callisto_core::privacy::EventReader;
 use callisto_core::readmodel::{Checkpoints, EventBatch, Projection, StoreError};
 use callisto_projectors::{Projector, ProjectorSettings, dlq};
@@ -68,16 +68,7 @@ impl Projection for Recording {
 async fn produce(log: &KafkaLog, codec: &Codec, topic: &str, count: usize, pause: Duration) -> Vec<(u32, u64)> {
     let mut positions = Vec::with_capacity(count);
     for _ in 0..count {
-        let event = common::note("handed over");
-        let key = event.meta().person_id.to_string().into_bytes();
-        let request = AppendRequest {
-            topic: topic.to_owned(),
-            key,
-            payload: codec.encode(&event).unwrap(),
-            headers: Vec::new(),
-            idempotency: None,
-        };
-        let appended = log.append(request).await.unwrap();
+        let appended = log.append(common::note_append(codec, topic, "handed over")).await.unwrap();
         positions.push((appended.partition, appended.offset));
         tokio::time::sleep(pause).await;
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use callisto_avro::{Codec, EmbeddedRegistry};
-use callisto_core::log::{AppendRequest, EmbeddedLog, EmbeddedLogOptions, EventLog};
+use callisto_core::log::{EmbeddedLog, EmbeddedLogOptions, EventLog};
 use callisto_core::privacy::EventReader;
 use callisto_core::readmodel::{Checkpoints, EventBatch, Projection, StoreError};
 use callisto_projectors::{Projector, ProjectorSettings};
@@ -63,14 +63,7 @@ async fn records_arriving_within_the_live_read_interval_share_a_batch_and_a_lone
         Arc::new(EmbeddedLog::open(&dir.path().join("log.redb"), EmbeddedLogOptions::default()).unwrap());
     log.ensure_topic(TOPIC, 1).await.unwrap();
     let append = |log: Arc<dyn EventLog>| {
-        let event = common::note("live");
-        let request = AppendRequest {
-            topic: TOPIC.into(),
-            key: event.meta().person_id.to_string().into_bytes(),
-            payload: codec.encode(&event).unwrap(),
-            headers: Vec::new(),
-            idempotency: None,
-        };
+        let request = common::note_append(&codec, TOPIC, "live");
         async move { log.append(request).await.unwrap().offset }
     };
     let projection = Arc::new(Recording {

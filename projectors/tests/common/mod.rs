@@ -15,3 +15,15 @@ pub fn note(text: &str) -> PersonEvent {
         text: text.into(),
     })
 }
+
+/// The append of [`note`] with `text` to `topic`, keyed by its person.
+pub fn note_append(codec: &callisto_avro::Codec, topic: &str, text: &str) -> callisto_core::log::AppendRequest {
+    let event = note(text);
+    callisto_core::log::AppendRequest {
+        topic: topic.to_owned(),
+        key: event.meta().person_id.to_string().into_bytes(),
+        payload: codec.encode(&event).unwrap(),
+        headers: Vec::new(),
+        idempotency: None,
+    }
+}
