@@ -55,8 +55,9 @@ pub struct ProjectorSettings {
     /// Once live, a worker reads its partition at most this often while records keep coming:
     /// those that arrive meanwhile join the next batch. Under load a commit of the log holds a
     /// record or two per partition, and reading, decoding and applying them one commit at a time
-    /// cost each projection a read transaction, a wake-up and an apply per command. A read after
-    /// a quiet spell (the last batch longer ago than this) is not held back.
+    /// cost each projection a read transaction, a wake-up and an apply per command. After a read
+    /// that found nothing, or waited longer than this for its records (a quiet spell), the next
+    /// read is not held back.
     pub live_read_interval: Duration,
     /// Records the projector's projections hold in full batches at a time, across all their
     /// partitions, while they catch up (a rebuild, a backlog): a worker reads a full batch only

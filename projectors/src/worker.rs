@@ -53,7 +53,8 @@ impl Worker {
         // comes back short). Every worker starts out behind, which bounds a rebuild's start.
         let mut behind = true;
         let share = u32::try_from(batch_max.min(self.settings.catch_up_records).max(1)).unwrap_or(u32::MAX);
-        // When the last live batch was read: the next live read waits for the interval after it.
+        // When the last live read that followed traffic started: the next waits for the interval
+        // after it.
         let mut live_read_at: Option<Instant> = None;
         while !stop.is_cancelled() {
             if !behind && let Some(due) = live_read_at.map(|at| at + self.settings.live_read_interval) {
@@ -83,10 +84,12 @@ impl Worker {
                     let wait = if behind { Duration::ZERO } else { self.settings.poll_wait };
                     let read_at = Instant::now();
                     let Some(records) = self.next_batch(batch_max, wait, &stop).await else { return };
-                    // A read that found records at once follows traffic; one that waited for
-                    // them, or found none, came after a quiet spell and holds nothing back.
-                    live_read_at = (!records.is_empty() && read_at.elapsed() < self.settings.live_read_interval)
-                        .then_some(read_at);
+                    // A live read that found records at once follows traffic; one that waited
+                    // for them, or found none, came after a quiet spell and holds nothing back.
+                    // Catch-up reads are paced by the budget instead.
+                    let following_traffic =
+                        !behind && !records.is_empty() && read_at.elapsed() < self.settings.live_read_interval;
+                    live_read_at = following_traffic.then_some(read_at);
                     (Arc::new(records), None)
                 }
             };
