@@ -224,15 +224,46 @@ fn rss_mib(pid: u32, field: &str) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// CPU time the server has used, in clock ticks: the whole process (threads that have exited
-/// included), and its threads by the group their name puts them in (see
-/// [`ServerCpu::THREAD_GROUPS`]).
-struct ServerCpu {
-    process: u64,
-    groups: Vec<u64>,
+/// What the server has used so far: CPU time in clock ticks and bytes it sent towards the disk,
+/// for the whole process (threads that have exited included) and for its threads by the group
+/// their name puts them in (see [`ServerUsage::THREAD_GROUPS`]).
+struct ServerUsage {
+    process: Usage,
+    groups: Vec<Usage>,
 }
 
-impl ServerCpu {
+/// One thread's, group's or process's share.
+#[derive(Clone, Copy, Default)]
+struct Usage {
+    cpu_ticks: u64,
+    /// `write_bytes` of `/proc/…/io`: what its writes dirtied in the page cache or sent to the
+    /// disk, whether `fsync` or the kernel's writeback later flushed it. Zero where the kernel
+    /// does not account I/O per task.
+    written: u64,
+}
+
+impl Usage {
+    fn read(dir: &std::path::Path) -> Option<(String, Self)> {
+        let (name, cpu_ticks) = cpu_ticks(&std::fs::read_to_string(dir.join("stat")).ok()?)?;
+        let written = std::fs::read_to_string(dir.join("io")).ok().as_deref().and_then(write_bytes).unwrap_or(0);
+        Some((name, Self { cpu_ticks, written }))
+    }
+
+    fn add(&mut self, other: Self) {
+        self.cpu_ticks += other.cpu_ticks;
+        self.written += other.written;
+    }
+
+    /// What `self` holds beyond `less` (an earlier reading, or a part of it).
+    fn saturating_sub(self, less: Self) -> Self {
+        Self {
+            cpu_ticks: self.cpu_ticks.saturating_sub(less.cpu_ticks),
+            written: self.written.saturating_sub(less.written),
+        }
+    }
+}
+
+impl ServerUsage {
     /// Thread names (as the kernel keeps them, cut to 15 bytes) and what they do; the rest of
     /// the process's time goes to "other threads".
     const THREAD_GROUPS: [(&'static str, &'static str); 4] = [
@@ -243,17 +274,13 @@ impl ServerCpu {
     ];
 
     fn read(pid: u32) -> Option<Self> {
-        let process = cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?.1;
-        let mut groups = vec![0; Self::THREAD_GROUPS.len()];
+        let process = Usage::read(std::path::Path::new(&format!("/proc/{pid}")))?.1;
+        let mut groups = vec![Usage::default(); Self::THREAD_GROUPS.len()];
         for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
-            // A thread may exit between listing and reading: its time counts under the process.
-            let Some((name, ticks)) =
-                std::fs::read_to_string(task.path().join("stat")).ok().as_deref().and_then(cpu_ticks)
-            else {
-                continue;
-            };
+            // A thread may exit between listing and reading: its share counts under the process.
+            let Some((name, usage)) = Usage::read(&task.path()) else { continue };
             if let Some(group) = Self::THREAD_GROUPS.iter().position(|(prefix, _)| name == *prefix) {
-                groups[group] += ticks;
+                groups[group].add(usage);
             }
         }
         Some(Self { process, groups })
@@ -264,20 +291,37 @@ impl ServerCpu {
         Self { process: self.process.saturating_sub(before.process), groups }
     }
 
-    /// The server's CPU per command over a phase that ran `commands`, in µs: in all, then by
-    /// thread group.
+    /// The server's CPU per command over a phase that ran `commands`, in µs, and the bytes it
+    /// wrote per command, in KiB: in all, then by thread group. The writes show what each store
+    /// writes for a command against the few hundred bytes of its event.
     fn per_command_rows(&self, commands: f64) -> Vec<Row> {
         let tick_us = 1e6 / rustix::param::clock_ticks_per_second() as f64;
-        let per_command = |ticks: u64| ticks as f64 * tick_us / commands.max(1.0);
-        let figure = "server CPU per command at saturation";
-        let mut rows = vec![Row::new(figure, per_command(self.process), "µs")];
-        for ((_, group), ticks) in Self::THREAD_GROUPS.iter().zip(&self.groups) {
-            rows.push(Row::new(format!("{figure}: {group}"), per_command(*ticks), "µs"));
-        }
-        let other = self.process.saturating_sub(self.groups.iter().sum());
-        rows.push(Row::new(format!("{figure}: other threads (search index, exited ones)"), per_command(other), "µs"));
+        let commands = commands.max(1.0);
+        let mut rows =
+            self.rows("server CPU per command at saturation", "µs", |u| u.cpu_ticks as f64 * tick_us / commands);
+        rows.extend(
+            self.rows("server writes per command at saturation", "KiB", |u| u.written as f64 / 1024.0 / commands),
+        );
         rows
     }
+
+    /// `figure` for the process, each thread group and the threads in none.
+    fn rows(&self, figure: &str, unit: &str, value: impl Fn(&Usage) -> f64) -> Vec<Row> {
+        let mut rows = vec![Row::new(figure, value(&self.process), unit)];
+        let mut grouped = Usage::default();
+        for ((_, group), usage) in Self::THREAD_GROUPS.iter().zip(&self.groups) {
+            rows.push(Row::new(format!("{figure}: {group}"), value(usage), unit));
+            grouped.add(*usage);
+        }
+        let other = self.process.saturating_sub(grouped);
+        rows.push(Row::new(format!("{figure}: other threads (search index, exited ones)"), value(&other), unit));
+        rows
+    }
+}
+
+/// The `write_bytes` field of a `/proc/…/io` file.
+fn write_bytes(io: &str) -> Option<u64> {
+    io.lines().find_map(|line| line.strip_prefix("write_bytes:")).and_then(|v| v.trim().parse().ok())
 }
 
 /// A thread's or process's name and its user + system CPU time in clock ticks, from its
@@ -435,9 +479,9 @@ async fn http(args: HttpArgs) -> anyhow::Result<Vec<Row>> {
         }
     };
     eprintln!("phase: commands at saturation");
-    let cpu_before = pid.and_then(ServerCpu::read);
+    let usage_before = pid.and_then(ServerUsage::read);
     let commands = closed_loop(c, s, registrations(client.clone(), base.clone())).await;
-    let cpu_spent = cpu_before.zip(pid.and_then(ServerCpu::read)).map(|(before, after)| after.since(&before));
+    let used = usage_before.zip(pid.and_then(ServerUsage::read)).map(|(before, after)| after.since(&before));
     let wide_c = args.wide_connections;
     eprintln!("phase: commands at saturation, {wide_c} connections");
     let wide = closed_loop(wide_c, s, registrations(client.clone(), base.clone())).await;
@@ -451,9 +495,9 @@ async fn http(args: HttpArgs) -> anyhow::Result<Vec<Row>> {
         Row::new("command p99 at saturation", ms(&commands.latency, 0.99), "ms")
             .against("no-op p99 ms", ms(&noop.latency, 0.99)),
     );
-    if let Some(spent) = cpu_spent {
+    if let Some(used) = used {
         let commands_run = commands.throughput * s as f64;
-        rows.extend(spent.per_command_rows(commands_run));
+        rows.extend(used.per_command_rows(commands_run));
     }
     rows.push(
         Row::new(format!("command throughput at saturation, {wide_c} connections"), wide.throughput, "req/s")
@@ -983,5 +1027,12 @@ mod tests {
     fn cpu_ticks_are_user_plus_system_time_read_past_a_name_with_spaces_and_parentheses() {
         let stat = "4242 (tokio (rt) 1) S 1 4242 4242 0 -1 4194368 120 0 0 0 37 5 0 0 20 0 9 0 100 0 0";
         assert_eq!(super::cpu_ticks(stat), Some(("tokio (rt) 1".to_owned(), 42)));
+    }
+
+    #[test]
+    fn write_bytes_is_read_from_its_own_line_of_an_io_file() {
+        let io = "rchar: 900\nwchar: 800\nsyscr: 7\nsyscw: 6\nread_bytes: 4096\nwrite_bytes: 12288\ncancelled_write_bytes: 0\n";
+        assert_eq!(super::write_bytes(io), Some(12288));
+        assert_eq!(super::write_bytes("rchar: 1\n"), None);
     }
 }
