@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock};
 use apache_avro::{Schema, from_value, to_value, write_avro_datum_ref};
 use serde::de::DeserializeOwned;
 
-use crate::events::{PersonEvent, SealedPersonalData};
+use crate::events::{PersonEvent, SealedPersonalData, with_body};
 use crate::registry::{RegistryError, SchemaRegistry};
 use crate::schemas::{DatumReader, EventKind};
 
@@ -99,9 +99,7 @@ impl Codec {
         sealed: Option<&SealedPersonalData>,
     ) -> Result<Vec<u8>, CodecError> {
         let kind = event.kind();
-        if sealed.is_some() && !kind.carries_personal_data() {
-            return Err(CodecError::Avro(format!("{} has no personal fields to seal", kind.name())));
-        }
+        check_sealable(kind, sealed)?;
         let mut out = Vec::with_capacity(256);
         out.push(MAGIC_BYTE);
         out.extend_from_slice(&self.writer_id(kind).to_be_bytes());
@@ -111,17 +109,7 @@ impl Codec {
         // schema's order (which the event structs keep), so the `sealed` field, the schema's
         // last, follows the event's own.
         let schema = kind.schema();
-        let written = match event {
-            PersonEvent::Registered(e) => write_avro_datum_ref(schema, e, &mut out),
-            PersonEvent::Renamed(e) => write_avro_datum_ref(schema, e, &mut out),
-            PersonEvent::ContactChanged(e) => write_avro_datum_ref(schema, e, &mut out),
-            PersonEvent::AddressChanged(e) => write_avro_datum_ref(schema, e, &mut out),
-            PersonEvent::NoteAdded(e) => write_avro_datum_ref(schema, e, &mut out),
-            PersonEvent::Tagged(e) | PersonEvent::Untagged(e) => write_avro_datum_ref(schema, e, &mut out),
-            PersonEvent::Archived(e) => write_avro_datum_ref(schema, e, &mut out),
-            PersonEvent::Erased(e) => write_avro_datum_ref(schema, e, &mut out),
-        };
-        written.map_err(avro_err)?;
+        with_body!(event, e => write_avro_datum_ref(schema, e, &mut out)).map_err(avro_err)?;
         if let Some(field) = sealed_field(schema) {
             write_avro_datum_ref(&field.schema, &sealed, &mut out).map_err(avro_err)?;
         }
@@ -136,24 +124,12 @@ impl Codec {
         sealed: Option<&SealedPersonalData>,
     ) -> Result<apache_avro::types::Value, CodecError> {
         let kind = event.kind();
-        let value = match event {
-            PersonEvent::Registered(e) => to_value(e),
-            PersonEvent::Renamed(e) => to_value(e),
-            PersonEvent::ContactChanged(e) => to_value(e),
-            PersonEvent::AddressChanged(e) => to_value(e),
-            PersonEvent::NoteAdded(e) => to_value(e),
-            PersonEvent::Tagged(e) | PersonEvent::Untagged(e) => to_value(e),
-            PersonEvent::Archived(e) => to_value(e),
-            PersonEvent::Erased(e) => to_value(e),
-        };
-        let mut value = value.map_err(avro_err)?;
-        if let Some(sealed) = sealed {
-            if !kind.carries_personal_data() {
-                return Err(CodecError::Avro(format!("{} has no personal fields to seal", kind.name())));
-            }
-            if let apache_avro::types::Value::Record(fields) = &mut value {
-                fields.push((SEALED_FIELD.to_owned(), to_value(sealed).map_err(avro_err)?));
-            }
+        check_sealable(kind, sealed)?;
+        let mut value = with_body!(event, e => to_value(e)).map_err(avro_err)?;
+        if let Some(sealed) = sealed
+            && let apache_avro::types::Value::Record(fields) = &mut value
+        {
+            fields.push((SEALED_FIELD.to_owned(), to_value(sealed).map_err(avro_err)?));
         }
         value.resolve(kind.schema()).map_err(avro_err)
     }
@@ -229,6 +205,14 @@ impl Codec {
 
 /// The field of v2 records that holds the sealed personal data.
 pub const SEALED_FIELD: &str = "sealed";
+
+/// Only kinds that carry personal data have a `sealed` field to set.
+fn check_sealable(kind: EventKind, sealed: Option<&SealedPersonalData>) -> Result<(), CodecError> {
+    if sealed.is_some() && !kind.carries_personal_data() {
+        return Err(CodecError::Avro(format!("{} has no personal fields to seal", kind.name())));
+    }
+    Ok(())
+}
 
 /// The schema's `sealed` field, which kinds that carry personal data have last.
 fn sealed_field(schema: &Schema) -> Option<&apache_avro::schema::RecordField> {

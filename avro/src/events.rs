@@ -177,6 +177,25 @@ pub struct EventMeta<'a> {
     pub correlation_id: &'a str,
 }
 
+/// `$body` evaluated with `$e` bound to the event's own struct, whichever variant holds it: one
+/// expression for code that is the same for every kind but needs the concrete type (serde,
+/// the shared fields).
+macro_rules! with_body {
+    ($event:expr, $e:ident => $body:expr) => {
+        match $event {
+            PersonEvent::Registered($e) => $body,
+            PersonEvent::Renamed($e) => $body,
+            PersonEvent::ContactChanged($e) => $body,
+            PersonEvent::AddressChanged($e) => $body,
+            PersonEvent::NoteAdded($e) => $body,
+            PersonEvent::Tagged($e) | PersonEvent::Untagged($e) => $body,
+            PersonEvent::Archived($e) => $body,
+            PersonEvent::Erased($e) => $body,
+        }
+    };
+}
+pub(crate) use with_body;
+
 macro_rules! meta_of {
     ($e:expr) => {
         EventMeta {
@@ -204,16 +223,7 @@ impl PersonEvent {
     }
 
     pub fn meta(&self) -> EventMeta<'_> {
-        match self {
-            PersonEvent::Registered(e) => meta_of!(e),
-            PersonEvent::Renamed(e) => meta_of!(e),
-            PersonEvent::ContactChanged(e) => meta_of!(e),
-            PersonEvent::AddressChanged(e) => meta_of!(e),
-            PersonEvent::NoteAdded(e) => meta_of!(e),
-            PersonEvent::Tagged(e) | PersonEvent::Untagged(e) => meta_of!(e),
-            PersonEvent::Archived(e) => meta_of!(e),
-            PersonEvent::Erased(e) => meta_of!(e),
-        }
+        with_body!(self, e => meta_of!(e))
     }
 
     /// Moves the personal fields out, leaving them blank: empty strings where the schema

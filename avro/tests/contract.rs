@@ -305,6 +305,20 @@ fn the_wire_body_is_what_apache_avro_writes_for_the_resolved_value() {
 }
 
 #[test]
+fn only_kinds_with_personal_fields_take_sealed_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let codec = codec(dir.path());
+    let sealed = sealed_sample();
+    let mut refused = 0;
+    for event in sample_events().into_iter().filter(|e| !e.carries_personal_data()) {
+        assert!(codec.encode_sealed(&event, Some(&sealed)).is_err(), "{:?} was encoded sealed", event.kind());
+        assert!(Codec::to_value(&event, Some(&sealed)).is_err(), "{:?} became a sealed value", event.kind());
+        refused += 1;
+    }
+    assert!(refused > 0, "the samples hold kinds without personal fields");
+}
+
+#[test]
 fn a_v1_consumer_reads_v2_sealed_events_and_v2_reads_v1_clear_events() {
     let dir = tempfile::tempdir().unwrap();
     let codec = codec(dir.path());
