@@ -9,9 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use callisto_avro::{Codec, EmbeddedRegistry};
-use callisto_core::log::{EmbeddedLog, EmbeddedLogOptions, EventLog};
-use callisto_core::privacy::EventReader;
 use callisto_core::readmodel::{Checkpoints, EventBatch, Projection, StoreError};
 use callisto_projectors::{Projector, ProjectorSettings};
 use tokio::sync::watch;
@@ -106,12 +103,8 @@ impl Projection for Counting {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_is_worked_off_by_two_projections_within_one_catch_up_budget_and_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
-    let codec =
-        Arc::new(Codec::new(Arc::new(EmbeddedRegistry::open(&dir.path().join("s.redb")).unwrap()), TOPIC).unwrap());
-    let reader = Arc::new(EventReader::new(codec.clone(), callisto_core::privacy::open_embedded(dir.path()).unwrap()));
-    let log: Arc<dyn EventLog> =
-        Arc::new(EmbeddedLog::open(&dir.path().join("log.redb"), EmbeddedLogOptions::default()).unwrap());
-    log.ensure_topic(TOPIC, PARTITIONS).await.unwrap();
+    let (codec, reader) = common::codec_and_reader(dir.path(), TOPIC);
+    let log = common::embedded_log(dir.path(), TOPIC, PARTITIONS).await;
     let mut expected = Vec::with_capacity(EVENTS);
     for _ in 0..EVENTS {
         let appended = log.append(common::note_append(&codec, TOPIC, "backlog")).await.unwrap();

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use callisto_avro::{Codec, EmbeddedRegistry};
+use callisto_avro::Codec;
 use callisto_core::log::{EventLog, KafkaLog, KafkaLogOptions};
 use callisto_core::privacy::EventReader;
 use callisto_core::readmodel::{Checkpoints, EventBatch, Projection, StoreError};
@@ -126,9 +126,7 @@ async fn members_share_partitions_and_hand_them_over_without_loss_or_repeats() {
     options.properties.insert("session.timeout.ms".into(), "6000".into());
     options.properties.insert("heartbeat.interval.ms".into(), "500".into());
     let dir = tempfile::tempdir().unwrap();
-    let codec =
-        Arc::new(Codec::new(Arc::new(EmbeddedRegistry::open(&dir.path().join("s.redb")).unwrap()), &topic).unwrap());
-    let reader = Arc::new(EventReader::new(codec.clone(), callisto_core::privacy::open_embedded(dir.path()).unwrap()));
+    let (codec, reader) = common::codec_and_reader(dir.path(), &topic);
     let producer = KafkaLog::new(options.clone()).unwrap();
     let mut settings = ProjectorSettings::new(&topic);
     settings.group = format!("group-test-{}", Uuid::new_v4().simple());

@@ -7,9 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use callisto_avro::{Codec, EmbeddedRegistry};
-use callisto_core::log::{EmbeddedLog, EmbeddedLogOptions, EventLog};
-use callisto_core::privacy::EventReader;
+use callisto_core::log::EventLog;
 use callisto_core::readmodel::{Checkpoints, EventBatch, Projection, StoreError};
 use callisto_projectors::{Projector, ProjectorSettings};
 use tokio::sync::watch;
@@ -56,12 +54,8 @@ impl Projection for Recording {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_arriving_within_the_live_read_interval_share_a_batch_and_a_lone_one_is_not_held_back() {
     let dir = tempfile::tempdir().unwrap();
-    let codec =
-        Arc::new(Codec::new(Arc::new(EmbeddedRegistry::open(&dir.path().join("s.redb")).unwrap()), TOPIC).unwrap());
-    let reader = Arc::new(EventReader::new(codec.clone(), callisto_core::privacy::open_embedded(dir.path()).unwrap()));
-    let log: Arc<dyn EventLog> =
-        Arc::new(EmbeddedLog::open(&dir.path().join("log.redb"), EmbeddedLogOptions::default()).unwrap());
-    log.ensure_topic(TOPIC, 1).await.unwrap();
+    let (codec, reader) = common::codec_and_reader(dir.path(), TOPIC);
+    let log = common::embedded_log(dir.path(), TOPIC, 1).await;
     let append = |log: Arc<dyn EventLog>| {
         let request = common::note_append(&codec, TOPIC, "live");
         async move { log.append(request).await.unwrap().offset }
