@@ -38,6 +38,9 @@ enum Mode {
     Http(HttpArgs),
     /// Rebuild of the read models from an embedded log of N events.
     Rebuild(RebuildArgs),
+    /// What the embedded log's group commits write and cost per append, against appending the
+    /// same records to a plain file with one `fdatasync` per commit.
+    LogCommits(LogCommitsArgs),
     /// The rebuild half of `rebuild`, run by it in a separate process.
     #[command(hide = true)]
     RebuildChild {
@@ -79,6 +82,25 @@ struct HttpArgs {
     #[arg(long, default_value_t = 2000)]
     freshness_rate: u64,
     /// Write the rows as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct LogCommitsArgs {
+    /// Rounds of concurrent appends.
+    #[arg(long, default_value_t = 3000)]
+    rounds: u64,
+    /// Appends sent at once in each round: about what one group commit holds under the HTTP
+    /// load (`callisto_log_group_commit_size`).
+    #[arg(long, default_value_t = 11)]
+    appends: u64,
+    /// Partitions of the topic.
+    #[arg(long, default_value_t = 12)]
+    partitions: u32,
+    /// Where the log and the file are written (a fresh directory under it, removed after).
+    #[arg(long, default_value = "target")]
+    dir: PathBuf,
     #[arg(long)]
     json: Option<PathBuf>,
 }
@@ -127,6 +149,10 @@ fn main() -> anyhow::Result<()> {
         Mode::Rebuild(args) => {
             let json = args.json.clone();
             (runtime.block_on(rebuild::run(args.events, args.projections))?, json)
+        }
+        Mode::LogCommits(args) => {
+            let json = args.json.clone();
+            (runtime.block_on(log_commits::run(&args))?, json)
         }
         Mode::RebuildChild { dir, total, projections, models } => {
             #[cfg(feature = "dhat-heap")]
@@ -661,6 +687,125 @@ async fn http(args: HttpArgs) -> anyhow::Result<Vec<Row>> {
         rows.push(Row::new("server peak RSS during the run", peak, "MiB"));
     }
     Ok(rows)
+}
+
+/// `loadgen log-commits`: the embedded log's cost per append, in bytes written, CPU and wall
+/// time, against the least any durable log must do for the same records: write them once to a
+/// file and `fdatasync` it, once per commit of as many records as the log's commits held.
+mod log_commits {
+    use std::io::Write as _;
+    use std::os::unix::fs::FileExt as _;
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use callisto_avro::{Codec, EmbeddedRegistry};
+    use callisto_benches::fixtures;
+    use callisto_benches::stats::Row;
+    use callisto_core::log::{AppendRequest, EmbeddedLog, EmbeddedLogOptions, EventLog};
+
+    use super::{LogCommitsArgs, Usage};
+
+    const TOPIC: &str = "persons";
+    /// The W3C trace context every command's record carries.
+    const TRACEPARENT: &[u8] = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    /// What one side spent over its rounds.
+    struct Spent {
+        usage: Usage,
+        seconds: f64,
+        commits: u64,
+    }
+
+    fn measure(run: impl FnOnce() -> anyhow::Result<u64>) -> anyhow::Result<Spent> {
+        let process = Path::new("/proc/self");
+        let before = Usage::read(process).map(|(_, u)| u).unwrap_or_default();
+        let started = Instant::now();
+        let commits = run()?;
+        let seconds = started.elapsed().as_secs_f64();
+        let after = Usage::read(process).map(|(_, u)| u).unwrap_or_default();
+        Ok(Spent { usage: after.saturating_sub(before), seconds, commits })
+    }
+
+    pub async fn run(args: &LogCommitsArgs) -> anyhow::Result<Vec<Row>> {
+        std::fs::create_dir_all(&args.dir)?;
+        let dir = tempfile::tempdir_in(&args.dir)?;
+        let codec = Codec::new(Arc::new(EmbeddedRegistry::open(&dir.path().join("schemas.redb"))?), TOPIC)?;
+        let requests: Vec<AppendRequest> = (0..args.rounds * args.appends)
+            .map(|_| {
+                let event = fixtures::registered();
+                Ok(AppendRequest {
+                    topic: TOPIC.into(),
+                    key: event.meta().person_id.to_string().into_bytes(),
+                    payload: codec.encode(&event)?,
+                    headers: vec![("traceparent".into(), TRACEPARENT.to_vec())],
+                    idempotency: None,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let record_len = |r: &AppendRequest| {
+            r.key.len() + r.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() + r.payload.len()
+        };
+        let record_bytes = requests.iter().map(record_len).sum::<usize>() as f64 / requests.len() as f64;
+
+        let log = Arc::new(EmbeddedLog::open(&dir.path().join("log.redb"), EmbeddedLogOptions::default())?);
+        log.ensure_topic(TOPIC, args.partitions).await?;
+        let handle = tokio::runtime::Handle::current();
+        let appends = args.appends as usize;
+        let callisto = tokio::task::block_in_place(|| {
+            measure(|| {
+                let commits_before = log.commit_count();
+                for round in requests.chunks(appends) {
+                    handle.block_on(async {
+                        let sent = round.iter().map(|r| log.append(r.clone()));
+                        for appended in futures::future::join_all(sent).await {
+                            appended?;
+                        }
+                        anyhow::Ok(())
+                    })?;
+                }
+                Ok(log.commit_count() - commits_before)
+            })
+        })?;
+        let per_commit = (requests.len() as f64 / callisto.commits.max(1) as f64).round().max(1.0) as usize;
+
+        // The same records, framed (length, key, header, payload), as many per commit as the
+        // log's commits held.
+        let file = std::fs::File::create(dir.path().join("append-only"))?;
+        let baseline = measure(|| {
+            let mut at = 0u64;
+            let mut commits = 0;
+            for group in requests.chunks(per_commit) {
+                let mut frames = Vec::new();
+                for r in group {
+                    let (name, value) = &r.headers[0];
+                    frames.write_all(&(record_len(r) as u32).to_le_bytes())?;
+                    for part in [&r.key[..], name.as_bytes(), value, &r.payload] {
+                        frames.write_all(part)?;
+                    }
+                }
+                file.write_all_at(&frames, at)?;
+                file.sync_data()?;
+                at += frames.len() as u64;
+                commits += 1;
+            }
+            Ok(commits)
+        })?;
+
+        let tick_us = 1e6 / rustix::param::clock_ticks_per_second() as f64;
+        let n = requests.len() as f64;
+        let figure = |what: &str| format!("embedded log, {} appends at once: {what}", args.appends);
+        Ok(vec![
+            Row::new(figure("record size (key, trace header, payload)"), record_bytes, "B"),
+            Row::new(figure("appends per group commit"), n / callisto.commits.max(1) as f64, "appends"),
+            Row::new(figure("bytes written per append"), callisto.usage.written as f64 / n, "B")
+                .against("append-only file B", baseline.usage.written as f64 / n),
+            Row::new(figure("CPU per append"), callisto.usage.cpu_ticks as f64 * tick_us / n, "µs")
+                .against("append-only file µs", baseline.usage.cpu_ticks as f64 * tick_us / n),
+            Row::new(figure("wall time per commit"), callisto.seconds * 1e6 / callisto.commits.max(1) as f64, "µs")
+                .against("append-only file µs", baseline.seconds * 1e6 / baseline.commits.max(1) as f64),
+        ])
+    }
 }
 
 mod rebuild {
