@@ -699,6 +699,7 @@ mod log_commits {
     use std::sync::Arc;
     use std::time::Instant;
 
+    use anyhow::Context as _;
     use callisto_avro::{Codec, EmbeddedRegistry};
     use callisto_benches::fixtures;
     use callisto_benches::stats::Row;
@@ -718,12 +719,12 @@ mod log_commits {
     }
 
     fn measure(run: impl FnOnce() -> anyhow::Result<u64>) -> anyhow::Result<Spent> {
-        let process = Path::new("/proc/self");
-        let before = Usage::read(process).map(|(_, u)| u).unwrap_or_default();
+        let own = || Usage::read(Path::new("/proc/self")).map(|(_, u)| u).context("reading /proc/self");
+        let before = own()?;
         let started = Instant::now();
         let commits = run()?;
         let seconds = started.elapsed().as_secs_f64();
-        let after = Usage::read(process).map(|(_, u)| u).unwrap_or_default();
+        let after = own()?;
         Ok(Spent { usage: after.saturating_sub(before), seconds, commits })
     }
 
