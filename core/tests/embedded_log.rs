@@ -97,6 +97,66 @@ async fn everything_survives_a_reopen() {
     assert_eq!(at.offset, before);
 }
 
+/// A crash between flushes: what the journal acknowledged is in the log after it, positions,
+/// timestamps and idempotency keys included, and a frame torn by the crash is ignored.
+#[tokio::test]
+async fn appends_only_journaled_at_a_crash_are_there_after_it() {
+    let live = tempfile::tempdir().unwrap();
+    let crashed = tempfile::tempdir().unwrap();
+    // Nothing reaches redb while the log is open.
+    let options = EmbeddedLogOptions {
+        flush_interval: Duration::from_secs(3600),
+        flush_records: usize::MAX,
+        ..EmbeddedLogOptions::default()
+    };
+    let mut written = Vec::new();
+    {
+        let log = EmbeddedLog::open(&live.path().join("log.redb"), options.clone()).unwrap();
+        log.ensure_topic(TOPIC, 4).await.unwrap();
+        for i in 0..30 {
+            let idempotency =
+                (i % 10 == 0).then(|| IdempotencyKey { key: format!("retry-{i}"), fingerprint: [i as u8; 32] });
+            let at = log
+                .append(AppendRequest { idempotency, ..request(&format!("k{}", i % 7), &format!("payload-{i}")) })
+                .await
+                .unwrap();
+            written.push((at, format!("payload-{i}")));
+        }
+        // The files as a power cut would leave them: redb before any of these appends, and the
+        // journal with a frame half written after them.
+        let mut journals = 0;
+        for entry in std::fs::read_dir(live.path()).unwrap() {
+            let path = entry.unwrap().path();
+            let copy = crashed.path().join(path.file_name().unwrap());
+            std::fs::copy(&path, &copy).unwrap();
+            if copy.to_string_lossy().contains("-journal-") {
+                journals += 1;
+                let mut torn = std::fs::OpenOptions::new().append(true).open(&copy).unwrap();
+                std::io::Write::write_all(&mut torn, &[200, 0, 0, 0, 1, 2, 3, 4, 5, 6]).unwrap();
+            }
+        }
+        assert_eq!(journals, 1, "one journal file holds the appends");
+    }
+    let log = EmbeddedLog::open(&crashed.path().join("log.redb"), options).unwrap();
+    let ends = log.end_offsets(TOPIC).await.unwrap();
+    assert_eq!(ends.iter().sum::<u64>(), 30);
+    for (at, payload) in &written {
+        let got = log.read(TOPIC, at.partition, at.offset, 1, Duration::ZERO).await.unwrap();
+        assert_eq!((got[0].offset, got[0].timestamp_ms), (at.offset, at.timestamp_ms));
+        assert_eq!(got[0].payload, payload.as_bytes());
+    }
+    let retried = AppendRequest {
+        idempotency: Some(IdempotencyKey { key: "retry-10".into(), fingerprint: [10; 32] }),
+        ..request("k3", "payload-10")
+    };
+    let again = log.append(retried).await.unwrap();
+    assert!(again.replayed, "the key taken before the crash is remembered");
+    assert_eq!((again.partition, again.offset), (written[10].0.partition, written[10].0.offset));
+    // Appends go on after the recovered ones.
+    let next = log.append(request("k0", "after")).await.unwrap();
+    assert_eq!(next.offset, ends[next.partition as usize]);
+}
+
 /// A feed records its first position at once and its last as soon as a read finds the partition
 /// idle; that it skips the ones between is the next case.
 #[tokio::test]
