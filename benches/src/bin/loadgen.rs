@@ -293,9 +293,10 @@ impl Usage {
 impl ServerUsage {
     /// Thread names (as the kernel keeps them, cut to 15 bytes) and what they do; the rest of
     /// the process's time goes to "other threads".
-    const THREAD_GROUPS: [(&'static str, &'static str); 4] = [
+    const THREAD_GROUPS: [(&'static str, &'static str); 5] = [
         ("tokio-rt-worker", "async runtime (HTTP, handlers, projectors)"),
         ("callisto-log-wr", "log writer"),
+        ("callisto-log-fl", "log flusher"),
         ("callisto-docume", "documents writer"),
         ("callisto-key-wr", "data-key writer"),
     ];
