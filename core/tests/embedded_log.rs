@@ -97,6 +97,55 @@ async fn everything_survives_a_reopen() {
     assert_eq!(at.offset, before);
 }
 
+/// Copies the log's files as a power cut would leave them, each journal file's end torn; returns
+/// how many journal files there were.
+fn crash_image(live: &std::path::Path, crashed: &std::path::Path) -> usize {
+    let mut journals = 0;
+    for entry in std::fs::read_dir(live).unwrap() {
+        let path = entry.unwrap().path();
+        let copy = crashed.join(path.file_name().unwrap());
+        std::fs::copy(&path, &copy).unwrap();
+        if copy.to_string_lossy().contains("-journal-") {
+            journals += 1;
+            let mut torn = std::fs::OpenOptions::new().append(true).open(&copy).unwrap();
+            std::io::Write::write_all(&mut torn, &[200, 0, 0, 0, 1, 2, 3, 4, 5, 6]).unwrap();
+        }
+    }
+    journals
+}
+
+/// Journal files are written over once flushed: a crash then finds old frames past the new ones
+/// in the same file, and must apply the new ones alone.
+#[tokio::test]
+async fn a_crash_after_journal_files_were_written_over_applies_only_the_unflushed_groups() {
+    let live = tempfile::tempdir().unwrap();
+    let crashed = tempfile::tempdir().unwrap();
+    // A journal file is closed every 4 records and only then.
+    let options = EmbeddedLogOptions {
+        flush_interval: Duration::from_secs(3600),
+        flush_records: 4,
+        ..EmbeddedLogOptions::default()
+    };
+    let log = EmbeddedLog::open(&live.path().join("log.redb"), options.clone()).unwrap();
+    log.ensure_topic(TOPIC, 3).await.unwrap();
+    let mut written = Vec::new();
+    for i in 0..42 {
+        let at = log.append(request(&format!("k{}", i % 5), &format!("payload-{i}"))).await.unwrap();
+        written.push((at, format!("payload-{i}")));
+    }
+    // The flusher has taken every closed file; the last two appends are in the journal alone.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let journals = crash_image(live.path(), crashed.path());
+    assert!(journals <= 1 + 2, "flushed journal files are written over or removed, not kept: {journals}");
+    drop(log);
+    let log = EmbeddedLog::open(&crashed.path().join("log.redb"), options).unwrap();
+    assert_eq!(log.end_offsets(TOPIC).await.unwrap().iter().sum::<u64>(), 42);
+    for (at, payload) in &written {
+        let got = log.read(TOPIC, at.partition, at.offset, 1, Duration::ZERO).await.unwrap();
+        assert_eq!((got[0].offset, got[0].payload.as_slice()), (at.offset, payload.as_bytes()));
+    }
+}
+
 /// A crash between flushes: what the journal acknowledged is in the log after it, positions,
 /// timestamps and idempotency keys included, and a frame torn by the crash is ignored.
 #[tokio::test]
@@ -124,18 +173,7 @@ async fn appends_only_journaled_at_a_crash_are_there_after_it() {
         }
         // The files as a power cut would leave them: redb before any of these appends, and the
         // journal with a frame half written after them.
-        let mut journals = 0;
-        for entry in std::fs::read_dir(live.path()).unwrap() {
-            let path = entry.unwrap().path();
-            let copy = crashed.path().join(path.file_name().unwrap());
-            std::fs::copy(&path, &copy).unwrap();
-            if copy.to_string_lossy().contains("-journal-") {
-                journals += 1;
-                let mut torn = std::fs::OpenOptions::new().append(true).open(&copy).unwrap();
-                std::io::Write::write_all(&mut torn, &[200, 0, 0, 0, 1, 2, 3, 4, 5, 6]).unwrap();
-            }
-        }
-        assert_eq!(journals, 1, "one journal file holds the appends");
+        assert_eq!(crash_image(live.path(), crashed.path()), 1, "one journal file holds the appends");
     }
     let log = EmbeddedLog::open(&crashed.path().join("log.redb"), options).unwrap();
     let ends = log.end_offsets(TOPIC).await.unwrap();

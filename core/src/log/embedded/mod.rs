@@ -71,6 +71,8 @@ const APPLIED_GROUP: &str = "applied";
 const PURGE_BATCH: usize = 10_000;
 /// Closed journal files waiting for the flusher before the writer waits for it.
 const FLUSH_QUEUE: usize = 2;
+/// Flushed journal files kept to be written over instead of deleted.
+const SPARE_JOURNALS: usize = 2;
 
 /// The on-disk form of one record; position is in the table key.
 #[derive(Serialize, Deserialize)]
@@ -224,6 +226,7 @@ impl EmbeddedLog {
         let db = Arc::new(db);
         let (queue, messages) = std::sync::mpsc::sync_channel(options.queue_capacity.max(1));
         let (flushes, jobs) = std::sync::mpsc::sync_channel(FLUSH_QUEUE);
+        let (spare, spares) = std::sync::mpsc::sync_channel(SPARE_JOURNALS);
         let commits = Arc::new(AtomicU64::new(0));
         let arrivals = Arc::new(Arrivals::default());
         let tail = Arc::new(Tail::default());
@@ -233,7 +236,7 @@ impl EmbeddedLog {
             let retention = options.idempotency_retention;
             std::thread::Builder::new()
                 .name("callisto-log-flusher".into())
-                .spawn(move || flusher_loop(&db, jobs, &tail, retention, &closing))
+                .spawn(move || flusher_loop(&db, jobs, &spare, &tail, retention, &closing))
                 .map_err(unavailable)?
         };
         let writer = {
@@ -248,6 +251,7 @@ impl EmbeddedLog {
                 ends: HashMap::new(),
                 tail: tail.clone(),
                 flushes,
+                spares,
                 failed: None,
                 options,
             };
@@ -377,6 +381,8 @@ struct Writer {
     ends: HashMap<(String, u32), (u64, i64)>,
     tail: Arc<Tail>,
     flushes: SyncSender<FlushJob>,
+    /// Flushed journal files the flusher hands back to be written over.
+    spares: Receiver<PathBuf>,
     /// Set when a failed group's frame could not be removed from the journal: the writer stops,
     /// and the next open settles what the journal holds.
     failed: Option<String>,
@@ -617,7 +623,15 @@ impl Writer {
         } else if closing {
             self.journal.take().map(|journal| journal.path().to_path_buf())
         } else {
-            match JournalFile::create(&self.log_path, self.next_group) {
+            let next = match self.spares.try_recv() {
+                Ok(spare) => JournalFile::reuse(&spare, &self.log_path, self.next_group).or_else(|e| {
+                    tracing::warn!(error = %e, "reusing a flushed log journal file failed; starting a new one");
+                    let _ = std::fs::remove_file(&spare);
+                    JournalFile::create(&self.log_path, self.next_group)
+                }),
+                Err(_) => JournalFile::create(&self.log_path, self.next_group),
+            };
+            match next {
                 Ok(next) => self.journal.replace(next).map(|journal| journal.path().to_path_buf()),
                 // The flush goes ahead; the file stays in use, and its flushed groups are skipped
                 // when it is read.
@@ -648,7 +662,14 @@ impl Writer {
 /// Moves each closed journal file's appends into redb, in the order they were handed over,
 /// retrying a failed flush until it succeeds: a later one must not pass it. Purges expired
 /// idempotency keys between flushes.
-fn flusher_loop(db: &Database, jobs: Receiver<FlushJob>, tail: &Tail, retention: Duration, closing: &AtomicBool) {
+fn flusher_loop(
+    db: &Database,
+    jobs: Receiver<FlushJob>,
+    spares: &SyncSender<PathBuf>,
+    tail: &Tail,
+    retention: Duration,
+    closing: &AtomicBool,
+) {
     let purge_every = retention.min(Duration::from_secs(3600));
     let mut purged_at = Instant::now();
     while let Ok(job) = jobs.recv() {
@@ -668,10 +689,12 @@ fn flusher_loop(db: &Database, jobs: Receiver<FlushJob>, tail: &Tail, retention:
         match flushed {
             Ok(()) => {
                 tail.flushed(&job.appends);
-                if let Some(path) = &job.journal
-                    && let Err(e) = std::fs::remove_file(path)
+                // Its groups are all in redb now, and are skipped when it is read: the writer may
+                // write over it, or it goes.
+                if let Some(path) = job.journal
+                    && let Err(TrySendError::Full(path) | TrySendError::Disconnected(path)) = spares.try_send(path)
+                    && let Err(e) = std::fs::remove_file(&path)
                 {
-                    // Its groups are all in redb now, and are skipped when it is read.
                     tracing::warn!(error = %e, path = %path.display(), "removing a flushed log journal file failed");
                 }
                 if let Some(done) = job.done {
@@ -716,31 +739,35 @@ fn flush(db: &Database, job: &FlushJob) -> Result<(), LogError> {
     txn.commit().map_err(unavailable)
 }
 
-/// Applies the journal files' groups past the tables' last one, durably, and removes the
-/// files: what a crash left to redo. Returns the number of the last group.
+/// Applies the journal files' groups past the tables' last one, in order of their numbers,
+/// durably, and removes the files: what a crash left to redo. Returns the number of the last
+/// group.
 fn recover(db: &Database, path: &Path) -> Result<u64, LogError> {
     let files = journal::existing(path).map_err(unavailable)?;
+    let contents = files.iter().map(std::fs::read).collect::<Result<Vec<_>, _>>().map_err(unavailable)?;
     let txn = db.begin_write().map_err(unavailable)?;
     let (last, appends) = {
         let mut tables = GroupTables::open(&txn)?;
         let applied = tables.applied_group()?;
+        // A file written over since, or renamed by a rename a crash lost, may sit anywhere in
+        // the listing: the numbers decide the order.
+        let mut pending: Vec<JournalGroup<'_>> =
+            contents.iter().flat_map(|c| journal::groups(c)).filter(|group| group.sequence > applied).collect();
+        pending.sort_by_key(|group| group.sequence);
         let (mut last, mut appends) = (applied, 0);
-        for file in &files {
-            let contents = std::fs::read(file).map_err(unavailable)?;
-            for group in journal::groups(&contents).iter().filter(|group| group.sequence > applied) {
-                if group.sequence != last + 1 {
-                    return Err(LogError::Unavailable(format!(
-                        "the log's journal holds group {} after group {last}: groups are missing; {} needs attention",
-                        group.sequence,
-                        file.display()
-                    )));
-                }
-                for append in &group.appends {
-                    tables.store(append)?;
-                }
-                appends += group.appends.len();
-                last = group.sequence;
+        for group in &pending {
+            if group.sequence != last + 1 {
+                return Err(LogError::Unavailable(format!(
+                    "the log's journal holds group {} after group {last}: groups are missing; the files {}-journal-* need attention",
+                    group.sequence,
+                    path.display()
+                )));
             }
+            for append in &group.appends {
+                tables.store(append)?;
+            }
+            appends += group.appends.len();
+            last = group.sequence;
         }
         tables.set_applied_group(last)?;
         (last, appends)
