@@ -97,6 +97,16 @@ async fn everything_survives_a_reopen() {
     assert_eq!(at.offset, before);
 }
 
+/// Options under which the writer closes a journal file for the flusher every `records`
+/// records, and never on a timer.
+fn flushed_every(records: usize) -> EmbeddedLogOptions {
+    EmbeddedLogOptions {
+        flush_interval: Duration::from_secs(3600),
+        flush_records: records,
+        ..EmbeddedLogOptions::default()
+    }
+}
+
 /// Copies the log's files as a power cut would leave them, each journal file's end torn; returns
 /// how many journal files there were.
 fn crash_image(live: &std::path::Path, crashed: &std::path::Path) -> usize {
@@ -121,11 +131,7 @@ async fn a_crash_after_journal_files_were_written_over_applies_only_the_unflushe
     let live = tempfile::tempdir().unwrap();
     let crashed = tempfile::tempdir().unwrap();
     // A journal file is closed every 4 records and only then.
-    let options = EmbeddedLogOptions {
-        flush_interval: Duration::from_secs(3600),
-        flush_records: 4,
-        ..EmbeddedLogOptions::default()
-    };
+    let options = flushed_every(4);
     let log = EmbeddedLog::open(&live.path().join("log.redb"), options.clone()).unwrap();
     log.ensure_topic(TOPIC, 3).await.unwrap();
     let mut written = Vec::new();
@@ -153,11 +159,7 @@ async fn appends_only_journaled_at_a_crash_are_there_after_it() {
     let live = tempfile::tempdir().unwrap();
     let crashed = tempfile::tempdir().unwrap();
     // Nothing reaches redb while the log is open.
-    let options = EmbeddedLogOptions {
-        flush_interval: Duration::from_secs(3600),
-        flush_records: usize::MAX,
-        ..EmbeddedLogOptions::default()
-    };
+    let options = flushed_every(usize::MAX);
     let mut written = Vec::new();
     {
         let log = EmbeddedLog::open(&live.path().join("log.redb"), options.clone()).unwrap();

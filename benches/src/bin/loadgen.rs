@@ -489,15 +489,15 @@ async fn http(args: HttpArgs) -> anyhow::Result<Vec<Row>> {
     }
     let ids = Arc::new(ids);
 
-    eprintln!("phase: no-op baseline");
-    let noop = {
-        let (client, url) = (client.clone(), format!("{base}/healthz"));
-        closed_loop(c, s, move |_| {
+    // The no-op endpoint: the same server stack with nothing behind it.
+    let noop_requests = |client: reqwest::Client, url: String| {
+        move |_: u64| {
             let request = client.get(&url).send();
             async move { request.await.is_ok_and(|r| accepted(r.status())) }
-        })
-        .await
+        }
     };
+    eprintln!("phase: no-op baseline");
+    let noop = closed_loop(c, s, noop_requests(client.clone(), format!("{base}/healthz"))).await;
     // Registrations with fresh names and emails, back to back.
     let registrations = |client: reqwest::Client, base: String| {
         move |n: u64| {
@@ -548,14 +548,7 @@ async fn http(args: HttpArgs) -> anyhow::Result<Vec<Row>> {
     // schedule, so the rows set what the commands cost against what the schedule, the client
     // and the HTTP exchange alone cost at that rate.
     eprintln!("phase: no-op at half saturation (open loop)");
-    let noop_half = {
-        let (client, url) = (client.clone(), format!("{base}/healthz"));
-        open_loop(half_rate, s, move |_| {
-            let request = client.get(&url).send();
-            async move { request.await.is_ok_and(|r| accepted(r.status())) }
-        })
-        .await
-    };
+    let noop_half = open_loop(half_rate, s, noop_requests(client.clone(), format!("{base}/healthz"))).await;
     eprintln!("phase: commands at half saturation (open loop)");
     let half = {
         let (client, base) = (client.clone(), base.clone());

@@ -85,6 +85,20 @@ struct StoredRecord {
     payload: Vec<u8>,
 }
 
+impl StoredRecord {
+    fn into_record(self, topic: &str, partition: u32, offset: u64) -> Record {
+        Record {
+            topic: topic.to_owned(),
+            partition,
+            offset,
+            timestamp_ms: self.timestamp_ms,
+            key: self.key,
+            headers: self.headers.into_iter().map(|(k, v)| (k, v.into_vec())).collect(),
+            payload: self.payload,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct EmbeddedLogOptions {
     /// Appends waiting for the writer thread before new ones are refused.
@@ -532,18 +546,7 @@ impl Writer {
                 record: postcard::to_allocvec(&stored).map_err(unavailable)?.into(),
                 idempotency: request.idempotency.as_ref().map(|idem| (idem.key.clone().into(), idem.fingerprint)),
             });
-            records.push((
-                Record {
-                    topic: request.topic.clone(),
-                    partition,
-                    offset,
-                    timestamp_ms,
-                    key: stored.key,
-                    headers: request.headers.clone(),
-                    payload: stored.payload,
-                },
-                taken,
-            ));
+            records.push((stored.into_record(topic, partition, offset), taken));
             ends.insert(position, (offset + 1, timestamp_ms));
             results.push(Ok(Appended { partition, offset, timestamp_ms, replayed: false }));
         }
@@ -730,7 +733,7 @@ fn flush(db: &Database, job: &FlushJob) -> Result<(), LogError> {
     }
     let txn = db.begin_write().map_err(unavailable)?;
     {
-        let mut tables = GroupTables::open(&txn)?;
+        let mut tables = FlushTables::open(&txn)?;
         for append in &job.appends {
             tables.store(append)?;
         }
@@ -747,7 +750,7 @@ fn recover(db: &Database, path: &Path) -> Result<u64, LogError> {
     let contents = files.iter().map(std::fs::read).collect::<Result<Vec<_>, _>>().map_err(unavailable)?;
     let txn = db.begin_write().map_err(unavailable)?;
     let (last, appends) = {
-        let mut tables = GroupTables::open(&txn)?;
+        let mut tables = FlushTables::open(&txn)?;
         let applied = tables.applied_group()?;
         // A file written over since, or renamed by a rename a crash lost, may sit anywhere in
         // the listing: the numbers decide the order.
@@ -783,7 +786,7 @@ fn recover(db: &Database, path: &Path) -> Result<u64, LogError> {
 }
 
 /// The tables a flush writes, opened once for the whole transaction.
-struct GroupTables<'txn> {
+struct FlushTables<'txn> {
     records: redb::Table<'txn, (&'static str, u32, u64), &'static [u8]>,
     ends: redb::Table<'txn, (&'static str, u32), (u64, i64)>,
     time_index: redb::Table<'txn, (&'static str, u32, i64), u64>,
@@ -792,7 +795,7 @@ struct GroupTables<'txn> {
     journal: redb::Table<'txn, &'static str, u64>,
 }
 
-impl<'txn> GroupTables<'txn> {
+impl<'txn> FlushTables<'txn> {
     fn open(txn: &'txn WriteTransaction) -> Result<Self, LogError> {
         Ok(Self {
             records: txn.open_table(RECORDS).map_err(unavailable)?,
@@ -886,15 +889,7 @@ fn read_records(
     for entry in table.range(range).map_err(unavailable)?.take(max) {
         let (k, v) = entry.map_err(unavailable)?;
         let stored: StoredRecord = postcard::from_bytes(v.value()).map_err(unavailable)?;
-        out.push(Record {
-            topic: topic.to_owned(),
-            partition,
-            offset: k.value().2,
-            timestamp_ms: stored.timestamp_ms,
-            key: stored.key,
-            headers: stored.headers.into_iter().map(|(k, v)| (k, v.into_vec())).collect(),
-            payload: stored.payload,
-        });
+        out.push(stored.into_record(topic, partition, k.value().2));
     }
     Ok(out)
 }
@@ -991,18 +986,18 @@ impl EventLog for EmbeddedLog {
     }
 
     async fn offsets_for_timestamp(&self, topic: &str, timestamp_ms: i64) -> Result<Vec<Option<u64>>, LogError> {
-        let partitions = self.partitions(topic).await?;
-        // The tail first, then redb: a record the flusher moves in between is found in one or
-        // the other, and the earliest found is the answer.
-        let unflushed: Vec<Option<u64>> =
-            (0..partitions).map(|p| self.tail.first_at_or_after(topic, p, timestamp_ms)).collect();
-        let topic = topic.to_owned();
-        let flushed = self
+        let (topic, tail) = (topic.to_owned(), self.tail.clone());
+        let (flushed, unflushed) = self
             .blocking(move |db| {
+                let partitions = topic_partitions(db, &topic)?;
+                // The tail first, then redb: a record the flusher moves in between is found in
+                // one or the other, and the earliest found is the answer.
+                let unflushed: Vec<Option<u64>> =
+                    (0..partitions).map(|p| tail.first_at_or_after(&topic, p, timestamp_ms)).collect();
                 let txn = db.begin_read().map_err(unavailable)?;
                 let index = txn.open_table(TIME_INDEX).map_err(unavailable)?;
                 let records = txn.open_table(RECORDS).map_err(unavailable)?;
-                (0..partitions)
+                let flushed = (0..partitions)
                     .map(|p| {
                         // The last indexed record stamped before the time: every record before it
                         // is too, and the one sought is at most an index interval after it.
@@ -1027,7 +1022,8 @@ impl EventLog for EmbeddedLog {
                         }
                         Ok(None)
                     })
-                    .collect::<Result<Vec<Option<u64>>, LogError>>()
+                    .collect::<Result<Vec<Option<u64>>, LogError>>()?;
+                Ok((flushed, unflushed))
             })
             .await?;
         Ok(flushed
