@@ -70,6 +70,19 @@ async fn key_store_contract(store: Arc<dyn KeyStore>) {
     store.destroy(never_seen, Utc::now()).await.unwrap();
     assert!(matches!(store.load(never_seen).await.unwrap(), Some(StoredKey::Destroyed { .. })));
 
+    // Many at once: every person with a record, tombstones included, and nothing for the rest.
+    let other = Uuid::new_v4();
+    let third = StoredKey::Active { kek_id: "k1".into(), wrapped: vec![3; 60], created_at: Utc::now() };
+    store.insert_if_absent(other, third.clone()).await.unwrap();
+    let mut many = store.load_many(&[person, Uuid::new_v4(), other]).await.unwrap();
+    many.sort_by_key(|(id, _)| *id);
+    let mut expected = vec![(person, tombstone.clone()), (other, third)];
+    expected.sort_by_key(|(id, _)| *id);
+    assert_eq!(many, expected);
+    assert_eq!(store.load_many(&[]).await.unwrap(), vec![]);
+    // Its made-up master key would stop the rotation below.
+    store.destroy(other, Utc::now()).await.unwrap();
+
     // The keyring over it.
     let (old, new) = (MasterKey::generate_hex(), MasterKey::generate_hex());
     let ring = keyring(store.clone(), &old, &[], Duration::from_secs(30));
@@ -153,23 +166,50 @@ async fn the_mongodb_key_store_meets_the_contract() {
     key_store_contract(Arc::new(MongoKeyStore::new(&db))).await;
 }
 
-/// Counts the keys written through it.
+/// Counts the keys written through it, and the calls that read them.
+#[derive(Default)]
+struct Counts {
+    inserts: std::sync::atomic::AtomicUsize,
+    loads: std::sync::atomic::AtomicUsize,
+    batch_loads: std::sync::atomic::AtomicUsize,
+}
+
+impl Counts {
+    fn get(counter: &std::sync::atomic::AtomicUsize) -> usize {
+        counter.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 struct CountingStore {
     inner: Arc<dyn KeyStore>,
-    inserts: std::sync::atomic::AtomicUsize,
+    counts: Counts,
+}
+
+impl CountingStore {
+    fn new(inner: Arc<dyn KeyStore>) -> Self {
+        Self { inner, counts: Counts::default() }
+    }
 }
 
 #[async_trait::async_trait]
 impl KeyStore for CountingStore {
     async fn load(&self, person: Uuid) -> Result<Option<StoredKey>, callisto_core::readmodel::StoreError> {
+        self.counts.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.inner.load(person).await
+    }
+    async fn load_many(
+        &self,
+        persons: &[Uuid],
+    ) -> Result<Vec<(Uuid, StoredKey)>, callisto_core::readmodel::StoreError> {
+        self.counts.batch_loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.load_many(persons).await
     }
     async fn insert_if_absent(
         &self,
         person: Uuid,
         key: StoredKey,
     ) -> Result<StoredKey, callisto_core::readmodel::StoreError> {
-        self.inserts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.counts.inserts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.inner.insert_if_absent(person, key).await
     }
     async fn destroy(
@@ -203,7 +243,7 @@ impl KeyStore for CountingStore {
 async fn reserved_persons_have_stored_keys_and_register_without_a_key_store_write() {
     let dir = tempfile::tempdir().unwrap();
     let embedded: Arc<dyn KeyStore> = Arc::new(EmbeddedKeyStore::open(&dir.path().join("keys.redb")).unwrap());
-    let store = Arc::new(CountingStore { inner: embedded.clone(), inserts: Default::default() });
+    let store = Arc::new(CountingStore::new(embedded.clone()));
     let master = MasterKey::generate_hex();
     let options = KeyringOptions { reserved_persons: 8, ..KeyringOptions::default() };
     let ring = Arc::new(Keyring::new(store.clone(), MasterKey::from_hex(&master).unwrap(), Vec::new(), &options));
@@ -218,9 +258,9 @@ async fn reserved_persons_have_stored_keys_and_register_without_a_key_store_writ
 
     let reserved = ring.new_person();
     assert!(matches!(embedded.load(reserved).await.unwrap(), Some(StoredKey::Active { .. })), "stored ahead");
-    let written = store.inserts.load(std::sync::atomic::Ordering::SeqCst);
+    let written = Counts::get(&store.counts.inserts);
     let (event, sealed) = ring.seal(registered(reserved)).await.unwrap();
-    assert_eq!(store.inserts.load(std::sync::atomic::Ordering::SeqCst), written, "no key written to register");
+    assert_eq!(Counts::get(&store.counts.inserts), written, "no key written to register");
     let elsewhere = keyring(embedded.clone(), &master, &[], Duration::from_secs(30));
     let opened = elsewhere.open(event, sealed).await.unwrap();
     assert_eq!(opened.event, registered_like(&opened.event, reserved));
@@ -234,6 +274,56 @@ async fn reserved_persons_have_stored_keys_and_register_without_a_key_store_writ
     for id in &handed_out {
         assert_eq!(id.get_version(), Some(uuid::Version::SortRand), "{id} is not a UUIDv7");
     }
+}
+
+/// A batch of records read from the log loads its persons' keys in one call to the store, named
+/// by the records' keys: opening its events then asks the store nothing. A person with no key
+/// and a record not keyed by a person are no obstacle, and a second prefetch finds everything
+/// cached.
+#[tokio::test]
+async fn a_batch_of_records_loads_its_keys_in_one_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let embedded: Arc<dyn KeyStore> = Arc::new(EmbeddedKeyStore::open(&dir.path().join("keys.redb")).unwrap());
+    let master = MasterKey::generate_hex();
+    let writer = keyring(embedded.clone(), &master, &[], Duration::from_secs(30));
+    let registry = Arc::new(callisto_avro::EmbeddedRegistry::open(&dir.path().join("schemas.redb")).unwrap());
+    let codec = Arc::new(callisto_avro::Codec::new(registry, "persons").unwrap());
+    let record = |offset: u64, key: Vec<u8>, payload: Vec<u8>| callisto_core::log::Record {
+        topic: "persons".into(),
+        partition: 0,
+        offset,
+        timestamp_ms: 0,
+        key,
+        headers: vec![],
+        payload,
+    };
+    let mut records = Vec::new();
+    let persons: Vec<Uuid> = (0..40).map(|_| Uuid::new_v4()).collect();
+    for person in &persons {
+        for event in [registered(*person), noted(*person, "hello")] {
+            let (event, sealed) = writer.seal(event).await.unwrap();
+            let payload = codec.encode_sealed(&event, sealed.as_ref()).unwrap();
+            records.push(record(records.len() as u64, person.to_string().into_bytes(), payload));
+        }
+    }
+    // A person written before sealing existed: events in clear, no key.
+    let keyless = Uuid::new_v4();
+    let bare = registered(keyless);
+    records.push(record(80, keyless.to_string().into_bytes(), codec.encode_sealed(&bare, None).unwrap()));
+    records.push(record(81, b"not-a-person".to_vec(), codec.encode_sealed(&bare, None).unwrap()));
+
+    let store = Arc::new(CountingStore::new(embedded));
+    let ring = Arc::new(keyring(store.clone(), &master, &[], Duration::from_secs(30)));
+    let reader = callisto_core::privacy::EventReader::new(codec, ring.clone());
+    reader.prefetch_keys(&records).await;
+    assert_eq!(Counts::get(&store.counts.batch_loads), 1, "one call for the batch");
+    for record in &records {
+        let opened = reader.read(&record.payload).await.unwrap();
+        assert!(!opened.erased);
+    }
+    assert_eq!(Counts::get(&store.counts.loads), 0, "every key came from the batch's call");
+    assert_eq!(ring.prefetch(persons.iter().copied().chain([keyless])).await.unwrap(), 0, "all cached");
+    assert_eq!(Counts::get(&store.counts.batch_loads), 1);
 }
 
 /// With the store unreachable, the keyring answers `Unavailable` promptly (timeout, retries,

@@ -112,6 +112,9 @@ impl Worker {
             let (events, sources) = match handed {
                 Some(events) => (events, records.iter().collect::<Vec<_>>()),
                 None => {
+                    if records.len() > 1 {
+                        self.reader.prefetch_keys(&records).instrument(process.clone()).await;
+                    }
                     let mut events = Vec::with_capacity(records.len());
                     let mut sources = Vec::with_capacity(records.len());
                     for record in records.iter() {

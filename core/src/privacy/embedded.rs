@@ -133,6 +133,24 @@ impl KeyStore for EmbeddedKeyStore {
             .await
     }
 
+    /// One read transaction for the whole batch.
+    async fn load_many(&self, persons: &[Uuid]) -> Result<Vec<(Uuid, StoredKey)>, StoreError> {
+        let persons = persons.to_vec();
+        self.db
+            .blocking(move |db| {
+                let txn = db.begin_read().map_err(unavailable)?;
+                let table = txn.open_table(KEYS).map_err(unavailable)?;
+                let mut found = Vec::new();
+                for person in persons {
+                    if let Some(stored) = table.get(person.to_string().as_str()).map_err(unavailable)? {
+                        found.push((person, decode(stored.value())?));
+                    }
+                }
+                Ok(found)
+            })
+            .await
+    }
+
     async fn insert_if_absent(&self, person: Uuid, key: StoredKey) -> Result<StoredKey, StoreError> {
         self.write(person, key, Condition::Absent).await
     }

@@ -67,6 +67,19 @@ pub enum StoredKey {
 pub trait KeyStore: Send + Sync + 'static {
     async fn load(&self, person: Uuid) -> Result<Option<StoredKey>, StoreError>;
 
+    /// The records of those `persons` that have one, in one round trip where the store allows:
+    /// a batch of events read from the log (a rebuild, a backlog) names thousands of persons,
+    /// and [`KeyStore::load`] would take one round trip each. The default asks one by one.
+    async fn load_many(&self, persons: &[Uuid]) -> Result<Vec<(Uuid, StoredKey)>, StoreError> {
+        let mut found = Vec::new();
+        for &person in persons {
+            if let Some(stored) = self.load(person).await? {
+                found.push((person, stored));
+            }
+        }
+        Ok(found)
+    }
+
     /// Stores `key` unless the person already has a record; returns the record now stored
     /// (the existing one when two writers race, so both seal with the same key).
     async fn insert_if_absent(&self, person: Uuid, key: StoredKey) -> Result<StoredKey, StoreError>;
@@ -328,14 +341,19 @@ impl Keyring {
     fn cached(&self, person: Uuid) -> Option<Cached> {
         let mut cache = self.cache.lock().expect("key cache poisoned");
         let found = cache.get(&person)?.clone();
-        let fresh = match &found {
-            Cached::Active(_, at) | Cached::Missing(at) => at.elapsed() < self.ttl,
-            Cached::Destroyed => true,
-        };
+        let fresh = self.is_fresh(&found);
         if !fresh {
             cache.pop(&person);
         }
         fresh.then_some(found)
+    }
+
+    /// Whether a cached state may still be used: tombstones always, the rest within the TTL.
+    fn is_fresh(&self, state: &Cached) -> bool {
+        match state {
+            Cached::Active(_, at) | Cached::Missing(at) => at.elapsed() < self.ttl,
+            Cached::Destroyed => true,
+        }
     }
 
     fn remember(&self, person: Uuid, state: Cached) {
@@ -358,6 +376,46 @@ impl Keyring {
                 Ok(Cached::Active(Arc::new(key), Instant::now()))
             }
         }
+    }
+
+    /// Loads into the cache, in one call to the store, the keys of those `persons` it does not
+    /// hold fresh: a batch of events read from the log then opens from the cache instead of
+    /// waiting on the store once for each person it has not seen (a rebuild's first pass over a
+    /// partition, a projector process behind the writers). Returns how many it loaded.
+    ///
+    /// What it caches is what [`Keyring::open`] would have loaded and cached one by one, under
+    /// the same freshness bound, so erasure is seen exactly as soon. Persons with nothing
+    /// stored are remembered as such, as `open` does; a key that cannot be unwrapped is left
+    /// for `open` to report.
+    pub async fn prefetch(&self, persons: impl IntoIterator<Item = Uuid>) -> Result<usize, KeyError> {
+        let wanted: std::collections::HashSet<Uuid> = persons.into_iter().collect();
+        let missing: Vec<Uuid> = {
+            let cache = self.cache.lock().expect("key cache poisoned");
+            let mut missing: Vec<Uuid> =
+                wanted.into_iter().filter(|person| !cache.peek(person).is_some_and(|c| self.is_fresh(c))).collect();
+            // In key order, so the store reads its pages in order.
+            missing.sort_unstable();
+            missing
+        };
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let stored = self.guard.call("loading data keys", || self.store.load_many(&missing)).await?;
+        let mut found: std::collections::HashMap<Uuid, StoredKey> = stored.into_iter().collect();
+        let now = Instant::now();
+        let mut loaded = 0;
+        for person in missing {
+            let state = match found.remove(&person) {
+                Some(stored) => match self.unwrap_stored(person, &stored) {
+                    Ok(state) => state,
+                    Err(_) => continue,
+                },
+                None => Cached::Missing(now),
+            };
+            self.remember(person, state);
+            loaded += 1;
+        }
+        Ok(loaded)
     }
 
     /// The person's key state, from the cache while fresh.
@@ -553,6 +611,18 @@ impl EventReader {
     pub async fn read(&self, payload: &[u8]) -> Result<Opened, ReadError> {
         let (event, sealed) = self.codec.decode_sealed(payload)?;
         Ok(self.keyring.open(event, sealed).await?)
+    }
+
+    /// Loads the data keys of the persons `records` belong to in one call to the key store
+    /// ([`Keyring::prefetch`]), before they are read one by one. The log is keyed by person, so
+    /// the records' keys name them without decoding anything; a record keyed otherwise is
+    /// skipped. Best effort: should the store fail here, each record's own read waits for it
+    /// and reports it as it always does.
+    pub async fn prefetch_keys(&self, records: &[crate::log::Record]) {
+        let persons = records.iter().filter_map(|record| Uuid::try_parse_ascii(&record.key).ok());
+        if let Err(e) = self.keyring.prefetch(persons).await {
+            tracing::debug!(error = %e, "loading a batch's data keys at once failed; loading them one by one");
+        }
     }
 }
 

@@ -76,6 +76,19 @@ impl KeyStore for MongoKeyStore {
         found.map(Self::parse).transpose()
     }
 
+    /// One query (`_id` in the batch's ids), read through its cursor.
+    async fn load_many(&self, persons: &[Uuid]) -> Result<Vec<(Uuid, StoredKey)>, StoreError> {
+        let ids: Vec<String> = persons.iter().map(Uuid::to_string).collect();
+        let mut cursor = self.keys.find(doc! { "_id": { "$in": ids } }).await.map_err(unavailable)?;
+        let mut found = Vec::with_capacity(persons.len());
+        while let Some(document) = cursor.try_next().await.map_err(unavailable)? {
+            let person = document.get_str("_id").ok().and_then(|id| Uuid::parse_str(id).ok());
+            let person = person.ok_or_else(|| unavailable("a key whose _id is not a person id"))?;
+            found.push((person, Self::parse(document)?));
+        }
+        Ok(found)
+    }
+
     async fn insert_if_absent(&self, person: Uuid, key: StoredKey) -> Result<StoredKey, StoreError> {
         match self.keys.insert_one(Self::document(person, &key)?).await {
             Ok(_) => Ok(key),
