@@ -1089,9 +1089,12 @@ mod rebuild {
         let anon_samples = Arc::new(Mutex::new(Vec::<(u64, f64)>::new()));
         // When each projection reached the end: which one the rebuild waited for.
         let mut caught_up: Vec<Option<f64>> = vec![None; projections.len()];
+        // Followed as it moves, so the end is timed when the last batch is applied, not at the
+        // next sample: on a rebuild of two seconds a 100 ms sampling step is 5% of the figure.
+        let mut progress: Vec<_> = projections.iter().map(|p| p.progress()).collect();
         loop {
             let applied: Vec<u64> =
-                projections.iter().map(|p| p.progress().borrow().values().map(|o| o + 1).sum()).collect();
+                progress.iter_mut().map(|p| p.borrow_and_update().values().map(|o| o + 1).sum()).collect();
             for (count, at) in applied.iter().zip(caught_up.iter_mut()) {
                 if at.is_none() && *count >= total {
                     *at = Some(started.elapsed().as_secs_f64());
@@ -1103,7 +1106,12 @@ mod rebuild {
             if done >= total {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // The memory samples at least every 100 ms, and at every batch applied.
+            let moved = futures::future::select_all(progress.iter_mut().map(|p| Box::pin(p.changed())));
+            if let Ok((Err(_), _, _)) = tokio::time::timeout(Duration::from_millis(100), moved).await {
+                // A projection that stopped reports no more: sample at the step alone.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
         let rebuild_rate = total as f64 / started.elapsed().as_secs_f64();
         shutdown.cancel();
