@@ -207,6 +207,9 @@ pub fn stream(
                 Ok(records) => {
                     let end = span.end;
                     span.start = records.last().map_or(end, |r| r.offset + 1);
+                    // The batch's data keys in one key store call, not one per person as each
+                    // record is opened (see `EventReader::prefetch_keys`).
+                    state.reader.prefetch_keys(&records).await;
                     state.buffered.extend(records.into_iter().filter(|r| r.offset < end));
                 }
                 Err(e) => {

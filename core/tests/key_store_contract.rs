@@ -326,6 +326,50 @@ async fn a_batch_of_records_loads_its_keys_in_one_call() {
     assert_eq!(Counts::get(&store.counts.batch_loads), 1);
 }
 
+/// A replay (what `callisto export` streams) opens each batch it reads with keys loaded in one
+/// call, not one store call per person.
+#[tokio::test]
+async fn a_replay_loads_its_keys_a_batch_at_a_time() {
+    use callisto_core::log::embedded::{EmbeddedLog, EmbeddedLogOptions};
+    use callisto_core::log::{AppendRequest, EventLog};
+    use callisto_core::replay::{ReplayRequest, plan, stream};
+    use futures::StreamExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let embedded: Arc<dyn KeyStore> = Arc::new(EmbeddedKeyStore::open(&dir.path().join("keys.redb")).unwrap());
+    let master = MasterKey::generate_hex();
+    let writer = keyring(embedded.clone(), &master, &[], Duration::from_secs(30));
+    let registry = Arc::new(callisto_avro::EmbeddedRegistry::open(&dir.path().join("schemas.redb")).unwrap());
+    let codec = Arc::new(callisto_avro::Codec::new(registry, "persons").unwrap());
+    let log: Arc<dyn EventLog> =
+        Arc::new(EmbeddedLog::open(&dir.path().join("log.redb"), EmbeddedLogOptions::default()).unwrap());
+    log.ensure_topic("persons", 3).await.unwrap();
+    for _ in 0..30 {
+        let person = Uuid::new_v4();
+        for event in [registered(person), noted(person, "hello")] {
+            let (event, sealed) = writer.seal(event).await.unwrap();
+            let payload = codec.encode_sealed(&event, sealed.as_ref()).unwrap();
+            let key = person.to_string().into_bytes();
+            let request = AppendRequest { topic: "persons".into(), key, payload, headers: vec![], idempotency: None };
+            log.append(request).await.unwrap();
+        }
+    }
+
+    let store = Arc::new(CountingStore::new(embedded));
+    let ring = Arc::new(keyring(store.clone(), &master, &[], Duration::from_secs(30)));
+    let reader = Arc::new(callisto_core::privacy::EventReader::new(codec, ring));
+    let request = ReplayRequest { topic: "persons".into(), partitions: None, from: None, to: None };
+    let spans = plan(log.as_ref(), &request).await.unwrap();
+    let replayed: Vec<_> = stream(log, reader, "persons".into(), spans).collect().await;
+    assert_eq!(replayed.len(), 60);
+    for item in replayed {
+        let opened = item.unwrap().event.unwrap();
+        assert!(!opened.erased);
+    }
+    assert_eq!(Counts::get(&store.counts.loads), 0, "no key loaded one by one");
+    assert!(Counts::get(&store.counts.batch_loads) <= 3, "at most one call per partition's batch");
+}
+
 /// With the store unreachable, the keyring answers `Unavailable` promptly (timeout, retries,
 /// then the breaker), never a guess.
 #[tokio::test]
