@@ -70,5 +70,12 @@ async fn a_scrape_is_described_typed_and_bounded() {
     assert_eq!(requests("/v1/persons/{id}", "GET", "2xx"), 1.0);
     assert_eq!(requests("/v1/persons/{id}", "GET", "4xx"), 2.0, "an unknown person and an anonymous caller");
     assert!(scrape.contains(r#"callisto_http_request_duration_seconds_bucket{route="/v1/search",method="GET""#));
+    // What an append waited for in the embedded log, beside what its group commit took.
+    let count = |histogram: &str| {
+        let prefix = format!("{histogram}_count ");
+        scrape.lines().find_map(|l| l.strip_prefix(prefix.as_str())).map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
+    };
+    assert!(count("callisto_log_append_wait_seconds") >= 1.0, "{scrape}");
+    assert!(count("callisto_log_group_commit_seconds") >= 1.0);
     dev.stop().await.unwrap();
 }

@@ -171,6 +171,11 @@ pub const METRICS: &[(&str, MetricKind, &str)] = &[
     ),
     ("callisto_log_group_commit_size", MetricKind::Histogram, "Appends per embedded-log group commit."),
     (
+        "callisto_log_append_wait_seconds",
+        MetricKind::Histogram,
+        "Time from an append's arrival in the embedded log's queue to its answer: the commit under way, its own group commit.",
+    ),
+    (
         "callisto_store_group_commit_seconds",
         MetricKind::Histogram,
         "Time of one embedded-store group commit (data keys, documents), fsync included, by writer thread.",

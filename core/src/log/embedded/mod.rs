@@ -136,6 +136,9 @@ impl Default for EmbeddedLogOptions {
 struct PendingAppend {
     request: AppendRequest,
     reply: oneshot::Sender<Result<Appended, LogError>>,
+    /// When it was queued: the writer reports how long each append waited for its answer
+    /// (`callisto_log_append_wait_seconds`), beside how long the group commit took.
+    queued_at: Instant,
 }
 
 enum WriterMessage {
@@ -462,7 +465,9 @@ impl Writer {
                     let appended = result.as_ref().ok().filter(|a| !a.replayed)?;
                     Some((pending.request.topic.as_str(), appended.partition, appended.offset))
                 }));
+                let waited = metrics::histogram!("callisto_log_append_wait_seconds");
                 for (pending, result) in batch.drain(..).zip(results) {
+                    waited.record(pending.queued_at.elapsed().as_secs_f64());
                     let _ = pending.reply.send(result);
                 }
             }
@@ -929,7 +934,8 @@ impl EventLog for EmbeddedLog {
     async fn append(&self, request: AppendRequest) -> Result<Appended, LogError> {
         let queue = self.queue.as_ref().ok_or_else(|| LogError::Unavailable("log is closed".into()))?;
         let (reply, answer) = oneshot::channel();
-        queue.try_send(WriterMessage::Append(PendingAppend { request, reply })).map_err(|e| match e {
+        let pending = PendingAppend { request, reply, queued_at: Instant::now() };
+        queue.try_send(WriterMessage::Append(pending)).map_err(|e| match e {
             TrySendError::Full(_) => LogError::Unavailable("append queue is full".into()),
             TrySendError::Disconnected(_) => LogError::Unavailable("log writer has stopped".into()),
         })?;
