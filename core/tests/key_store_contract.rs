@@ -326,6 +326,24 @@ async fn a_batch_of_records_loads_its_keys_in_one_call() {
     assert_eq!(Counts::get(&store.counts.batch_loads), 1);
 }
 
+/// A prefetch asks the store for a thousand persons at most per call, so a large batch is never
+/// one query too big for the store's timeout.
+#[tokio::test]
+async fn a_prefetch_asks_for_a_thousand_keys_at_most_per_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let embedded: Arc<dyn KeyStore> = Arc::new(EmbeddedKeyStore::open(&dir.path().join("keys.redb")).unwrap());
+    let master = MasterKey::generate_hex();
+    let writer = keyring(embedded.clone(), &master, &[], Duration::from_secs(30));
+    let persons: Vec<Uuid> = (0..1001).map(|_| Uuid::new_v4()).collect();
+    let sealed = futures::future::join_all(persons.iter().map(|p| writer.seal(registered(*p)))).await;
+    assert!(sealed.iter().all(Result::is_ok));
+    let store = Arc::new(CountingStore::new(embedded));
+    let ring = keyring(store.clone(), &master, &[], Duration::from_secs(30));
+    assert_eq!(ring.prefetch(persons.iter().copied()).await.unwrap(), 1001);
+    assert_eq!(Counts::get(&store.counts.batch_loads), 2);
+    assert_eq!(Counts::get(&store.counts.loads), 0);
+}
+
 /// A replay (what `callisto export` streams) opens each batch it reads with keys loaded in one
 /// call, not one store call per person.
 #[tokio::test]

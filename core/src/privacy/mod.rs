@@ -228,6 +228,11 @@ struct Reserve {
 /// data-key writer cost twice the CPU per registration (`BENCHMARKS.md`, fifteenth pass).
 const REFILL_CONCURRENCY: usize = 512;
 
+/// Persons whose keys [`Keyring::prefetch`] asks the store for in one call: a catch-up batch
+/// names up to 12,000, and one call for all of them would be a MongoDB query of about half a
+/// megabyte with its answer, under the same timeout as a single key's.
+const PREFETCH_CHUNK: usize = 1000;
+
 #[derive(Clone)]
 enum Cached {
     Active(Arc<DataKey>, Instant),
@@ -397,23 +402,23 @@ impl Keyring {
             missing.sort_unstable();
             missing
         };
-        if missing.is_empty() {
-            return Ok(0);
-        }
-        let stored = self.guard.call("loading data keys", || self.store.load_many(&missing)).await?;
-        let mut found: std::collections::HashMap<Uuid, StoredKey> = stored.into_iter().collect();
-        let now = Instant::now();
         let mut loaded = 0;
-        for person in missing {
-            let state = match found.remove(&person) {
-                Some(stored) => match self.unwrap_stored(person, &stored) {
-                    Ok(state) => state,
-                    Err(_) => continue,
-                },
-                None => Cached::Missing(now),
-            };
-            self.remember(person, state);
-            loaded += 1;
+        // A call per chunk, each under the store's timeout like any other call.
+        for chunk in missing.chunks(PREFETCH_CHUNK) {
+            let stored = self.guard.call("loading data keys", || self.store.load_many(chunk)).await?;
+            let mut found: std::collections::HashMap<Uuid, StoredKey> = stored.into_iter().collect();
+            let now = Instant::now();
+            for &person in chunk {
+                let state = match found.remove(&person) {
+                    Some(stored) => match self.unwrap_stored(person, &stored) {
+                        Ok(state) => state,
+                        Err(_) => continue,
+                    },
+                    None => Cached::Missing(now),
+                };
+                self.remember(person, state);
+                loaded += 1;
+            }
         }
         Ok(loaded)
     }
