@@ -276,18 +276,46 @@ async fn reserved_persons_have_stored_keys_and_register_without_a_key_store_writ
     }
 }
 
+/// A writer's side for the prefetch tests: an embedded key store in a fresh directory, its master
+/// key, a keyring that seals with it, and the topic's codec.
+struct Sealing {
+    dir: tempfile::TempDir,
+    store: Arc<dyn KeyStore>,
+    master: String,
+    writer: Keyring,
+    codec: Arc<callisto_avro::Codec>,
+}
+
+impl Sealing {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn KeyStore> = Arc::new(EmbeddedKeyStore::open(&dir.path().join("keys.redb")).unwrap());
+        let master = MasterKey::generate_hex().to_string();
+        let writer = keyring(store.clone(), &master, &[], Duration::from_secs(30));
+        let registry = Arc::new(callisto_avro::EmbeddedRegistry::open(&dir.path().join("schemas.redb")).unwrap());
+        let codec = Arc::new(callisto_avro::Codec::new(registry, "persons").unwrap());
+        Self { dir, store, master, writer, codec }
+    }
+
+    /// `event` sealed and encoded as the log holds it.
+    async fn payload(&self, event: PersonEvent) -> Vec<u8> {
+        let (event, sealed) = self.writer.seal(event).await.unwrap();
+        self.codec.encode_sealed(&event, sealed.as_ref()).unwrap()
+    }
+
+    /// A keyring reading through `store`, as another process with the same master key.
+    fn reader(&self, store: Arc<dyn KeyStore>) -> Keyring {
+        keyring(store, &self.master, &[], Duration::from_secs(30))
+    }
+}
+
 /// A batch of records read from the log loads its persons' keys in one call to the store, named
 /// by the records' keys: opening its events then asks the store nothing. A person with no key
 /// and a record not keyed by a person are no obstacle, and a second prefetch finds everything
 /// cached.
 #[tokio::test]
 async fn a_batch_of_records_loads_its_keys_in_one_call() {
-    let dir = tempfile::tempdir().unwrap();
-    let embedded: Arc<dyn KeyStore> = Arc::new(EmbeddedKeyStore::open(&dir.path().join("keys.redb")).unwrap());
-    let master = MasterKey::generate_hex();
-    let writer = keyring(embedded.clone(), &master, &[], Duration::from_secs(30));
-    let registry = Arc::new(callisto_avro::EmbeddedRegistry::open(&dir.path().join("schemas.redb")).unwrap());
-    let codec = Arc::new(callisto_avro::Codec::new(registry, "persons").unwrap());
+    let sealing = Sealing::new();
     let record = |offset: u64, key: Vec<u8>, payload: Vec<u8>| callisto_core::log::Record {
         topic: "persons".into(),
         partition: 0,
@@ -301,20 +329,20 @@ async fn a_batch_of_records_loads_its_keys_in_one_call() {
     let persons: Vec<Uuid> = (0..40).map(|_| Uuid::new_v4()).collect();
     for person in &persons {
         for event in [registered(*person), noted(*person, "hello")] {
-            let (event, sealed) = writer.seal(event).await.unwrap();
-            let payload = codec.encode_sealed(&event, sealed.as_ref()).unwrap();
+            let payload = sealing.payload(event).await;
             records.push(record(records.len() as u64, person.to_string().into_bytes(), payload));
         }
     }
     // A person written before sealing existed: events in clear, no key.
     let keyless = Uuid::new_v4();
     let bare = registered(keyless);
-    records.push(record(80, keyless.to_string().into_bytes(), codec.encode_sealed(&bare, None).unwrap()));
-    records.push(record(81, b"not-a-person".to_vec(), codec.encode_sealed(&bare, None).unwrap()));
+    let clear = sealing.codec.encode_sealed(&bare, None).unwrap();
+    records.push(record(80, keyless.to_string().into_bytes(), clear.clone()));
+    records.push(record(81, b"not-a-person".to_vec(), clear));
 
-    let store = Arc::new(CountingStore::new(embedded));
-    let ring = Arc::new(keyring(store.clone(), &master, &[], Duration::from_secs(30)));
-    let reader = callisto_core::privacy::EventReader::new(codec, ring.clone());
+    let store = Arc::new(CountingStore::new(sealing.store.clone()));
+    let ring = Arc::new(sealing.reader(store.clone()));
+    let reader = callisto_core::privacy::EventReader::new(sealing.codec.clone(), ring.clone());
     reader.prefetch_keys(&records).await;
     assert_eq!(Counts::get(&store.counts.batch_loads), 1, "one call for the batch");
     for record in &records {
@@ -330,15 +358,11 @@ async fn a_batch_of_records_loads_its_keys_in_one_call() {
 /// one query too big for the store's timeout.
 #[tokio::test]
 async fn a_prefetch_asks_for_a_thousand_keys_at_most_per_call() {
-    let dir = tempfile::tempdir().unwrap();
-    let embedded: Arc<dyn KeyStore> = Arc::new(EmbeddedKeyStore::open(&dir.path().join("keys.redb")).unwrap());
-    let master = MasterKey::generate_hex();
-    let writer = keyring(embedded.clone(), &master, &[], Duration::from_secs(30));
+    let sealing = Sealing::new();
     let persons: Vec<Uuid> = (0..1001).map(|_| Uuid::new_v4()).collect();
-    let sealed = futures::future::join_all(persons.iter().map(|p| writer.seal(registered(*p)))).await;
-    assert!(sealed.iter().all(Result::is_ok));
-    let store = Arc::new(CountingStore::new(embedded));
-    let ring = keyring(store.clone(), &master, &[], Duration::from_secs(30));
+    futures::future::join_all(persons.iter().map(|p| sealing.payload(registered(*p)))).await;
+    let store = Arc::new(CountingStore::new(sealing.store.clone()));
+    let ring = sealing.reader(store.clone());
     assert_eq!(ring.prefetch(persons.iter().copied()).await.unwrap(), 1001);
     assert_eq!(Counts::get(&store.counts.batch_loads), 2);
     assert_eq!(Counts::get(&store.counts.loads), 0);
@@ -353,29 +377,23 @@ async fn a_replay_loads_its_keys_a_batch_at_a_time() {
     use callisto_core::replay::{ReplayRequest, plan, stream};
     use futures::StreamExt;
 
-    let dir = tempfile::tempdir().unwrap();
-    let embedded: Arc<dyn KeyStore> = Arc::new(EmbeddedKeyStore::open(&dir.path().join("keys.redb")).unwrap());
-    let master = MasterKey::generate_hex();
-    let writer = keyring(embedded.clone(), &master, &[], Duration::from_secs(30));
-    let registry = Arc::new(callisto_avro::EmbeddedRegistry::open(&dir.path().join("schemas.redb")).unwrap());
-    let codec = Arc::new(callisto_avro::Codec::new(registry, "persons").unwrap());
+    let sealing = Sealing::new();
     let log: Arc<dyn EventLog> =
-        Arc::new(EmbeddedLog::open(&dir.path().join("log.redb"), EmbeddedLogOptions::default()).unwrap());
+        Arc::new(EmbeddedLog::open(&sealing.dir.path().join("log.redb"), EmbeddedLogOptions::default()).unwrap());
     log.ensure_topic("persons", 3).await.unwrap();
     for _ in 0..30 {
         let person = Uuid::new_v4();
         for event in [registered(person), noted(person, "hello")] {
-            let (event, sealed) = writer.seal(event).await.unwrap();
-            let payload = codec.encode_sealed(&event, sealed.as_ref()).unwrap();
+            let payload = sealing.payload(event).await;
             let key = person.to_string().into_bytes();
             let request = AppendRequest { topic: "persons".into(), key, payload, headers: vec![], idempotency: None };
             log.append(request).await.unwrap();
         }
     }
 
-    let store = Arc::new(CountingStore::new(embedded));
-    let ring = Arc::new(keyring(store.clone(), &master, &[], Duration::from_secs(30)));
-    let reader = Arc::new(callisto_core::privacy::EventReader::new(codec, ring));
+    let store = Arc::new(CountingStore::new(sealing.store.clone()));
+    let ring = Arc::new(sealing.reader(store.clone()));
+    let reader = Arc::new(callisto_core::privacy::EventReader::new(sealing.codec.clone(), ring));
     let request = ReplayRequest { topic: "persons".into(), partitions: None, from: None, to: None };
     let spans = plan(log.as_ref(), &request).await.unwrap();
     let replayed: Vec<_> = stream(log, reader, "persons".into(), spans).collect().await;
