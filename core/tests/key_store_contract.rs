@@ -355,7 +355,7 @@ async fn a_batch_of_records_loads_its_keys_in_one_call() {
 }
 
 /// A prefetch asks the store for a thousand persons at most per call, so a large batch is never
-/// one query too big for the store's timeout.
+/// one query too big for the store's timeout, and loads no more than its cache holds.
 #[tokio::test]
 async fn a_prefetch_asks_for_a_thousand_keys_at_most_per_call() {
     let sealing = Sealing::new();
@@ -366,6 +366,10 @@ async fn a_prefetch_asks_for_a_thousand_keys_at_most_per_call() {
     assert_eq!(ring.prefetch(persons.iter().copied()).await.unwrap(), 1001);
     assert_eq!(Counts::get(&store.counts.batch_loads), 2);
     assert_eq!(Counts::get(&store.counts.loads), 0);
+    // No more than its cache holds: the rest would push out what it had just loaded.
+    let options = KeyringOptions { cache_entries: 10, ..KeyringOptions::default() };
+    let small = Keyring::new(sealing.store.clone(), MasterKey::from_hex(&sealing.master).unwrap(), vec![], &options);
+    assert_eq!(small.prefetch(persons.iter().copied()).await.unwrap(), 10);
 }
 
 /// A replay (what `callisto export` streams) opens each batch it reads with keys loaded in one
