@@ -383,12 +383,11 @@ impl Keyring {
         }
     }
 
-    /// Loads into the cache, a call to the store per [`PREFETCH_CHUNK`] persons, the keys of
-    /// those `persons` it does not hold fresh: a batch of events read from the log then opens
-    /// from the cache instead of waiting on the store once for each person it has not seen (a
-    /// rebuild's first pass over a partition, a projector process behind the writers). Never
-    /// more than the cache holds, which would evict what it had just loaded. Returns how many
-    /// it loaded.
+    /// Loads into the cache, a call to the store per 1,000 persons, the keys of those `persons`
+    /// it does not hold fresh: a batch of events read from the log then opens from the cache
+    /// instead of waiting on the store once for each person it has not seen (a rebuild's first
+    /// pass over a partition, a projector process behind the writers). Never more than the
+    /// cache holds, which would evict what it had just loaded. Returns how many it loaded.
     ///
     /// What it caches is what [`Keyring::open`] would have loaded and cached one by one, under
     /// the same freshness bound, so erasure is seen exactly as soon. Persons with nothing

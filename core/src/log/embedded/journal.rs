@@ -4,12 +4,12 @@
 //! one checksummed frame, synced before any appender hears of it. That writes the records'
 //! bytes once, where committing them into redb's B-tree at once rewrote and synced every page
 //! the group touched, about twelve times as many bytes, and took three times as long. The
-//! flusher later moves a closed journal file's records into redb in one large transaction and
-//! deletes the file.
+//! flusher later moves a closed journal file's records into redb in one large transaction.
 //!
 //! A file is named for the number of its first group; groups are numbered one after another
-//! across files. A flushed file is used again for later groups, written over from the start. A frame is its payload's length and CRC-32 (little-endian `u32`s), then the
-//! payload: a postcard-encoded [`JournalGroup`]. Reading stops at the first frame that is
+//! across files. A flushed file is used again for later groups, written over from the start
+//! ([`JournalFile::reuse`]). A frame is its payload's length and CRC-32 (little-endian `u32`s),
+//! then the payload: a postcard-encoded [`JournalGroup`]. Reading stops at the first frame that is
 //! short, fails its checksum or does not follow the one before it: a tail torn by a crash was
 //! never acknowledged.
 

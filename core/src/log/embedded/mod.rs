@@ -1,7 +1,7 @@
 //! The embedded event log: every partition of every topic in one redb file, with a journal.
 //!
-//! - [`journal`]: where group commits become durable.
-//! - [`tail`]: records journaled and not yet in redb, which reads at a partition's end get from
+//! - `journal`: where group commits become durable.
+//! - `tail`: records journaled and not yet in redb, which reads at a partition's end get from
 //!   memory.
 //!
 //! ## Group commit
@@ -15,7 +15,8 @@
 //! ## Flushing
 //! Every [`EmbeddedLogOptions::flush_interval`] (or [`EmbeddedLogOptions::flush_records`]), the
 //! writer closes its journal file and starts another; the flusher thread moves the closed file's
-//! records into redb in one durable transaction, then deletes the file. Opening the log applies
+//! records into redb in one durable transaction, then hands the file back to be written over
+//! for later groups (beyond two spare ones, deletes it). Opening the log applies
 //! the journal files left by a crash before anything else. Should the flusher fall
 //! [`EmbeddedLogOptions::max_unflushed_records`] behind, appends are refused until it catches up.
 //!
@@ -375,8 +376,9 @@ impl Drop for EmbeddedLog {
 
 /// A closed journal file's appends, for the flusher to move into redb.
 struct FlushJob {
-    /// The journal file that holds them, deleted once redb does; `None` when the writer goes on
-    /// writing to it (its groups are then skipped when it is read).
+    /// The journal file that holds them, handed back to be written over (or deleted) once redb
+    /// holds them; `None` when the writer goes on writing to it (its groups are then skipped
+    /// when it is read).
     journal: Option<PathBuf>,
     appends: Vec<JournaledAppend<'static>>,
     last_group: u64,
