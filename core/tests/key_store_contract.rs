@@ -276,6 +276,36 @@ async fn reserved_persons_have_stored_keys_and_register_without_a_key_store_writ
     }
 }
 
+/// Refilling the reserve creates keys nobody reads until their persons are handed out: it
+/// leaves the key cache to the persons in use. With a cache of four and a refill of 64, a
+/// person sealed before the refill still opens without asking the store, and a reserved person
+/// handed out afterwards seals without asking it either.
+#[tokio::test]
+async fn a_refill_leaves_the_key_cache_to_the_persons_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let embedded: Arc<dyn KeyStore> = Arc::new(EmbeddedKeyStore::open(&dir.path().join("keys.redb")).unwrap());
+    let store = Arc::new(CountingStore::new(embedded));
+    let master = MasterKey::generate_hex();
+    let options = KeyringOptions { reserved_persons: 64, cache_entries: 4, ..KeyringOptions::default() };
+    let ring = Arc::new(Keyring::new(store.clone(), MasterKey::from_hex(&master).unwrap(), Vec::new(), &options));
+
+    let in_use = Uuid::new_v4();
+    let (event, sealed) = ring.seal(noted(in_use, "before the refill")).await.unwrap();
+    let loads = Counts::get(&store.counts.loads);
+    ring.new_person();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ring.reserved_persons() < 64 {
+        assert!(std::time::Instant::now() < deadline, "the reserve refills in the background");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let opened = ring.open(event, sealed).await.unwrap();
+    assert!(!opened.erased);
+    let reserved = ring.new_person();
+    ring.seal(registered(reserved)).await.unwrap();
+    assert_eq!(Counts::get(&store.counts.loads), loads, "every key came from the cache");
+    assert_eq!(Counts::get(&store.counts.batch_loads), 0);
+}
+
 /// A writer's side for the prefetch tests: an embedded key store in a fresh directory, its master
 /// key, a keyring that seals with it, and the topic's codec.
 struct Sealing {

@@ -323,7 +323,7 @@ impl Keyring {
         let mut created = futures::stream::iter(0..self.reserve_size.saturating_sub(left))
             .map(|_| async {
                 let person = Uuid::now_v7();
-                self.create_key(person).await.map(|key| (person, key))
+                self.store_new_key(person).await.map(|key| (person, key))
             })
             .buffer_unordered(REFILL_CONCURRENCY);
         while let Some(outcome) = created.next().await {
@@ -463,13 +463,37 @@ impl Keyring {
 
     /// Creates and stores a key for `person` unless one is stored; returns the stored one.
     async fn create_key(&self, person: Uuid) -> Result<Arc<DataKey>, KeyError> {
-        let (_, wrapped) = self.master.new_data_key(person).map_err(|e| KeyError::Unreadable(e.to_string()))?;
+        match self.store_new_key(person).await {
+            Ok(key) => {
+                self.remember(person, Cached::Active(key.clone(), Instant::now()));
+                Ok(key)
+            }
+            Err(KeyError::Erased) => {
+                self.remember(person, Cached::Destroyed);
+                Err(KeyError::Erased)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Stores a new key for `person` unless one is stored, and returns the stored one without
+    /// caching it: a reserved person's key is cached when the person is handed out, so a refill
+    /// does not push hundreds of keys nobody reads yet through the cache. The key just made is
+    /// used as it is when it is the one stored (its wrapped bytes carry a fresh random nonce,
+    /// so equal bytes mean this very write); only a key stored before is unwrapped.
+    async fn store_new_key(&self, person: Uuid) -> Result<Arc<DataKey>, KeyError> {
+        let (key, wrapped) = self.master.new_data_key(person).map_err(|e| KeyError::Unreadable(e.to_string()))?;
         let fresh = StoredKey::Active { kek_id: self.master.id().to_owned(), wrapped, created_at: Utc::now() };
         let stored =
             self.guard.call("creating a data key", || self.store.insert_if_absent(person, fresh.clone())).await?;
-        let state = self.unwrap_stored(person, &stored)?;
-        self.remember(person, state.clone());
-        match state {
+        let ours = matches!(
+            (&stored, &fresh),
+            (StoredKey::Active { wrapped: kept, .. }, StoredKey::Active { wrapped: made, .. }) if kept == made
+        );
+        if ours {
+            return Ok(Arc::new(key));
+        }
+        match self.unwrap_stored(person, &stored)? {
             Cached::Active(key, _) => Ok(key),
             _ => Err(KeyError::Erased),
         }
