@@ -107,6 +107,14 @@ fn flushed_every(records: usize) -> EmbeddedLogOptions {
     }
 }
 
+/// The journal files in `dir`.
+fn journal_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains("-journal-"))
+        .count()
+}
+
 /// Copies the log's files as a power cut would leave them, each journal file's end torn; returns
 /// how many journal files there were.
 fn crash_image(live: &std::path::Path, crashed: &std::path::Path) -> usize {
@@ -139,8 +147,14 @@ async fn a_crash_after_journal_files_were_written_over_applies_only_the_unflushe
         let at = log.append(request(&format!("k{}", i % 5), &format!("payload-{i}"))).await.unwrap();
         written.push((at, format!("payload-{i}")));
     }
-    // The flusher has taken every closed file; the last two appends are in the journal alone.
+    // The flusher takes every closed file; the last two appends are in the journal alone. It
+    // runs every 100 ms; on a machine too busy to do so within 300 ms, the test waits longer
+    // rather than copy files it is still working on.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while journal_files(live.path()) > 1 + 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let journals = crash_image(live.path(), crashed.path());
     assert!(journals <= 1 + 2, "flushed journal files are written over or removed, not kept: {journals}");
     drop(log);
