@@ -27,6 +27,7 @@ use crate::readmodel::embedded::SharedDb;
 pub const FILE: &str = "keys.redb";
 
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("data_keys");
+type KeysTable = redb::ReadOnlyTable<&'static str, &'static [u8]>;
 
 fn unavailable<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -90,6 +91,19 @@ impl EmbeddedKeyStore {
         Ok(Self { db, writes })
     }
 
+    /// Runs `read` over the keys table in one read transaction, on a blocking thread.
+    async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&KeysTable) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.db
+            .blocking(move |db| {
+                let txn = db.begin_read().map_err(unavailable)?;
+                read(&txn.open_table(KEYS).map_err(unavailable)?)
+            })
+            .await
+    }
+
     /// Queues a write for the next group commit and waits for it: what is stored after it.
     async fn write(&self, person: Uuid, key: StoredKey, condition: Condition) -> Result<StoredKey, StoreError> {
         self.writes.submit(KeyWrite { person, key, condition }).await
@@ -123,32 +137,26 @@ fn write_group(db: &Database, group: &[KeyWrite]) -> Result<Vec<StoredKey>, Stor
 #[async_trait]
 impl KeyStore for EmbeddedKeyStore {
     async fn load(&self, person: Uuid) -> Result<Option<StoredKey>, StoreError> {
-        self.db
-            .blocking(move |db| {
-                let txn = db.begin_read().map_err(unavailable)?;
-                let table = txn.open_table(KEYS).map_err(unavailable)?;
-                let found = table.get(person.to_string().as_str()).map_err(unavailable)?;
-                found.map(|g| decode(g.value())).transpose()
-            })
-            .await
+        self.read(move |table| {
+            let found = table.get(person.to_string().as_str()).map_err(unavailable)?;
+            found.map(|g| decode(g.value())).transpose()
+        })
+        .await
     }
 
     /// One read transaction for the whole batch.
     async fn load_many(&self, persons: &[Uuid]) -> Result<Vec<(Uuid, StoredKey)>, StoreError> {
         let persons = persons.to_vec();
-        self.db
-            .blocking(move |db| {
-                let txn = db.begin_read().map_err(unavailable)?;
-                let table = txn.open_table(KEYS).map_err(unavailable)?;
-                let mut found = Vec::new();
-                for person in persons {
-                    if let Some(stored) = table.get(person.to_string().as_str()).map_err(unavailable)? {
-                        found.push((person, decode(stored.value())?));
-                    }
+        self.read(move |table| {
+            let mut found = Vec::new();
+            for person in persons {
+                if let Some(stored) = table.get(person.to_string().as_str()).map_err(unavailable)? {
+                    found.push((person, decode(stored.value())?));
                 }
-                Ok(found)
-            })
-            .await
+            }
+            Ok(found)
+        })
+        .await
     }
 
     async fn insert_if_absent(&self, person: Uuid, key: StoredKey) -> Result<StoredKey, StoreError> {
@@ -161,24 +169,21 @@ impl KeyStore for EmbeddedKeyStore {
 
     async fn wrapped_by_other(&self, kek_id: &str, limit: usize) -> Result<Vec<(Uuid, StoredKey)>, StoreError> {
         let kek_id = kek_id.to_owned();
-        self.db
-            .blocking(move |db| {
-                let txn = db.begin_read().map_err(unavailable)?;
-                let table = txn.open_table(KEYS).map_err(unavailable)?;
-                let mut found = Vec::new();
-                for entry in table.iter().map_err(unavailable)? {
-                    let (id, value) = entry.map_err(unavailable)?;
-                    let key = decode(value.value())?;
-                    if matches!(&key, StoredKey::Active { kek_id: k, .. } if *k != kek_id) {
-                        found.push((Uuid::parse_str(id.value()).map_err(unavailable)?, key));
-                        if found.len() >= limit {
-                            break;
-                        }
+        self.read(move |table| {
+            let mut found = Vec::new();
+            for entry in table.iter().map_err(unavailable)? {
+                let (id, value) = entry.map_err(unavailable)?;
+                let key = decode(value.value())?;
+                if matches!(&key, StoredKey::Active { kek_id: k, .. } if *k != kek_id) {
+                    found.push((Uuid::parse_str(id.value()).map_err(unavailable)?, key));
+                    if found.len() >= limit {
+                        break;
                     }
                 }
-                Ok(found)
-            })
-            .await
+            }
+            Ok(found)
+        })
+        .await
     }
 
     async fn replace_wrapping(&self, person: Uuid, from_kek: &str, key: StoredKey) -> Result<(), StoreError> {
