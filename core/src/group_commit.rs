@@ -19,6 +19,9 @@
 //! them. A commit's cost is mostly per transaction (copying the touched pages of every table,
 //! writing them out), so under a steady stream of small batches fewer, larger commits do the same
 //! work for less CPU, at the price of that much freshness. A lone request still commits at once.
+//! The linger may grow with the load ([`Linger`]): above a rate of work the writer's commits
+//! compete with the traffic that brings it for the same cores, and longer lingers then spend
+//! less of them per unit of work, while a moderate load keeps the short one.
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -37,13 +40,78 @@ pub struct IdleFlush {
 }
 
 /// What a writer does beyond committing what is queued.
-#[derive(Default)]
-pub struct WriterOptions {
+pub struct WriterOptions<R> {
     /// Run once the writer has been idle after a commit.
     pub flush: Option<IdleFlush>,
-    /// After a commit of more than one request, the least time from its start to the next
-    /// commit's: requests arriving meanwhile join the next group.
-    pub linger: Option<std::time::Duration>,
+    /// After a commit of more than one request, how long from its start the next commit waits:
+    /// requests arriving meanwhile join the next group.
+    pub linger: Option<Linger>,
+    /// The work a request brings, in the unit of [`Linger::knee`] (1 per request by default).
+    pub weigh: Weigh<R>,
+}
+
+/// How much work a request brings a writer (see [`Linger`]).
+pub type Weigh<R> = fn(&R) -> usize;
+
+impl<R> Default for WriterOptions<R> {
+    fn default() -> Self {
+        Self { flush: None, linger: None, weigh: |_| 1 }
+    }
+}
+
+/// How long a writer lets requests gather after a commit shared by several callers: `least`
+/// while the work arriving stays at or below `knee` per second, then in proportion to it, up
+/// to `most`. The rate is the writer's own measure of what its groups brought over about the
+/// last [`Arrivals::WINDOW`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Linger {
+    pub least: std::time::Duration,
+    pub most: std::time::Duration,
+    /// Work per second (as [`WriterOptions::weigh`] counts it) above which the linger grows.
+    pub knee: f64,
+}
+
+impl Linger {
+    /// The same linger whatever the load.
+    pub const fn fixed(linger: std::time::Duration) -> Self {
+        Self { least: linger, most: linger, knee: f64::INFINITY }
+    }
+
+    /// The linger at `per_second` units of work arriving.
+    pub fn at(&self, per_second: f64) -> std::time::Duration {
+        if per_second <= self.knee || !per_second.is_finite() {
+            return self.least;
+        }
+        self.least.mul_f64(per_second / self.knee).clamp(self.least, self.most.max(self.least))
+    }
+}
+
+/// The rate of work reaching a writer, as a moving average over about [`Self::WINDOW`]: each
+/// group's work over the time since the group before it started, weighted by how much of the
+/// window that time covers, so an idle spell counts as the quiet it was.
+#[derive(Debug, Default)]
+pub struct Arrivals {
+    per_second: f64,
+    last: Option<std::time::Instant>,
+}
+
+impl Arrivals {
+    pub const WINDOW: std::time::Duration = std::time::Duration::from_millis(100);
+
+    /// Records a group of `work` taken at `now`.
+    pub fn record(&mut self, work: usize, now: std::time::Instant) {
+        if let Some(last) = self.last.replace(now) {
+            let elapsed = now.saturating_duration_since(last).as_secs_f64();
+            if elapsed > 0.0 {
+                let share = 1.0 - (-elapsed / Self::WINDOW.as_secs_f64()).exp();
+                self.per_second += share * (work as f64 / elapsed - self.per_second);
+            }
+        }
+    }
+
+    pub fn per_second(&self) -> f64 {
+        self.per_second
+    }
 }
 
 /// A writer thread committing requests of type `R` in groups, answering each with a `T`.
@@ -65,7 +133,7 @@ impl<R: Send + 'static, T: Send + 'static> GroupCommit<R, T> {
     pub fn start<F>(
         name: &'static str,
         max_group: usize,
-        options: WriterOptions,
+        options: WriterOptions<R>,
         mut commit: F,
     ) -> Result<Self, StoreError>
     where
@@ -73,7 +141,7 @@ impl<R: Send + 'static, T: Send + 'static> GroupCommit<R, T> {
     {
         let max_group = max_group.max(1);
         let (queue, mut incoming) = mpsc::channel::<Pending<R, T>>(max_group);
-        let WriterOptions { flush, linger } = options;
+        let WriterOptions { flush, linger, weigh } = options;
         // Waiting for a request with a time limit needs a timer.
         let mut idle = match flush {
             None => None,
@@ -92,6 +160,7 @@ impl<R: Send + 'static, T: Send + 'static> GroupCommit<R, T> {
                 let mut unflushed = false;
                 // When the last commit started, and whether it took more than one request.
                 let mut last: Option<(std::time::Instant, bool)> = None;
+                let mut arrivals = Arrivals::default();
                 loop {
                     let first = match &mut idle {
                         Some((flush, clock)) if unflushed => {
@@ -113,7 +182,7 @@ impl<R: Send + 'static, T: Send + 'static> GroupCommit<R, T> {
                     group.push(first);
                     if let (Some(linger), Some((started, shared))) = (linger, last)
                         && shared
-                        && let Some(rest) = linger.checked_sub(started.elapsed())
+                        && let Some(rest) = linger.at(arrivals.per_second()).checked_sub(started.elapsed())
                     {
                         std::thread::sleep(rest);
                     }
@@ -125,6 +194,9 @@ impl<R: Send + 'static, T: Send + 'static> GroupCommit<R, T> {
                     }
                     let (started, size) = (std::time::Instant::now(), group.len());
                     last = Some((started, size > 1));
+                    if linger.is_some() {
+                        arrivals.record(group.iter().map(|p| weigh(&p.request)).sum(), started);
+                    }
                     answer(&mut commit, &mut group);
                     metrics::histogram!("callisto_store_group_commit_seconds", "writer" => name)
                         .record(started.elapsed().as_secs_f64());
@@ -216,7 +288,7 @@ mod tests {
         groups: Groups,
         open: Arc<AtomicBool>,
         started: Arc<AtomicUsize>,
-        options: super::WriterOptions,
+        options: super::WriterOptions<i64>,
     ) -> Arc<GroupCommit<i64, i64>> {
         let writer = GroupCommit::start("test-writer", 64, options, move |group: &[i64]| {
             started.fetch_add(1, Ordering::SeqCst);
@@ -272,7 +344,7 @@ mod tests {
         let (groups, open, started) =
             (Groups::default(), Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
         let linger = Duration::from_secs(2);
-        let options = super::WriterOptions { linger: Some(linger), ..Default::default() };
+        let options = super::WriterOptions { linger: Some(super::Linger::fixed(linger)), ..Default::default() };
         let writer = store_with(groups.clone(), open.clone(), started.clone(), options);
         let submit = |n: i64| {
             let writer = writer.clone();
@@ -305,11 +377,39 @@ mod tests {
         assert_eq!(groups, vec![vec![1], vec![2, 3], vec![4, 5]]);
     }
 
+    #[test]
+    fn a_linger_grows_with_the_load_above_its_knee_up_to_its_most() {
+        let ms = Duration::from_millis;
+        let linger = super::Linger { least: ms(2), most: ms(10), knee: 4_000.0 };
+        assert_eq!(linger.at(0.0), ms(2));
+        assert_eq!(linger.at(4_000.0), ms(2), "at the knee");
+        assert_eq!(linger.at(8_000.0), ms(4), "twice the knee, twice the linger");
+        assert_eq!(linger.at(20_000.0), ms(10));
+        assert_eq!(linger.at(1e9), ms(10), "never past the most");
+        assert_eq!(super::Linger::fixed(ms(2)).at(1e9), ms(2));
+    }
+
+    #[test]
+    fn arrivals_follow_a_steady_rate_and_drop_after_a_quiet_spell() {
+        let mut arrivals = super::Arrivals::default();
+        let start = std::time::Instant::now();
+        // 20 units every 2 ms for 0.8 s: 10,000 a second.
+        for i in 0..400 {
+            arrivals.record(20, start + Duration::from_millis(2 * i));
+        }
+        let steady = arrivals.per_second();
+        assert!((9_900.0..=10_100.0).contains(&steady), "{steady}");
+        // Then one unit after half a second without any.
+        arrivals.record(1, start + Duration::from_millis(2 * 399 + 500));
+        assert!(arrivals.per_second() < 100.0, "{}", arrivals.per_second());
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lingering_writer_commits_a_lone_request_at_once() {
         let groups = Groups::default();
         // Far longer than the wait below: a request that lingered would miss it.
-        let options = super::WriterOptions { linger: Some(Duration::from_secs(30)), ..Default::default() };
+        let options =
+            super::WriterOptions { linger: Some(super::Linger::fixed(Duration::from_secs(30))), ..Default::default() };
         let writer = store_with(groups.clone(), Arc::new(AtomicBool::new(true)), Arc::default(), options);
         for n in 1..=3 {
             let answer = tokio::time::timeout(Duration::from_secs(10), writer.submit(n)).await;
@@ -341,7 +441,7 @@ mod tests {
         let writer = GroupCommit::start(
             "test-flushing-writer",
             64,
-            super::WriterOptions { flush: Some(flush), linger: None },
+            super::WriterOptions { flush: Some(flush), ..Default::default() },
             |group: &[i64]| Ok(group.to_vec()),
         )
         .unwrap();
