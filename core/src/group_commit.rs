@@ -87,8 +87,9 @@ impl Linger {
 }
 
 /// The rate of work reaching a writer, as a moving average over about [`Self::WINDOW`]: each
-/// group's work over the time since the group before it started, weighted by how much of the
-/// window that time covers, so an idle spell counts as the quiet it was.
+/// group's work over the time since the group before it, weighted by how much of the window
+/// that time covers, so an idle spell counts as the quiet it was; read at a later time, it has
+/// decayed by the quiet since the last group.
 #[derive(Debug, Default)]
 pub struct Arrivals {
     per_second: f64,
@@ -109,8 +110,10 @@ impl Arrivals {
         }
     }
 
-    pub fn per_second(&self) -> f64 {
-        self.per_second
+    /// The rate as of `now`.
+    pub fn per_second(&self, now: std::time::Instant) -> f64 {
+        let quiet = self.last.map_or(0.0, |last| now.saturating_duration_since(last).as_secs_f64());
+        self.per_second * (-quiet / Self::WINDOW.as_secs_f64()).exp()
     }
 }
 
@@ -182,7 +185,8 @@ impl<R: Send + 'static, T: Send + 'static> GroupCommit<R, T> {
                     group.push(first);
                     if let (Some(linger), Some((started, shared))) = (linger, last)
                         && shared
-                        && let Some(rest) = linger.at(arrivals.per_second()).checked_sub(started.elapsed())
+                        && let Some(rest) =
+                            linger.at(arrivals.per_second(std::time::Instant::now())).checked_sub(started.elapsed())
                     {
                         std::thread::sleep(rest);
                     }
@@ -397,11 +401,14 @@ mod tests {
         for i in 0..400 {
             arrivals.record(20, start + Duration::from_millis(2 * i));
         }
-        let steady = arrivals.per_second();
+        let last = start + Duration::from_millis(2 * 399);
+        let steady = arrivals.per_second(last);
         assert!((9_900.0..=10_100.0).contains(&steady), "{steady}");
-        // Then one unit after half a second without any.
-        arrivals.record(1, start + Duration::from_millis(2 * 399 + 500));
-        assert!(arrivals.per_second() < 100.0, "{}", arrivals.per_second());
+        // Read half a second later, or given one unit then, it has fallen well below.
+        let later = last + Duration::from_millis(500);
+        assert!(arrivals.per_second(later) < 100.0, "{}", arrivals.per_second(later));
+        arrivals.record(1, later);
+        assert!(arrivals.per_second(later) < 100.0, "{}", arrivals.per_second(later));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
