@@ -82,6 +82,10 @@ struct HttpArgs {
     /// Commands per second in the freshness phase.
     #[arg(long, default_value_t = 2000)]
     freshness_rate: u64,
+    /// Commands per second in the half-saturation phase, instead of half the rate measured at
+    /// saturation: to compare builds' latency at the same rate.
+    #[arg(long)]
+    half_rate: Option<u64>,
     /// Write the rows as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -543,7 +547,7 @@ async fn http(args: HttpArgs) -> anyhow::Result<Vec<Row>> {
         rows.push(Row::new("projections caught up after the saturation phases in", seconds, "s"));
     }
 
-    let half_rate = (commands.throughput / 2.0).max(1.0) as u64;
+    let half_rate = args.half_rate.unwrap_or((commands.throughput / 2.0).max(1.0) as u64);
     // The baseline for the half-saturation latencies: the no-op endpoint on the same open-loop
     // schedule, so the rows set what the commands cost against what the schedule, the client
     // and the HTTP exchange alone cost at that rate.
