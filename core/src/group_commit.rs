@@ -345,10 +345,18 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn after_a_shared_commit_a_lingering_writer_gathers_what_arrives_within_the_linger() {
+        let linger = super::Linger::fixed(Duration::from_secs(2));
+        let options = super::WriterOptions { linger: Some(linger), ..Default::default() };
+        // Requests arriving apart within the linger after a shared commit share one too.
+        let groups = groups_after(options, [2, 3], Duration::from_millis(100)).await;
+        assert_eq!(groups, vec![vec![1], vec![2, 3], vec![4, 5]]);
+    }
+
+    /// On a writer with `options`: commits `1`, then the two `queued` together behind a held
+    /// commit, then `4` and, `gap` later, `5`. Returns the groups committed.
+    async fn groups_after(options: super::WriterOptions<i64>, queued: [i64; 2], gap: Duration) -> Vec<Vec<i64>> {
         let (groups, open, started) =
             (Groups::default(), Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
-        let linger = Duration::from_secs(2);
-        let options = super::WriterOptions { linger: Some(super::Linger::fixed(linger)), ..Default::default() };
         let writer = store_with(groups.clone(), open.clone(), started.clone(), options);
         let submit = |n: i64| {
             let writer = writer.clone();
@@ -360,80 +368,48 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // One at a time, so the group's order is the order they were sent in.
-        let mut queued = Vec::new();
-        for n in [2, 3] {
-            queued.push(submit(n));
-            while writer.queued() < queued.len() {
+        let mut answers = Vec::new();
+        for n in queued {
+            answers.push(submit(n));
+            while writer.queued() < answers.len() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
         open.store(true, Ordering::SeqCst);
         assert_eq!(first.await.unwrap(), Ok(10));
-        for answer in queued {
-            answer.await.unwrap().unwrap();
-        }
-        // Requests arriving apart within the linger after that shared commit share one too.
-        let fourth = submit(4);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let fifth = submit(5);
-        assert_eq!((fourth.await.unwrap(), fifth.await.unwrap()), (Ok(40), Ok(50)));
-        let groups = groups.lock().unwrap().clone();
-        assert_eq!(groups, vec![vec![1], vec![2, 3], vec![4, 5]]);
-    }
-
-    /// Commits `1`, then `second` and `third` together behind a held commit, then `4` and, 300 ms
-    /// later, `5`, on a writer that lingers 20 ms up to a knee of 1,000 units a second and up
-    /// to 2 s above it, each request weighing its own value. Returns the groups committed.
-    async fn groups_after_a_load_of(second: i64, third: i64) -> Vec<Vec<i64>> {
-        let ms = Duration::from_millis;
-        let (groups, open, started) =
-            (Groups::default(), Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
-        let linger = super::Linger { least: ms(20), most: ms(2_000), knee: 1_000.0 };
-        let options = super::WriterOptions {
-            linger: Some(linger),
-            weigh: |n: &i64| usize::try_from(*n).unwrap_or(0),
-            ..Default::default()
-        };
-        let writer = store_with(groups.clone(), open.clone(), started.clone(), options);
-        let submit = |n: i64| {
-            let writer = writer.clone();
-            tokio::spawn(async move { writer.submit(n).await.map_err(|e| e.to_string()) })
-        };
-        let first = submit(1);
-        while started.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(ms(5)).await;
-        }
-        let mut queued = Vec::new();
-        for n in [second, third] {
-            queued.push(submit(n));
-            while writer.queued() < queued.len() {
-                tokio::time::sleep(ms(5)).await;
-            }
-        }
-        open.store(true, Ordering::SeqCst);
-        first.await.unwrap().unwrap();
-        for answer in queued {
+        for answer in answers {
             answer.await.unwrap().unwrap();
         }
         let fourth = submit(4);
-        tokio::time::sleep(ms(300)).await;
+        tokio::time::sleep(gap).await;
         let fifth = submit(5);
         assert_eq!((fourth.await.unwrap(), fifth.await.unwrap()), (Ok(40), Ok(50)));
         groups.lock().unwrap().clone()
+    }
+
+    /// A writer that lingers 20 ms up to a knee of 1,000 units a second and up to 2 s above it,
+    /// each request weighing its own value.
+    fn lingering_with_the_load() -> super::WriterOptions<i64> {
+        let ms = Duration::from_millis;
+        super::WriterOptions {
+            linger: Some(super::Linger { least: ms(20), most: ms(2_000), knee: 1_000.0 }),
+            weigh: |n: &i64| usize::try_from(*n).unwrap_or(0),
+            ..Default::default()
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_writer_lingers_longer_after_a_load_above_the_knee() {
         // Half a million units within well under a second: far above the knee, so the next
         // commit waits up to 2 s and the two requests 300 ms apart share it.
-        let groups = groups_after_a_load_of(200_000, 300_000).await;
+        let groups = groups_after(lingering_with_the_load(), [200_000, 300_000], Duration::from_millis(300)).await;
         assert_eq!(groups, vec![vec![1], vec![200_000, 300_000], vec![4, 5]]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_writer_keeps_its_least_linger_below_the_knee() {
         // Five units: below the knee, the linger stays at 20 ms and the requests commit apart.
-        let groups = groups_after_a_load_of(2, 3).await;
+        let groups = groups_after(lingering_with_the_load(), [2, 3], Duration::from_millis(300)).await;
         assert_eq!(groups, vec![vec![1], vec![2, 3], vec![4], vec![5]]);
     }
 
