@@ -62,7 +62,7 @@ impl<R> Default for WriterOptions<R> {
 /// How long a writer lets requests gather after a commit shared by several callers: `least`
 /// while the work arriving stays at or below `knee` per second, then in proportion to it, up
 /// to `most`. The rate is the writer's own measure of what its groups brought over about the
-/// last [`Arrivals::WINDOW`].
+/// last 100 ms.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Linger {
     pub least: std::time::Duration,
@@ -77,12 +77,15 @@ impl Linger {
         Self { least: linger, most: linger, knee: f64::INFINITY }
     }
 
-    /// The linger at `per_second` units of work arriving.
+    /// The linger at `per_second` units of work arriving. Never panics: a rate too large to
+    /// scale the linger by gets `most`, and one that is not a number gets `least`.
     pub fn at(&self, per_second: f64) -> std::time::Duration {
-        if per_second <= self.knee || !per_second.is_finite() {
+        if per_second.is_nan() || per_second <= self.knee {
             return self.least;
         }
-        self.least.mul_f64(per_second / self.knee).clamp(self.least, self.most.max(self.least))
+        let most = self.most.max(self.least);
+        std::time::Duration::try_from_secs_f64(self.least.as_secs_f64() * per_second / self.knee)
+            .map_or(most, |scaled| scaled.clamp(self.least, most))
     }
 }
 
@@ -91,16 +94,16 @@ impl Linger {
 /// that time covers, so an idle spell counts as the quiet it was; read at a later time, it has
 /// decayed by the quiet since the last group.
 #[derive(Debug, Default)]
-pub struct Arrivals {
+struct WorkRate {
     per_second: f64,
     last: Option<std::time::Instant>,
 }
 
-impl Arrivals {
-    pub const WINDOW: std::time::Duration = std::time::Duration::from_millis(100);
+impl WorkRate {
+    const WINDOW: std::time::Duration = std::time::Duration::from_millis(100);
 
     /// Records a group of `work` taken at `now`.
-    pub fn record(&mut self, work: usize, now: std::time::Instant) {
+    fn record(&mut self, work: usize, now: std::time::Instant) {
         if let Some(last) = self.last.replace(now) {
             let elapsed = now.saturating_duration_since(last).as_secs_f64();
             if elapsed > 0.0 {
@@ -111,7 +114,7 @@ impl Arrivals {
     }
 
     /// The rate as of `now`.
-    pub fn per_second(&self, now: std::time::Instant) -> f64 {
+    fn per_second(&self, now: std::time::Instant) -> f64 {
         let quiet = self.last.map_or(0.0, |last| now.saturating_duration_since(last).as_secs_f64());
         self.per_second * (-quiet / Self::WINDOW.as_secs_f64()).exp()
     }
@@ -163,7 +166,7 @@ impl<R: Send + 'static, T: Send + 'static> GroupCommit<R, T> {
                 let mut unflushed = false;
                 // When the last commit started, and whether it took more than one request.
                 let mut last: Option<(std::time::Instant, bool)> = None;
-                let mut arrivals = Arrivals::default();
+                let mut rate = WorkRate::default();
                 loop {
                     let first = match &mut idle {
                         Some((flush, clock)) if unflushed => {
@@ -186,7 +189,7 @@ impl<R: Send + 'static, T: Send + 'static> GroupCommit<R, T> {
                     if let (Some(linger), Some((started, shared))) = (linger, last)
                         && shared
                         && let Some(rest) =
-                            linger.at(arrivals.per_second(std::time::Instant::now())).checked_sub(started.elapsed())
+                            linger.at(rate.per_second(std::time::Instant::now())).checked_sub(started.elapsed())
                     {
                         std::thread::sleep(rest);
                     }
@@ -199,7 +202,7 @@ impl<R: Send + 'static, T: Send + 'static> GroupCommit<R, T> {
                     let (started, size) = (std::time::Instant::now(), group.len());
                     last = Some((started, size > 1));
                     if linger.is_some() {
-                        arrivals.record(group.iter().map(|p| weigh(&p.request)).sum(), started);
+                        rate.record(group.iter().map(|p| weigh(&p.request)).sum(), started);
                     }
                     answer(&mut commit, &mut group);
                     metrics::histogram!("callisto_store_group_commit_seconds", "writer" => name)
@@ -422,25 +425,28 @@ mod tests {
         assert_eq!(linger.at(8_000.0), ms(4), "twice the knee, twice the linger");
         assert_eq!(linger.at(20_000.0), ms(10));
         assert_eq!(linger.at(1e9), ms(10), "never past the most");
+        assert_eq!(linger.at(f64::INFINITY), ms(10), "too large to scale by");
+        assert_eq!(linger.at(1e300), ms(10), "too large to scale by");
+        assert_eq!(linger.at(f64::NAN), ms(2));
         assert_eq!(super::Linger::fixed(ms(2)).at(1e9), ms(2));
     }
 
     #[test]
-    fn arrivals_follow_a_steady_rate_and_drop_after_a_quiet_spell() {
-        let mut arrivals = super::Arrivals::default();
+    fn a_work_rate_follows_a_steady_rate_and_drops_after_a_quiet_spell() {
+        let mut rate = super::WorkRate::default();
         let start = std::time::Instant::now();
         // 20 units every 2 ms for 0.8 s: 10,000 a second.
         for i in 0..400 {
-            arrivals.record(20, start + Duration::from_millis(2 * i));
+            rate.record(20, start + Duration::from_millis(2 * i));
         }
         let last = start + Duration::from_millis(2 * 399);
-        let steady = arrivals.per_second(last);
+        let steady = rate.per_second(last);
         assert!((9_900.0..=10_100.0).contains(&steady), "{steady}");
         // Read half a second later, or given one unit then, it has fallen well below.
         let later = last + Duration::from_millis(500);
-        assert!(arrivals.per_second(later) < 100.0, "{}", arrivals.per_second(later));
-        arrivals.record(1, later);
-        assert!(arrivals.per_second(later) < 100.0, "{}", arrivals.per_second(later));
+        assert!(rate.per_second(later) < 100.0, "{}", rate.per_second(later));
+        rate.record(1, later);
+        assert!(rate.per_second(later) < 100.0, "{}", rate.per_second(later));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
