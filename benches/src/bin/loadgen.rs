@@ -125,6 +125,11 @@ struct RebuildArgs {
     /// where the time goes.
     #[arg(long, value_enum, default_value_t = Projections::Both)]
     projections: Projections,
+    /// Events per person in the log: a registration, then notes. At 1 every event registers
+    /// someone new, as the HTTP command phases do, which costs the read models several times
+    /// what a note does.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    events_per_person: u64,
     #[arg(long)]
     json: Option<PathBuf>,
 }
@@ -153,7 +158,7 @@ fn main() -> anyhow::Result<()> {
         }
         Mode::Rebuild(args) => {
             let json = args.json.clone();
-            (runtime.block_on(rebuild::run(args.events, args.projections))?, json)
+            (runtime.block_on(rebuild::run(args.events, args.events_per_person, args.projections))?, json)
         }
         Mode::LogCommits(args) => {
             let json = args.json.clone();
@@ -837,7 +842,6 @@ mod rebuild {
     use tokio::sync::Mutex;
 
     const TOPIC: &str = "persons";
-    const EVENTS_PER_PERSON: u64 = 20;
     /// Events the 1-core / all-core comparison rebuilds: enough to pass the start-up, few
     /// enough that the 1-core run stays short.
     const SCALING_EVENTS: u64 = 200_000;
@@ -852,9 +856,10 @@ mod rebuild {
         super::rss_mib(std::process::id(), "RssAnon:").unwrap_or(0.0)
     }
 
-    /// Fills a fresh log in `dir` with `events` sealed events, 20 per person, as writers seal
-    /// them; returns the log, its codec and keyring, and the partitions' end offsets.
-    async fn fill(dir: &std::path::Path, events: u64) -> anyhow::Result<Filled> {
+    /// Fills a fresh log in `dir` with `events` sealed events, `per_person` for each person (a
+    /// registration, then notes), as writers seal them; returns the log, its codec and keyring,
+    /// and the partitions' end offsets.
+    async fn fill(dir: &std::path::Path, events: u64, per_person: u64) -> anyhow::Result<Filled> {
         let registry = Arc::new(EmbeddedRegistry::open(&dir.join("schemas.redb"))?);
         let codec = Arc::new(Codec::new(registry, TOPIC)?);
         let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(&dir.join("log.redb"), EmbeddedLogOptions::default())?);
@@ -863,7 +868,7 @@ mod rebuild {
         // Sealed as writers seal them: the rebuild opens every event with the person's key.
         let keyring = callisto_core::privacy::open_embedded(dir)?;
         eprintln!("filling the log with {events} sealed events");
-        let persons = (events / EVENTS_PER_PERSON).max(1);
+        let persons = (events / per_person).max(1);
         let appenders = 64u64;
         let fill_started = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
@@ -871,8 +876,9 @@ mod rebuild {
             let (log, codec, keyring) = (log.clone(), codec.clone(), keyring.clone());
             tasks.spawn(async move {
                 let mine: Vec<u64> = (0..persons).filter(|p| p % appenders == a).collect();
-                let ids: Vec<uuid::Uuid> = mine.iter().map(|_| uuid::Uuid::new_v4()).collect();
-                for round in 0..EVENTS_PER_PERSON {
+                // Time-ordered, as the command service issues them (`Keyring::new_person`).
+                let ids: Vec<uuid::Uuid> = mine.iter().map(|_| uuid::Uuid::now_v7()).collect();
+                for round in 0..per_person {
                     for id in &ids {
                         let event =
                             if round == 0 { fixtures::registered_as(*id) } else { fixtures::note_for(*id, round) };
@@ -905,9 +911,9 @@ mod rebuild {
         ends: Vec<u64>,
     }
 
-    pub async fn run(events: u64, which: super::Projections) -> anyhow::Result<Vec<Row>> {
+    pub async fn run(events: u64, per_person: u64, which: super::Projections) -> anyhow::Result<Vec<Row>> {
         let dir = tempfile::tempdir()?;
-        let Filled { log, codec, keyring, ends } = fill(dir.path(), events).await?;
+        let Filled { log, codec, keyring, ends } = fill(dir.path(), events, per_person).await?;
         let total: u64 = ends.iter().sum();
 
         // Baseline 1: read every record back, raw.
@@ -964,7 +970,7 @@ mod rebuild {
                 .against("raw bulk write/s", raw_write_rate)
                 .ratio_at_least(0.50),
         );
-        rows.extend(scaling(dir.path(), total, which).await?);
+        rows.extend(scaling(dir.path(), total, per_person, which).await?);
         Ok(rows)
     }
 
@@ -972,13 +978,18 @@ mod rebuild {
     /// once pinned to one core and once on every core, with `taskset`. A larger log gets a
     /// smaller one of its own: counting a prefix of a large log would stop the clock when the
     /// slower projection reaches the count, while the faster one has gone on past it.
-    async fn scaling(dir: &std::path::Path, total: u64, which: super::Projections) -> anyhow::Result<Vec<Row>> {
+    async fn scaling(
+        dir: &std::path::Path,
+        total: u64,
+        per_person: u64,
+        which: super::Projections,
+    ) -> anyhow::Result<Vec<Row>> {
         let events = total.min(SCALING_EVENTS);
         let smaller = if total > events {
             let smaller = tempfile::tempdir()?;
             eprintln!("filling a separate log of {events} events for the scaling figure");
             // Dropped at once: the rebuild child opens the log.
-            fill(smaller.path(), events).await?;
+            fill(smaller.path(), events, per_person).await?;
             Some(smaller)
         } else {
             None
