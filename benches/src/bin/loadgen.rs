@@ -84,7 +84,7 @@ struct HttpArgs {
     freshness_rate: u64,
     /// Commands per second in the half-saturation phase, instead of half the rate measured at
     /// saturation: to compare builds' latency at the same rate.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     half_rate: Option<u64>,
     /// Write the rows as JSON here.
     #[arg(long)]
@@ -356,6 +356,47 @@ impl ServerUsage {
     }
 }
 
+/// What a command phase costs the machine besides the server: the load generator's own CPU,
+/// which shares the cores, and the time the cores sat idle (idle and I/O wait in
+/// `/proc/stat`), both in clock ticks. With the server's share they make up the cores' time.
+#[derive(Clone, Copy)]
+struct Beside {
+    load_generator: u64,
+    idle: u64,
+}
+
+impl Beside {
+    fn read() -> Option<Self> {
+        let load_generator = Usage::read(std::path::Path::new("/proc/self"))?.1.cpu_ticks;
+        let idle = idle_ticks(&std::fs::read_to_string("/proc/stat").ok()?)?;
+        Some(Self { load_generator, idle })
+    }
+
+    fn since(&self, before: &Self) -> Self {
+        Self {
+            load_generator: self.load_generator.saturating_sub(before.load_generator),
+            idle: self.idle.saturating_sub(before.idle),
+        }
+    }
+
+    /// Each share per command over a phase that ran `commands`, in µs of one core.
+    fn per_command_rows(&self, commands: f64) -> Vec<Row> {
+        let tick_us = 1e6 / rustix::param::clock_ticks_per_second() as f64;
+        let per_command = |ticks: u64| ticks as f64 * tick_us / commands.max(1.0);
+        vec![
+            Row::new("load generator CPU per command at saturation", per_command(self.load_generator), "µs"),
+            Row::new("idle CPU per command at saturation (all cores)", per_command(self.idle), "µs"),
+        ]
+    }
+}
+
+/// The idle and I/O-wait clock ticks of all cores together, from the `cpu` line of `/proc/stat`.
+fn idle_ticks(stat: &str) -> Option<u64> {
+    let fields: Vec<u64> =
+        stat.lines().next()?.strip_prefix("cpu ")?.split_whitespace().map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    Some(fields.get(3)? + fields.get(4)?)
+}
+
 /// The `write_bytes` field of a `/proc/…/io` file.
 fn write_bytes(io: &str) -> Option<u64> {
     io.lines().find_map(|line| line.strip_prefix("write_bytes:")).and_then(|v| v.trim().parse().ok())
@@ -517,8 +558,10 @@ async fn http(args: HttpArgs) -> anyhow::Result<Vec<Row>> {
     };
     eprintln!("phase: commands at saturation");
     let usage_before = pid.and_then(ServerUsage::read);
+    let beside_before = Beside::read();
     let commands = closed_loop(c, s, registrations(client.clone(), base.clone())).await;
     let used = usage_before.zip(pid.and_then(ServerUsage::read)).map(|(before, after)| after.since(&before));
+    let beside = beside_before.zip(Beside::read()).map(|(before, after)| after.since(&before));
     let wide_c = args.wide_connections;
     eprintln!("phase: commands at saturation, {wide_c} connections");
     let wide = closed_loop(wide_c, s, registrations(client.clone(), base.clone())).await;
@@ -532,9 +575,12 @@ async fn http(args: HttpArgs) -> anyhow::Result<Vec<Row>> {
         Row::new("command p99 at saturation", ms(&commands.latency, 0.99), "ms")
             .against("no-op p99 ms", ms(&noop.latency, 0.99)),
     );
+    let commands_run = commands.throughput * s as f64;
     if let Some(used) = used {
-        let commands_run = commands.throughput * s as f64;
         rows.extend(used.per_command_rows(commands_run));
+    }
+    if let Some(beside) = beside {
+        rows.extend(beside.per_command_rows(commands_run));
     }
     rows.push(
         Row::new(format!("command throughput at saturation, {wide_c} connections"), wide.throughput, "req/s")
@@ -1200,6 +1246,13 @@ mod rebuild {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn idle_ticks_are_the_idle_and_io_wait_of_all_cores() {
+        let stat = "cpu  100 5 40 7000 30 0 2 0 0 0\ncpu0 50 2 20 3500 15 0 1 0 0 0\n";
+        assert_eq!(super::idle_ticks(stat), Some(7030));
+        assert_eq!(super::idle_ticks("cpu0 50 2 20 3500 15 0 1 0 0 0\n"), None, "no all-cores line first");
+    }
+
     #[test]
     fn cpu_ticks_are_user_plus_system_time_read_past_a_name_with_spaces_and_parentheses() {
         let stat = "4242 (tokio (rt) 1) S 1 4242 4242 0 -1 4194368 120 0 0 0 37 5 0 0 20 0 9 0 100 0 0";
