@@ -261,9 +261,10 @@ const DURABLE_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 /// Above 4,000 events a second it grows with the rate, up to 10 ms at 20,000. Such a rate is
 /// what saturates a small machine's commands, whose cores the writer shares, and the CPU its
 /// fewer commits save goes to the commands (at 10 ms instead of 2 the writer spent about 40%
-/// less per event; `BENCHMARKS.md`, twentieth pass). A document then waits longer to be visible, but a projector that shares
-/// its cores with a saturating load falls behind by more than that anyway; at a few thousand
-/// events a second, where read-your-writes is measured, the linger stays at 2 ms.
+/// less per event; `BENCHMARKS.md`, twentieth pass). A document then waits longer to be
+/// visible, but a projector that shares its cores with a saturating load falls behind by more
+/// than that anyway; at a few thousand events a second, where read-your-writes is measured,
+/// the linger stays at 2 ms.
 const LIVE_LINGER: Linger =
     Linger { least: std::time::Duration::from_millis(2), most: std::time::Duration::from_millis(10), knee: 4_000.0 };
 
